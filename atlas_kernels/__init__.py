@@ -1,0 +1,25 @@
+"""atlas_kernels: fast, memory-lean aTLAS (task vectors with learned anisotropic scaling).
+
+    import atlas_kernels as ak
+    tvs = ak.TaskVectors.from_checkpoints("zeroshot.safetensors", ["cars.safetensors", ...], prefix="visual.")
+    ak.patch(model.visual, tvs)                       # only the coefficients train
+    opt = torch.optim.AdamW(ak.coefficients(model.visual).values(), lr=1e-3)
+    ...
+    ak.unpatch(model.visual)                          # a plain model again, task vectors merged
+
+Layout: ``reference`` (the specification), ``kernels/`` (Triton kernels), ``ops/`` (autograd and
+backend dispatch), ``modules`` (AtlasLinear and friends), ``task_vectors`` (loading and storage),
+``patching`` (patch / unpatch / coefficient files).
+"""
+from .modules import AtlasLinear, AtlasMultiheadAttention, AtlasParameter
+from .partitions import Partition
+from .patching import coefficients, is_patched, load_coefficients, patch, save_coefficients, unpatch
+from .task_vectors import STORAGES, TaskVectors, convert_checkpoint, load_state_dict_file
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TaskVectors", "STORAGES", "convert_checkpoint", "load_state_dict_file",
+    "patch", "unpatch", "is_patched", "coefficients", "save_coefficients", "load_coefficients",
+    "AtlasLinear", "AtlasMultiheadAttention", "AtlasParameter", "Partition", "__version__",
+]

@@ -1,0 +1,275 @@
+"""Thin modules that hold frozen ``theta0``, a block's task-vector slab and its coefficients.
+
+Every adapted block ``b`` of a module is stored as:
+
+- ``<b>``: the frozen pre-trained value ``theta0`` (a persistent buffer, so state-dict keys stay
+  where users expect them);
+- ``<b>_tau``: the ``[N, *shape]`` slab (a non-persistent buffer: task vectors are not copied into
+  model checkpoints; ``<b>_scale`` beside it for int8/fp8 storage);
+- ``<b>_coef``: the trainable coefficients, an ``nn.Parameter`` of shape ``(N,)`` or ``(N, K)``.
+
+A block a task-vector set does not name is kept as a frozen buffer at ``theta0`` and has no
+coefficients.
+
+- :class:`AtlasLinear` replaces ``nn.Linear`` (its matmul and coefficient gradient are fused ops).
+- :class:`AtlasMultiheadAttention` replaces ``nn.MultiheadAttention`` (in-projection and
+  out-projection through the same fused linear op, attention through
+  ``F.scaled_dot_product_attention``).
+- :class:`AtlasParameter` is the generic path for every other block (LayerNorm weights and biases,
+  the patch-embedding convolution, class and positional embeddings, the final projection, and any
+  parameter of any module): a ``torch.nn.utils.parametrize`` parametrization whose value is the
+  composed block, so the owning module's own ``forward`` runs unchanged.
+
+Modules only hold state and call :mod:`atlas_kernels.ops`; patching lives in
+:mod:`atlas_kernels.patching`.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import ops
+from .partitions import Partition
+
+__all__ = ["AtlasModule", "AtlasLinear", "AtlasMultiheadAttention", "AtlasParameter", "BlockSpec"]
+
+
+class BlockSpec:
+    """What patching hands a module for one adapted block: slab, optional scales, partition."""
+
+    __slots__ = ("tau", "scale", "partition")
+
+    def __init__(self, tau: torch.Tensor, scale: Optional[torch.Tensor], partition: Partition):
+        self.tau, self.scale, self.partition = tau, scale, partition
+
+    def new_coef(self) -> nn.Parameter:
+        n = self.tau.shape[0]
+        shape = (n,) if self.partition.k == 1 else (n, self.partition.k)
+        # Coefficients start at 0: the patched model starts as the pre-trained one (as in the paper).
+        return nn.Parameter(torch.zeros(shape, dtype=torch.float32, device=self.tau.device))
+
+
+class _BlockHolder(nn.Module):
+    """Storage and composition of named blocks; shared by :class:`AtlasModule` and
+    :class:`AtlasParameter`."""
+
+    def __init__(self, backend: str = "auto"):
+        super().__init__()
+        self.backend = ops.check_backend(backend)
+        self._partitions: Dict[str, Partition] = {}
+
+    def _add_block(self, name: str, theta0: Optional[torch.Tensor], spec: Optional[BlockSpec]):
+        if theta0 is None:
+            self.register_buffer(name, None)
+            return
+        self.register_buffer(name, theta0.detach())
+        if spec is None:
+            return
+        self.register_buffer(name + "_tau", spec.tau, persistent=False)
+        self.register_buffer(name + "_scale", spec.scale, persistent=False)
+        self.register_parameter(name + "_coef", spec.new_coef())
+        self._partitions[name] = spec.partition
+
+    def _args(self, name: str):
+        """``(theta0, tau, coef, partition, scale)`` of a block; tau etc. are None when frozen."""
+        theta0 = getattr(self, name)
+        if name not in self._partitions:
+            return theta0, None, None, None, None
+        return (theta0, getattr(self, name + "_tau"), getattr(self, name + "_coef"),
+                self._partitions[name], getattr(self, name + "_scale"))
+
+    def composed(self, name: str, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """The block's current value in ``dtype`` (differentiable in its coefficients)."""
+        theta0, tau, coef, part, scale = self._args(name)
+        if theta0 is None or tau is None:
+            return None if theta0 is None else theta0.to(dtype)
+        return ops.compose(theta0, tau, coef, part, dtype, scale, backend=self.backend)
+
+    def adapted_blocks(self) -> Dict[str, nn.Parameter]:
+        """Local block name -> its coefficients, for the adapted blocks of this module."""
+        return {name: getattr(self, name + "_coef") for name in self._partitions}
+
+    @torch.no_grad()
+    def merged(self, name: str) -> torch.Tensor:
+        """``theta0 + sum_i lam_i tau_i`` computed in float32 (torch backend), in theta0's dtype."""
+        theta0, tau, coef, part, scale = self._args(name)
+        if tau is None:
+            return theta0.clone()
+        if not torch.isfinite(coef).all():
+            raise ValueError(f"coefficients of block {name!r} hold NaN or inf; refusing to merge them")
+        from .ops import torch_backend
+
+        return torch_backend.compose_values(theta0, tau, coef, part, theta0.dtype, scale)
+
+
+class AtlasModule(_BlockHolder):
+    """Base of the swapped-in modules. ``_atlas_original`` is the original module, stripped of the
+    tensors that moved here, kept (hidden from ``.modules()``) so that ``unpatch`` can hand it back
+    with merged parameters and every other attribute, hook and subclass intact."""
+
+    block_names: tuple = ()
+
+    def _keep_original(self, module: nn.Module):
+        object.__setattr__(self, "_atlas_original", module)
+
+    def extra_repr(self) -> str:
+        adapted = ", ".join(self._partitions) or "none"
+        return f"adapted=[{adapted}], backend={self.backend!r}"
+
+
+class AtlasLinear(AtlasModule):
+    """Drop-in for ``nn.Linear``: ``y = x W^T + c`` with ``W``, ``c`` composed from task vectors.
+
+    Forward and backward are :func:`atlas_kernels.ops.linear`: with the Triton backend the composed
+    weight is built tile by tile inside the matmul (small batches) and ``dlam_i = <dy^T x, tau_i>``
+    is reduced tile by tile, so no weight-sized gradient exists.
+    """
+
+    block_names = ("weight", "bias")
+
+    def __init__(self, linear: nn.Linear, specs: Dict[str, BlockSpec], backend: str = "auto"):
+        super().__init__(backend)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        for name in self.block_names:
+            self._add_block(name, getattr(linear, name), specs.get(name))
+        self._keep_original(linear)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self._args("weight")
+        b = self._args("bias")
+        return ops.linear(x, w[0], w[1], w[2], w[3], b[0], b[1], b[2], b[3], w[4], b[4], backend=self.backend)
+
+
+class AtlasMultiheadAttention(AtlasModule):
+    """Drop-in for ``nn.MultiheadAttention`` (packed in-projection, no ``bias_k``/``bias_v``, no
+    ``add_zero_attn``; other configurations are patched through :class:`AtlasParameter` instead).
+
+    Self-attention runs the in-projection as one composed linear op over ``[3E, E]``; the output
+    projection is an :class:`AtlasLinear` child named ``out_proj`` (as in the original).
+    """
+
+    block_names = ("in_proj_weight", "in_proj_bias")
+
+    def __init__(self, mha: nn.MultiheadAttention, specs: Dict[str, BlockSpec],
+                 out_proj_specs: Dict[str, BlockSpec], backend: str = "auto"):
+        super().__init__(backend)
+        if not self.supports(mha):
+            raise ValueError("AtlasMultiheadAttention needs a packed in-projection and no bias_k/bias_v")
+        for attr in ("embed_dim", "num_heads", "dropout", "batch_first", "head_dim"):
+            setattr(self, attr, getattr(mha, attr))
+        for name in self.block_names:
+            self._add_block(name, getattr(mha, name), specs.get(name))
+        self.out_proj = AtlasLinear(mha.out_proj, out_proj_specs, backend)
+        self._keep_original(mha)
+
+    @staticmethod
+    def supports(mha: nn.MultiheadAttention) -> bool:
+        return (mha._qkv_same_embed_dim and mha.in_proj_weight is not None and mha.bias_k is None
+                and mha.bias_v is None and not mha.add_zero_attn
+                and type(mha.out_proj).forward is nn.Linear.forward)
+
+    def _in_proj(self, x: torch.Tensor, lo: int, hi: int, dtype) -> torch.Tensor:
+        w = self.composed("in_proj_weight", dtype)[lo:hi]
+        b = self.composed("in_proj_bias", dtype)
+        return F.linear(x.to(dtype), w, None if b is None else b[lo:hi])
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if self.batch_first:
+            q_in, k_in, v_in = query, key, value
+        else:
+            q_in, k_in, v_in = (t.transpose(0, 1) for t in (query, key, value))
+        bsz, tgt_len, e = q_in.shape
+        src_len = k_in.shape[1]
+        if query is key and key is value:
+            w = self._args("in_proj_weight")
+            b = self._args("in_proj_bias")
+            qkv = ops.linear(q_in, w[0], w[1], w[2], w[3], b[0], b[1], b[2], b[3], w[4], b[4],
+                             backend=self.backend)
+            q, k, v = qkv.chunk(3, dim=-1)
+        else:
+            dtype = ops.compute_dtype(q_in)
+            q = self._in_proj(q_in, 0, e, dtype)
+            k = self._in_proj(k_in, e, 2 * e, dtype)
+            v = self._in_proj(v_in, 2 * e, 3 * e, dtype)
+        h, d = self.num_heads, self.head_dim
+        q = q.reshape(bsz, tgt_len, h, d).transpose(1, 2)
+        k = k.reshape(bsz, src_len, h, d).transpose(1, 2)
+        v = v.reshape(bsz, src_len, h, d).transpose(1, 2)
+        mask = _merge_masks(attn_mask, key_padding_mask, bsz, h, tgt_len, src_len, q.dtype)
+        dropout = self.dropout if self.training else 0.0
+        if need_weights:
+            scores = (q * d ** -0.5) @ k.transpose(-2, -1)
+            if mask is not None:
+                scores = scores + mask
+            elif is_causal:
+                causal = torch.ones(tgt_len, src_len, dtype=torch.bool, device=q.device).triu(1)
+                scores = scores.masked_fill(causal, float("-inf"))
+            weights = scores.softmax(-1)
+            out = F.dropout(weights, dropout, self.training) @ v
+        else:
+            weights = None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                                 is_causal=is_causal and mask is None)
+        out = out.transpose(1, 2).reshape(bsz, tgt_len, e)
+        out = self.out_proj(out)
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        if weights is not None and average_attn_weights:
+            weights = weights.mean(dim=1)
+        return out, weights
+
+
+def _merge_masks(attn_mask, key_padding_mask, bsz, h, tgt, src, dtype):
+    """``nn.MultiheadAttention``'s masks (bool True = masked out, or additive float) as one additive
+    float mask broadcastable to ``[bsz, h, tgt, src]``, or None."""
+    mask = None
+    if attn_mask is not None:
+        m = attn_mask
+        if m.dtype == torch.bool:
+            m = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(m, float("-inf"))
+        m = m.to(dtype)
+        mask = m.reshape(bsz, h, tgt, src) if m.dim() == 3 else m
+    if key_padding_mask is not None:
+        kp = key_padding_mask
+        if kp.dtype == torch.bool:
+            kp = torch.zeros(kp.shape, dtype=dtype, device=kp.device).masked_fill(kp, float("-inf"))
+        kp = kp.to(dtype).reshape(bsz, 1, 1, src)
+        mask = kp if mask is None else mask + kp
+    return mask
+
+
+class AtlasParameter(nn.Module):
+    """Generic composed block, registered with ``torch.nn.utils.parametrize``: the owning module
+    reads ``theta0 + sum_i lam_i tau_i`` wherever it reads the parameter.
+
+    ``parametrize`` keeps ``theta0`` as ``parametrizations.<name>.original`` (frozen); this module
+    holds the slab (``tau``), optional ``scale`` and the coefficients (``coef``).
+    """
+
+    def __init__(self, spec: BlockSpec, backend: str = "auto"):
+        super().__init__()
+        self.backend = ops.check_backend(backend)
+        self.register_buffer("tau", spec.tau, persistent=False)
+        self.register_buffer("scale", spec.scale, persistent=False)
+        self.coef = spec.new_coef()
+        self.partition = spec.partition
+
+    def forward(self, theta0: torch.Tensor) -> torch.Tensor:
+        return ops.compose(theta0, self.tau, self.coef, self.partition, theta0.dtype, self.scale,
+                           backend=self.backend)
+
+    @torch.no_grad()
+    def merged_from(self, theta0: torch.Tensor) -> torch.Tensor:
+        if not torch.isfinite(self.coef).all():
+            raise ValueError("coefficients hold NaN or inf; refusing to merge them")
+        from .ops import torch_backend
+
+        return torch_backend.compose_values(theta0, self.tau, self.coef, self.partition, theta0.dtype,
+                                            self.scale)
+
+    def extra_repr(self) -> str:
+        return f"n={self.tau.shape[0]}, coef={tuple(self.coef.shape)}, backend={self.backend!r}"

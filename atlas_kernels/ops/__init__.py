@@ -1,0 +1,76 @@
+"""Differentiable ops (autograd wiring) and the dispatch between backends.
+
+Every op has the same signature in every backend module:
+
+- ``compose(theta0, tau, coef, partition, out_dtype, scale=None)``: a composed block,
+  differentiable in ``coef``;
+- ``linear(x, w0, w_tau, w_coef, w_partition, b0, b_tau, b_coef, b_partition, w_scale=None,
+  b_scale=None)``: ``y = x W^T + c`` with composed ``W`` and ``c``, differentiable in ``x`` and the
+  coefficients.
+
+``backend`` is ``"torch"`` (:mod:`.torch_backend`), ``"triton"`` (:mod:`.triton_backend`), ``"cuda"``
+(the optional extension in ``csrc/``) or ``"auto"``: Triton for CUDA tensors when it is importable,
+else torch.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from . import torch_backend
+
+BACKENDS = ("auto", "torch", "triton", "cuda")
+_loaded = {"torch": torch_backend}
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def _module(name: str):
+    mod = _loaded.get(name)
+    if mod is None:
+        if name == "triton":
+            mod = importlib.import_module(".triton_backend", __name__)
+        elif name == "cuda":
+            try:
+                mod = importlib.import_module(".cuda_backend", __name__)
+            except ImportError as exc:
+                raise RuntimeError(
+                    "backend='cuda' needs the optional CUDA extension from csrc/, which is not built "
+                    "in this installation; use backend='triton' or 'torch'"
+                ) from exc
+        else:  # pragma: no cover - guarded by check_backend
+            raise ValueError(name)
+        _loaded[name] = mod
+    return mod
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """The concrete backend for tensors on ``device``."""
+    if backend != "auto":
+        return backend
+    if device.type == "cuda":
+        try:
+            _module("triton")
+            return "triton"
+        except Exception:  # pragma: no cover - triton missing or broken on this GPU machine
+            return "torch"
+    return "torch"
+
+
+def compose(theta0, tau, coef, partition, out_dtype, scale=None, backend="torch"):
+    return _module(resolve(backend, theta0.device)).compose(theta0, tau, coef, partition, out_dtype, scale)
+
+
+def linear(x, w0, w_tau, w_coef, w_partition, b0, b_tau, b_coef, b_partition, w_scale=None, b_scale=None,
+           backend="torch"):
+    return _module(resolve(backend, x.device)).linear(
+        x, w0, w_tau, w_coef, w_partition, b0, b_tau, b_coef, b_partition, w_scale, b_scale
+    )
+
+
+compute_dtype = torch_backend.compute_dtype

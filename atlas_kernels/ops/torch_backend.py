@@ -1,0 +1,152 @@
+"""The ``"torch"`` backend: plain PyTorch, but not the naive way.
+
+Per block, one matrix product of the ``[N, numel]`` slab with the coefficients composes the block,
+and one product of the block's gradient with the slab gives all N (or N x K) coefficient
+gradients. No Python loop over task vectors, and nothing kept for backward beyond what the
+framework's own op (``F.linear``, ``F.layer_norm``, ...) keeps for the composed block.
+
+Slabs stored in a compact dtype (bf16, fp16, int8 with scales) are widened to fp32 a bounded chunk
+of columns at a time, so coefficients are never rounded to the storage dtype and no fp32 copy of a
+whole slab is ever made.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..partitions import Partition
+
+# Widen at most this many slab elements to fp32 at once (64 MiB of fp32 temporaries).
+_CHUNK_ELEMS = 1 << 24
+
+
+def _as2d(coef: torch.Tensor) -> torch.Tensor:
+    return coef if coef.dim() == 2 else coef[:, None]
+
+
+def _row_width(shape) -> int:
+    """Elements per scale row: blocks of >= 2 dims have one scale per row (dim 0), 1-D blocks one."""
+    if len(shape) >= 2:
+        n = 1
+        for s in shape[1:]:
+            n *= s
+        return n
+    return max(1, int(torch.Size(shape).numel()))
+
+
+def _widen(tau2d: torch.Tensor, start: int, stop: int, scale: Optional[torch.Tensor], width: int):
+    """fp32 columns ``[start, stop)`` of the flattened slab, dequantized."""
+    t = tau2d[:, start:stop].float()
+    if scale is None:
+        return t
+    rows = torch.arange(start, stop, device=t.device) // width
+    return t * scale.float()[:, rows]
+
+
+def _chunks(n: int, numel: int):
+    step = max(1, _CHUNK_ELEMS // max(1, n))
+    if numel <= step:
+        yield 0, numel
+        return
+    for s in range(0, numel, step):
+        yield s, min(numel, s + step)
+
+
+def compose_values(theta0, tau, coef, partition: Optional[Partition], out_dtype, scale=None):
+    """``theta0 + sum_i coef[i, part(e)] * tau[i, e]`` in fp32, cast to ``out_dtype``. No autograd."""
+    n = tau.shape[0]
+    numel = theta0.numel()
+    c = _as2d(coef).float()
+    k = c.shape[1]
+    tau2d = tau.reshape(n, numel)
+    width = _row_width(theta0.shape)
+    out = theta0.reshape(-1).float().clone()
+    part = None if k == 1 else (partition or Partition(k)).index(numel, device=theta0.device)
+    fast = tau.dtype == torch.float32 and scale is None
+    for s, e in _chunks(n, numel):
+        t = tau2d[:, s:e] if fast else _widen(tau2d, s, e, scale, width)
+        if k == 1:
+            out[s:e] += c[:, 0] @ t
+        else:
+            # [K, chunk]: every part's composition, then each element picks its own part.
+            allk = c.t() @ t
+            out[s:e] += allk.gather(0, part[None, s:e]).squeeze(0)
+    return out.reshape(theta0.shape).to(out_dtype)
+
+
+def coef_grad_values(grad, tau, k: int, partition: Optional[Partition], scale=None):
+    """``dcoef[i, k] = sum_{e in part k} grad[e] * tau[i, e]`` in fp32: shape ``[N, K]``."""
+    n = tau.shape[0]
+    numel = grad.numel()
+    g = grad.reshape(-1).float()
+    tau2d = tau.reshape(n, numel)
+    width = _row_width(grad.shape)
+    out = torch.zeros(n, k, dtype=torch.float32, device=grad.device)
+    part = None if k == 1 else (partition or Partition(k)).index(numel, device=grad.device)
+    fast = tau.dtype == torch.float32 and scale is None
+    for s, e in _chunks(n, numel):
+        t = tau2d[:, s:e] if fast else _widen(tau2d, s, e, scale, width)
+        if k == 1:
+            out[:, 0] += t @ g[s:e]
+        else:
+            # Scatter the gradient into K masked rows, then one product with the slab.
+            gk = torch.zeros(k, e - s, dtype=torch.float32, device=grad.device)
+            gk.scatter_(0, part[None, s:e], g[None, s:e])
+            out += t @ gk.t()
+    return out
+
+
+class ComposeFunction(torch.autograd.Function):
+    """``W = theta0 + sum_i coef[i, part(e)] * tau_i`` (differentiable in ``coef`` only).
+
+    Chain rule: ``dL/dcoef[i, k] = sum_{e : part(e) = k} dL/dW[e] * tau[i, e]``, i.e. one product
+    of the flattened block gradient with the ``[N, numel]`` slab (per part when K > 1).
+    """
+
+    @staticmethod
+    def forward(ctx, coef, theta0, tau, scale, partition, out_dtype):
+        ctx.save_for_backward(tau, scale)
+        ctx.partition = partition
+        ctx.coef_shape, ctx.coef_dtype = coef.shape, coef.dtype
+        with torch.autocast(theta0.device.type, enabled=False):
+            return compose_values(theta0, tau, coef.detach(), partition, out_dtype, scale)
+
+    @staticmethod
+    def backward(ctx, grad_w):
+        tau, scale = ctx.saved_tensors
+        k = ctx.coef_shape[1] if len(ctx.coef_shape) == 2 else 1
+        with torch.autocast(tau.device.type, enabled=False):
+            g = coef_grad_values(grad_w, tau, k, ctx.partition, scale)
+        return g.reshape(ctx.coef_shape).to(ctx.coef_dtype), None, None, None, None, None
+
+
+def compose(theta0, tau, coef, partition, out_dtype, scale=None):
+    """Differentiable composition of one block (see :class:`ComposeFunction`)."""
+    return ComposeFunction.apply(coef, theta0, tau, scale, partition, out_dtype)
+
+
+def linear(x, w0, w_tau, w_coef, w_partition, b0, b_tau, b_coef, b_partition, w_scale=None, b_scale=None):
+    """``y = x W^T + c`` with composed ``W`` and ``c``.
+
+    The weight gradient ``G = dy^T x`` that ``F.linear``'s backward builds (one block, transient) flows
+    into :class:`ComposeFunction`, which reduces it against the slab: ``dcoef_i = <G, tau_i>``.
+    """
+    dtype = compute_dtype(x)
+    w = w0.to(dtype) if w_tau is None else compose(w0, w_tau, w_coef, w_partition, dtype, w_scale)
+    if b0 is None:
+        b = None
+    elif b_tau is None:
+        b = b0.to(dtype)
+    else:
+        b = compose(b0, b_tau, b_coef, b_partition, dtype, b_scale)
+    return F.linear(x.to(dtype), w, b)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on ``x`` runs in: the autocast dtype where autocast is on, else ``x``'s."""
+    dev = x.device.type
+    if dev in ("cuda", "cpu", "xpu") and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
