@@ -54,6 +54,21 @@ def _chunks(n: int, numel: int):
         yield s, min(numel, s + step)
 
 
+def _segments(n: int, numel: int, k: int):
+    """``(start, stop, part)`` pieces of a contiguous partition, cut at chunk boundaries too.
+    Part ``p`` covers ``[ceil(p*numel/k), ceil((p+1)*numel/k))`` (= ``floor(e*k/numel) == p``)."""
+    bounds = [-(-p * numel // k) for p in range(k + 1)]
+    for s, e in _chunks(n, numel):
+        for p in range(k):
+            lo, hi = max(s, bounds[p]), min(e, bounds[p + 1])
+            if lo < hi:
+                yield lo, hi, p
+
+
+def _contiguous(partition: Optional[Partition], k: int) -> bool:
+    return k == 1 or partition is None or partition.mode == "contiguous"
+
+
 def compose_values(theta0, tau, coef, partition: Optional[Partition], out_dtype, scale=None):
     """``theta0 + sum_i coef[i, part(e)] * tau[i, e]`` in fp32, cast to ``out_dtype``. No autograd."""
     n = tau.shape[0]
@@ -63,16 +78,19 @@ def compose_values(theta0, tau, coef, partition: Optional[Partition], out_dtype,
     tau2d = tau.reshape(n, numel)
     width = _row_width(theta0.shape)
     out = theta0.reshape(-1).float().clone()
-    part = None if k == 1 else (partition or Partition(k)).index(numel, device=theta0.device)
     fast = tau.dtype == torch.float32 and scale is None
+    if _contiguous(partition, k):
+        # Contiguous parts are slices: one slab product per piece, no index tensors.
+        for s, e, p in _segments(n, numel, k):
+            t = tau2d[:, s:e] if fast else _widen(tau2d, s, e, scale, width)
+            out[s:e] += c[:, p] @ t
+        return out.reshape(theta0.shape).to(out_dtype)
+    part = partition.index(numel, device=theta0.device)
     for s, e in _chunks(n, numel):
         t = tau2d[:, s:e] if fast else _widen(tau2d, s, e, scale, width)
-        if k == 1:
-            out[s:e] += c[:, 0] @ t
-        else:
-            # [K, chunk]: every part's composition, then each element picks its own part.
-            allk = c.t() @ t
-            out[s:e] += allk.gather(0, part[None, s:e]).squeeze(0)
+        # [K, chunk]: every part's composition, then each element picks its own part.
+        allk = c.t() @ t
+        out[s:e] += allk.gather(0, part[None, s:e]).squeeze(0)
     return out.reshape(theta0.shape).to(out_dtype)
 
 
@@ -84,17 +102,19 @@ def coef_grad_values(grad, tau, k: int, partition: Optional[Partition], scale=No
     tau2d = tau.reshape(n, numel)
     width = _row_width(grad.shape)
     out = torch.zeros(n, k, dtype=torch.float32, device=grad.device)
-    part = None if k == 1 else (partition or Partition(k)).index(numel, device=grad.device)
     fast = tau.dtype == torch.float32 and scale is None
+    if _contiguous(partition, k):
+        for s, e, p in _segments(n, numel, k):
+            t = tau2d[:, s:e] if fast else _widen(tau2d, s, e, scale, width)
+            out[:, p] += t @ g[s:e]
+        return out
+    part = partition.index(numel, device=grad.device)
     for s, e in _chunks(n, numel):
         t = tau2d[:, s:e] if fast else _widen(tau2d, s, e, scale, width)
-        if k == 1:
-            out[:, 0] += t @ g[s:e]
-        else:
-            # Scatter the gradient into K masked rows, then one product with the slab.
-            gk = torch.zeros(k, e - s, dtype=torch.float32, device=grad.device)
-            gk.scatter_(0, part[None, s:e], g[None, s:e])
-            out += t @ gk.t()
+        # Scatter the gradient into K masked rows, then one product with the slab.
+        gk = torch.zeros(k, e - s, dtype=torch.float32, device=grad.device)
+        gk.scatter_(0, part[None, s:e], g[None, s:e])
+        out += t @ gk.t()
     return out
 
 

@@ -1,0 +1,28 @@
+"""atlas_kernels: Triton kernels for aTLAS (task vectors with learned anisotropic scaling).
+
+The optional CUDA extension in csrc/ is not built by default (set ATLAS_BUILD_CUDA=1 once it exists).
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="atlas_kernels",
+    version="0.1.0",
+    description="Fast, memory-lean aTLAS: compose task vectors with learned per-block coefficients",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["atlas_kernels", "atlas_kernels.*"]),
+    install_requires=[
+        "torch>=2.4",
+        # Triton ships with Linux builds of torch; listed so the kernels' dependency is explicit.
+        "triton; platform_system == 'Linux'",
+        "open_clip_torch>=2.24",
+        "numpy",
+        "safetensors>=0.4",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-benchmark"],
+        # matplotlib draws the benchmark's plot and the training heatmap.
+        "bench": ["pytest-benchmark", "matplotlib"],
+    },
+)
