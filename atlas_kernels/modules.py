@@ -38,18 +38,69 @@ __all__ = ["AtlasModule", "AtlasLinear", "AtlasMultiheadAttention", "AtlasParame
 
 
 class BlockSpec:
-    """What patching hands a module for one adapted block: slab, optional scales, partition."""
+    """What patching hands a module for one adapted block: a dense slab ``tau`` (with optional
+    ``scale``) or LoRA factors ``lora = (A, B)``; its ``partition``; ``n`` (N, the coefficient
+    count); and, for a ragged block (a per-block budget), ``index``: which of the N task vectors its
+    slab holds."""
 
-    __slots__ = ("tau", "scale", "partition")
+    __slots__ = ("tau", "scale", "partition", "lora", "index", "n")
 
-    def __init__(self, tau: torch.Tensor, scale: Optional[torch.Tensor], partition: Partition):
-        self.tau, self.scale, self.partition = tau, scale, partition
+    def __init__(self, tau, scale, partition: Partition, *, lora=None, index=None, n=None):
+        self.tau, self.scale, self.partition, self.lora, self.index = tau, scale, partition, lora, index
+        held = (tau if lora is None else lora[0]).shape[0]
+        self.n = held if n is None else n
+
+    @property
+    def device(self):
+        return (self.tau if self.lora is None else self.lora[0]).device
 
     def new_coef(self) -> nn.Parameter:
-        n = self.tau.shape[0]
-        shape = (n,) if self.partition.k == 1 else (n, self.partition.k)
+        shape = (self.n,) if self.partition.k == 1 else (self.n, self.partition.k)
         # Coefficients start at 0: the patched model starts as the pre-trained one (as in the paper).
-        return nn.Parameter(torch.zeros(shape, dtype=torch.float32, device=self.tau.device))
+        return nn.Parameter(torch.zeros(shape, dtype=torch.float32, device=self.device))
+
+    def register(self, owner: nn.Module, prefix: str) -> None:
+        """Register the block's tensors on ``owner`` as ``<prefix>tau`` etc. (non-persistent: task
+        vectors never enter model checkpoints)."""
+        owner.register_buffer(prefix + "tau", self.tau, persistent=False)
+        owner.register_buffer(prefix + "scale", self.scale, persistent=False)
+        owner.register_buffer(prefix + "lora_a", None if self.lora is None else self.lora[0], persistent=False)
+        owner.register_buffer(prefix + "lora_b", None if self.lora is None else self.lora[1], persistent=False)
+        index = None if self.index is None else self.index.to(self.device)
+        owner.register_buffer(prefix + "index", index, persistent=False)
+        owner.register_parameter(prefix + "coef", self.new_coef())
+
+
+def _block_compose(theta0, owner, prefix, partition, dtype, backend):
+    """Compose one block registered by :meth:`BlockSpec.register` (differentiable in its coef)."""
+    coef = _held_coef(owner, prefix)
+    a = getattr(owner, prefix + "lora_a")
+    if a is not None:
+        return ops.lora_compose(theta0, a, getattr(owner, prefix + "lora_b"), coef, partition, dtype)
+    return ops.compose(theta0, getattr(owner, prefix + "tau"), coef, partition, dtype,
+                       getattr(owner, prefix + "scale"), backend=backend)
+
+
+def _held_coef(owner, prefix):
+    """The coefficients of the task vectors the block holds (all N, or a budget's subset)."""
+    coef = getattr(owner, prefix + "coef")
+    index = getattr(owner, prefix + "index")
+    return coef if index is None else coef.index_select(0, index)
+
+
+@torch.no_grad()
+def _block_merged(theta0, owner, prefix, partition, what):
+    coef = getattr(owner, prefix + "coef")
+    if not torch.isfinite(coef).all():
+        raise ValueError(f"coefficients of block {what!r} hold NaN or inf; refusing to merge them")
+    coef = _held_coef(owner, prefix)
+    a = getattr(owner, prefix + "lora_a")
+    if a is not None:
+        return ops.lora_compose(theta0, a, getattr(owner, prefix + "lora_b"), coef, partition, theta0.dtype)
+    from .ops import torch_backend
+
+    return torch_backend.compose_values(theta0, getattr(owner, prefix + "tau"), coef, partition, theta0.dtype,
+                                        getattr(owner, prefix + "scale"))
 
 
 class _BlockHolder(nn.Module):
@@ -68,41 +119,49 @@ class _BlockHolder(nn.Module):
         self.register_buffer(name, theta0.detach())
         if spec is None:
             return
-        self.register_buffer(name + "_tau", spec.tau, persistent=False)
-        self.register_buffer(name + "_scale", spec.scale, persistent=False)
-        self.register_parameter(name + "_coef", spec.new_coef())
+        spec.register(self, name + "_")
         self._partitions[name] = spec.partition
 
+    def _is_lora(self, name: str) -> bool:
+        return name in self._partitions and getattr(self, name + "_lora_a") is not None
+
     def _args(self, name: str):
-        """``(theta0, tau, coef, partition, scale)`` of a block; tau etc. are None when frozen."""
+        """``(theta0, tau, coef, partition, scale)`` of a dense block (tau etc. None when frozen);
+        ``coef`` holds the coefficients of the task vectors the slab holds."""
         theta0 = getattr(self, name)
         if name not in self._partitions:
             return theta0, None, None, None, None
-        return (theta0, getattr(self, name + "_tau"), getattr(self, name + "_coef"),
+        return (theta0, getattr(self, name + "_tau"), _held_coef(self, name + "_"),
                 self._partitions[name], getattr(self, name + "_scale"))
 
     def composed(self, name: str, dtype: torch.dtype) -> Optional[torch.Tensor]:
         """The block's current value in ``dtype`` (differentiable in its coefficients)."""
-        theta0, tau, coef, part, scale = self._args(name)
-        if theta0 is None or tau is None:
+        theta0 = getattr(self, name)
+        if theta0 is None or name not in self._partitions:
             return None if theta0 is None else theta0.to(dtype)
-        return ops.compose(theta0, tau, coef, part, dtype, scale, backend=self.backend)
+        return _block_compose(theta0, self, name + "_", self._partitions[name], dtype, self.backend)
+
+    def _linear(self, x: torch.Tensor, wname: str, bname: str) -> torch.Tensor:
+        """``x W^T + c`` for blocks ``wname``/``bname`` through the backend's fused linear op (or the
+        factored LoRA op)."""
+        if self._is_lora(wname):
+            bias = self.composed(bname, ops.compute_dtype(x))
+            return ops.lora_linear(x, getattr(self, wname), getattr(self, wname + "_lora_a"),
+                                   getattr(self, wname + "_lora_b"), _held_coef(self, wname + "_"),
+                                   self._partitions[wname], bias)
+        w, b = self._args(wname), self._args(bname)
+        return ops.linear(x, w[0], w[1], w[2], w[3], b[0], b[1], b[2], b[3], w[4], b[4], backend=self.backend)
 
     def adapted_blocks(self) -> Dict[str, nn.Parameter]:
         """Local block name -> its coefficients, for the adapted blocks of this module."""
         return {name: getattr(self, name + "_coef") for name in self._partitions}
 
-    @torch.no_grad()
     def merged(self, name: str) -> torch.Tensor:
-        """``theta0 + sum_i lam_i tau_i`` computed in float32 (torch backend), in theta0's dtype."""
-        theta0, tau, coef, part, scale = self._args(name)
-        if tau is None:
-            return theta0.clone()
-        if not torch.isfinite(coef).all():
-            raise ValueError(f"coefficients of block {name!r} hold NaN or inf; refusing to merge them")
-        from .ops import torch_backend
-
-        return torch_backend.compose_values(theta0, tau, coef, part, theta0.dtype, scale)
+        """``theta0 + sum_i lam_i tau_i`` computed in float32, in theta0's dtype."""
+        theta0 = getattr(self, name)
+        if name not in self._partitions:
+            return theta0.detach().clone()
+        return _block_merged(theta0, self, name + "_", self._partitions[name], name)
 
 
 class AtlasModule(_BlockHolder):
@@ -138,9 +197,7 @@ class AtlasLinear(AtlasModule):
         self._keep_original(linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self._args("weight")
-        b = self._args("bias")
-        return ops.linear(x, w[0], w[1], w[2], w[3], b[0], b[1], b[2], b[3], w[4], b[4], backend=self.backend)
+        return self._linear(x, "weight", "bias")
 
 
 class AtlasMultiheadAttention(AtlasModule):
@@ -185,11 +242,7 @@ class AtlasMultiheadAttention(AtlasModule):
         bsz, tgt_len, e = q_in.shape
         src_len = k_in.shape[1]
         if query is key and key is value:
-            w = self._args("in_proj_weight")
-            b = self._args("in_proj_bias")
-            qkv = ops.linear(q_in, w[0], w[1], w[2], w[3], b[0], b[1], b[2], b[3], w[4], b[4],
-                             backend=self.backend)
-            q, k, v = qkv.chunk(3, dim=-1)
+            q, k, v = self._linear(q_in, "in_proj_weight", "in_proj_bias").chunk(3, dim=-1)
         else:
             dtype = ops.compute_dtype(q_in)
             q = self._in_proj(q_in, 0, e, dtype)
@@ -253,23 +306,14 @@ class AtlasParameter(nn.Module):
     def __init__(self, spec: BlockSpec, backend: str = "auto"):
         super().__init__()
         self.backend = ops.check_backend(backend)
-        self.register_buffer("tau", spec.tau, persistent=False)
-        self.register_buffer("scale", spec.scale, persistent=False)
-        self.coef = spec.new_coef()
+        spec.register(self, "")
         self.partition = spec.partition
 
     def forward(self, theta0: torch.Tensor) -> torch.Tensor:
-        return ops.compose(theta0, self.tau, self.coef, self.partition, theta0.dtype, self.scale,
-                           backend=self.backend)
+        return _block_compose(theta0, self, "", self.partition, theta0.dtype, self.backend)
 
-    @torch.no_grad()
-    def merged_from(self, theta0: torch.Tensor) -> torch.Tensor:
-        if not torch.isfinite(self.coef).all():
-            raise ValueError("coefficients hold NaN or inf; refusing to merge them")
-        from .ops import torch_backend
-
-        return torch_backend.compose_values(theta0, self.tau, self.coef, self.partition, theta0.dtype,
-                                            self.scale)
+    def merged_from(self, theta0: torch.Tensor, what: str = "") -> torch.Tensor:
+        return _block_merged(theta0, self, "", self.partition, what)
 
     def extra_repr(self) -> str:
-        return f"n={self.tau.shape[0]}, coef={tuple(self.coef.shape)}, backend={self.backend!r}"
+        return f"coef={tuple(self.coef.shape)}, backend={self.backend!r}"

@@ -73,11 +73,8 @@ def patch(module: nn.Module, task_vectors: TaskVectors, *, partitions: int = 1, 
     for name in chosen:
         _check_block(name, params[name], task_vectors)
 
-    specs = {
-        name: BlockSpec(task_vectors[name], task_vectors.scale(name),
-                        Partition.for_block(name, partitions, partition_mode, seed))
-        for name in chosen
-    }
+    specs = {name: _spec(task_vectors, name, Partition.for_block(name, partitions, partition_mode, seed))
+             for name in chosen}
     requires_grad = {name: p.requires_grad for name, p in params.items()}
 
     # Group the blocks by owning module, then swap module by module.
@@ -113,6 +110,12 @@ def patch(module: nn.Module, task_vectors: TaskVectors, *, partitions: int = 1, 
         "partition_mode": partition_mode, "seed": seed, "backend": backend, "requires_grad": requires_grad,
     })
     return module
+
+
+def _spec(tvs: TaskVectors, name: str, partition: Partition) -> BlockSpec:
+    if tvs.is_lora(name):
+        return BlockSpec(None, None, partition, lora=tvs.lora(name), index=tvs.index(name), n=len(tvs))
+    return BlockSpec(tvs[name], tvs.scale(name), partition, index=tvs.index(name), n=len(tvs))
 
 
 def _join(a: str, b: str) -> str:
@@ -255,7 +258,7 @@ def unpatch(module: nn.Module) -> nn.Module:
             atlas_p = [p for p in chain if isinstance(p, AtlasParameter)]
             if not atlas_p:
                 continue
-            value = atlas_p[0].merged_from(chain.original)
+            value = atlas_p[0].merged_from(chain.original, _join(path, local))
             parametrize.remove_parametrizations(m, local, leave_parametrized=False)
             param = getattr(m, local)
             param.data = value

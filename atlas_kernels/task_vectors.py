@@ -28,6 +28,7 @@ import torch
 __all__ = ["TaskVectors", "STORAGES", "load_state_dict_file", "convert_checkpoint"]
 
 STORAGES: Dict[str, torch.dtype] = {
+    "float64": torch.float64,  # for float64 reference work and tests
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
@@ -90,36 +91,59 @@ class TaskVectors:
     """
 
     def __init__(self, slabs: Mapping, names: Optional[Sequence[str]] = None,
-                 scales: Optional[Mapping] = None):
-        if not isinstance(slabs, Mapping) or not slabs:
+                 scales: Optional[Mapping] = None, *, lora: Optional[Mapping] = None,
+                 index: Optional[Mapping] = None, n: Optional[int] = None):
+        slabs = dict(slabs or {})
+        lora = dict(lora or {})
+        index = {k: torch.as_tensor(v, dtype=torch.int64) for k, v in (index or {}).items()}
+        if not isinstance(slabs, Mapping) or not (slabs or lora):
             raise ValueError("slabs must be a non-empty mapping from block name to a [N, *shape] tensor")
         scales = dict(scales or {})
+        n_total = n
         n = None
         first = None
         storage = None
-        for name, slab in slabs.items():
+        both = set(slabs) & set(lora)
+        if both:
+            raise ValueError(f"blocks given both as dense slabs and as LoRA factors: {sorted(both)[:3]}")
+        for name, (a, b) in lora.items():
+            if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.dim() != 3 or b.dim() != 3:
+                raise ValueError(f"LoRA block {name!r}: expected A [N, r, in] and B [N, out, r] tensors")
+            if a.shape[0] != b.shape[0] or a.shape[1] != b.shape[2]:
+                raise ValueError(f"LoRA block {name!r}: A {tuple(a.shape)} and B {tuple(b.shape)} do not match "
+                                 f"(need A [N, r, in], B [N, out, r])")
+        for name, slab in list(slabs.items()) + [(k, v[0]) for k, v in lora.items()]:
             if not isinstance(slab, torch.Tensor):
                 raise TypeError(f"block {name!r}: expected a tensor, got {type(slab).__name__}")
             if slab.dim() < 1:
                 raise ValueError(f"block {name!r}: expected a [N, *shape] slab, got a 0-d tensor")
             st = _storage_name(slab.dtype) if slab.dtype in STORAGES.values() else None
             if st is None:
-                raise TypeError(f"block {name!r}: task vectors must be float32, bfloat16, float16, int8 "
-                                f"or float8_e4m3fn, got {slab.dtype}")
-            if n is None:
-                n, first, storage = slab.shape[0], name, st
-            elif slab.shape[0] != n:
+                raise TypeError(f"block {name!r}: task vectors must be one of {sorted(STORAGES)}, got {slab.dtype}")
+            rows_n = slab.shape[0]
+            if name in index:
+                if index[name].dim() != 1 or index[name].numel() != rows_n:
+                    raise ValueError(f"block {name!r}: index must list the {rows_n} task vectors its slab holds, "
+                                     f"got {tuple(index[name].shape)}")
+                rows_n = None  # ragged block: checked against N below
+            if rows_n is None:
+                pass
+            elif n is None:
+                n, first, storage = rows_n, name, st
+            elif rows_n != n:
                 raise ValueError(f"every block needs the same number of task vectors: block {first!r} has "
                                  f"N={n}, block {name!r} has N={slab.shape[0]}")
-            elif st != storage:
+            if storage is None:
+                storage = st
+            elif st != storage and name not in lora:
                 raise ValueError(f"every block needs the same storage dtype: block {first!r} is {storage}, "
                                  f"block {name!r} is {st}")
-            if slab.device != slabs[first].device:
-                raise ValueError(f"blocks on several devices: {first!r} on {slabs[first].device}, "
-                                 f"{name!r} on {slab.device}")
+            dev0 = (slabs[first] if first in slabs else lora[first][0]).device if first else slab.device
+            if slab.device != dev0:
+                raise ValueError(f"blocks on several devices: {first!r} on {dev0}, {name!r} on {slab.device}")
             sc = scales.get(name)
             if st in _QMAX:
-                want = (n, _rows(slab.shape[1:]))
+                want = (slab.shape[0], _rows(slab.shape[1:]))
                 if sc is None or tuple(sc.shape) != want or sc.dtype != torch.float32:
                     got = "none" if sc is None else f"{tuple(sc.shape)} {sc.dtype}"
                     raise ValueError(f"block {name!r}: {st} storage needs float32 scales of shape {want}, "
@@ -130,8 +154,26 @@ class TaskVectors:
                 raise ValueError(f"block {name!r}: scales are only for int8/float8_e4m3fn storage, not {st}")
             if st not in _QMAX or st == "float8_e4m3fn":
                 _check_finite(slab, f"task vectors of block {name!r}")
+        if n is None:
+            n = n_total
+        elif n_total is not None and n_total != n:
+            raise ValueError(f"n={n_total} given, but blocks hold N={n} task vectors")
+        if n is None:
+            if names is None:
+                raise ValueError("a set of only ragged blocks needs n= or names=")
+            n = len(names)
         if n == 0:
             raise ValueError("a task-vector set needs at least one task vector (N=0)")
+        for name, idx in index.items():
+            if name not in slabs and name not in lora:
+                raise ValueError(f"index given for block {name!r}, which has no task vectors")
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n or idx.unique().numel() != idx.numel()):
+                raise ValueError(f"block {name!r}: index must hold distinct task-vector numbers in [0, {n}), "
+                                 f"got {idx.tolist()[:8]}")
+        for name, (a, b) in lora.items():
+            if b.dtype != a.dtype or b.device != a.device:
+                raise ValueError(f"LoRA block {name!r}: A is {a.dtype} on {a.device}, B is {b.dtype} on {b.device}")
+            _check_finite(b, f"LoRA factor B of block {name!r}")
         extra = set(scales) - set(slabs)
         if extra:
             raise ValueError(f"scales given for blocks without slabs: {sorted(extra)[:5]}")
@@ -142,21 +184,45 @@ class TaskVectors:
             raise ValueError(f"names: expected {n} names (one per task vector), got {len(names)}")
         self._slabs: Dict[str, torch.Tensor] = {k: v.contiguous() for k, v in slabs.items()}
         self._scales: Dict[str, torch.Tensor] = {k: v.contiguous() for k, v in scales.items()}
+        self._lora: Dict[str, tuple] = {k: (a.contiguous(), b.contiguous()) for k, (a, b) in lora.items()}
+        self._index: Dict[str, torch.Tensor] = {k: v.to(self._device_of(k)) for k, v in index.items()}
+        self._order: List[str] = [k for k in list(slabs) + list(lora)]
         self._names: List[str] = names
+        self._n = n
         self._storage = storage
+
+    def _device_of(self, block):
+        return self._slabs[block].device if block in self._slabs else self._lora[block][0].device
 
     # ------------------------------------------------------------------ views
     def __len__(self) -> int:
-        return next(iter(self._slabs.values())).shape[0]
+        return self._n
 
     def __getitem__(self, block: str) -> torch.Tensor:
-        try:
+        """The block's ``[N, *shape]`` slab (``[n_b, *shape]`` for a ragged block, see :meth:`index`)."""
+        if block in self._slabs:
             return self._slabs[block]
-        except KeyError:
-            raise KeyError(f"no block {block!r} in these task vectors") from None
+        if block in self._lora:
+            raise KeyError(f"block {block!r} holds LoRA factors, not a dense slab: use .lora({block!r})")
+        raise KeyError(f"no block {block!r} in these task vectors")
 
     def __contains__(self, block: str) -> bool:
-        return block in self._slabs
+        return block in self._slabs or block in self._lora
+
+    def is_lora(self, block: str) -> bool:
+        return block in self._lora
+
+    def lora(self, block: str):
+        """``(A [N, r, in], B [N, out, r])`` of a LoRA block: task vector i is ``B[i] @ A[i]``."""
+        if block not in self._lora:
+            raise KeyError(f"block {block!r} is not a LoRA block")
+        return self._lora[block]
+
+    def index(self, block: str) -> Optional[torch.Tensor]:
+        """For a ragged block (a per-block budget): the task-vector numbers its slab holds, else None."""
+        if block not in self:
+            raise KeyError(f"no block {block!r} in these task vectors")
+        return self._index.get(block)
 
     def __repr__(self) -> str:
         return (f"TaskVectors(n={len(self)}, blocks={len(self._slabs)}, storage={self._storage!r}, "
@@ -170,7 +236,7 @@ class TaskVectors:
     @property
     def blocks(self) -> List[str]:
         """Names of the blocks (model parameter names), in order."""
-        return list(self._slabs)
+        return list(self._order)
 
     @property
     def storage(self) -> str:
@@ -178,55 +244,126 @@ class TaskVectors:
 
     @property
     def device(self) -> torch.device:
-        return next(iter(self._slabs.values())).device
+        return self._device_of(self._order[0])
 
     @property
     def numel(self) -> int:
         """Elements per task vector (the number of adapted parameters)."""
-        return sum(s[0].numel() for s in self._slabs.values())
+        return sum(self.shape(b).numel() for b in self._order)
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: slabs plus scales."""
-        return sum(s.numel() * s.element_size() for s in self._slabs.values()) + sum(
-            s.numel() * s.element_size() for s in self._scales.values())
+        """Bytes held: slabs, scales and LoRA factors."""
+        tensors = list(self._slabs.values()) + list(self._scales.values())
+        tensors += [t for ab in self._lora.values() for t in ab]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def shape(self, block: str) -> torch.Size:
+        if block in self._lora:
+            a, b = self._lora[block]
+            return torch.Size((b.shape[1], a.shape[2]))
         return self[block].shape[1:]
 
     def scale(self, block: str) -> Optional[torch.Tensor]:
         """``[N, R]`` float32 scales of a compact block, or None."""
-        self[block]
+        if block not in self:
+            raise KeyError(f"no block {block!r} in these task vectors")
         return self._scales.get(block)
 
     def dense(self, block: str, index: int) -> torch.Tensor:
-        """Task vector ``index`` of ``block`` in float32."""
+        """Task vector ``index`` (0..N-1) of ``block`` in float32 (zeros where a budget dropped it)."""
+        idx = self._index.get(block)
+        if idx is not None:
+            hits = (idx == index).nonzero()
+            if hits.numel() == 0:
+                return torch.zeros(self.shape(block), device=self.device)
+            index = int(hits[0, 0])
+        if block in self._lora:
+            a, b = self._lora[block]
+            return b[index].float() @ a[index].float()
         return dequantize_one(self[block][index], None if block not in self._scales else self._scales[block][index])
 
     # ------------------------------------------------------------ conversion
+    def _rebuild(self, slabs=None, scales=None, lora=None, index=None, order=None) -> "TaskVectors":
+        slabs = self._slabs if slabs is None else slabs
+        lora = self._lora if lora is None else lora
+        tv = TaskVectors(slabs, self._names, self._scales if scales is None else scales, lora=lora,
+                         index=self._index if index is None else index, n=self._n)
+        keep = [b for b in (order or self._order) if b in slabs or b in lora]
+        tv._order = keep
+        return tv
+
     def to(self, device) -> "TaskVectors":
-        return TaskVectors({k: v.to(device) for k, v in self._slabs.items()}, self._names,
-                           {k: v.to(device) for k, v in self._scales.items()})
+        return self._rebuild({k: v.to(device) for k, v in self._slabs.items()},
+                             {k: v.to(device) for k, v in self._scales.items()},
+                             {k: (a.to(device), b.to(device)) for k, (a, b) in self._lora.items()},
+                             {k: v.to(device) for k, v in self._index.items()})
 
     def to_storage(self, storage) -> "TaskVectors":
-        """A copy in another storage dtype (re-quantized one task vector at a time)."""
+        """A copy in another storage dtype (re-quantized one task vector at a time). LoRA factors
+        take float storages only (int8/fp8 apply to dense slabs; factors are already small)."""
         storage = _storage_name(storage)
         if storage == self._storage:
             return self
         slabs, scales = {}, {}
         for b, slab in self._slabs.items():
-            parts = [quantize(self.dense(b, i), storage) for i in range(len(self))]
+            parts = [quantize(dequantize_one(slab[i], self._scales[b][i] if b in self._scales else None), storage)
+                     for i in range(slab.shape[0])]
             slabs[b] = torch.stack([p[0] for p in parts])
             if parts[0][1] is not None:
                 scales[b] = torch.stack([p[1] for p in parts])
-        return TaskVectors(slabs, self._names, scales)
+        fdt = STORAGES[storage] if storage not in _QMAX else torch.float16
+        lora = {k: (a.to(fdt), b.to(fdt)) for k, (a, b) in self._lora.items()}
+        return self._rebuild(slabs, scales, lora)
 
     def subset(self, blocks: Iterable[str]) -> "TaskVectors":
+        """Only the named blocks."""
         blocks = list(blocks)
         for b in blocks:
-            self[b]
-        return TaskVectors({b: self._slabs[b] for b in blocks}, self._names,
-                           {b: self._scales[b] for b in blocks if b in self._scales})
+            if b not in self:
+                raise KeyError(f"no block {b!r} in these task vectors")
+        keep = set(blocks)
+        return self._rebuild({b: v for b, v in self._slabs.items() if b in keep},
+                             {b: v for b, v in self._scales.items() if b in keep},
+                             {b: v for b, v in self._lora.items() if b in keep},
+                             {b: v for b, v in self._index.items() if b in keep}, order=blocks)
+
+    def keep(self, selection: Mapping[str, Sequence[int]]) -> "TaskVectors":
+        """A per-block budget: for each named block keep only the listed task vectors (ragged sets);
+        blocks not named keep all of theirs, a block with an empty list is dropped. Coefficients stay
+        ``(N,)`` per block; those of dropped task vectors stay at their value (0) and get no gradient.
+        The memory saved is ``self.nbytes - result.nbytes``."""
+        slabs, scales, lora, index = dict(self._slabs), dict(self._scales), dict(self._lora), dict(self._index)
+        for b, wanted in selection.items():
+            if b not in self:
+                raise KeyError(f"selection names block {b!r}, which these task vectors do not have")
+            wanted = sorted(int(i) for i in wanted)
+            bad = [i for i in wanted if not 0 <= i < self._n]
+            if bad:
+                raise ValueError(f"selection for block {b!r}: task vectors {bad} are not in [0, {self._n})")
+            held = self._index.get(b)
+            held_list = list(range(self._n)) if held is None else held.tolist()
+            missing = [i for i in wanted if i not in held_list]
+            if missing:
+                raise ValueError(f"selection for block {b!r}: task vectors {missing} were already dropped")
+            if not wanted:
+                for d in (slabs, scales, lora, index):
+                    d.pop(b, None)
+                continue
+            rows = torch.tensor([held_list.index(i) for i in wanted], device=self._device_of(b))
+            if b in slabs:
+                slabs[b] = slabs[b].index_select(0, rows)
+                if b in scales:
+                    scales[b] = scales[b].index_select(0, rows)
+            else:
+                a, bb = lora[b]
+                lora[b] = (a.index_select(0, rows), bb.index_select(0, rows))
+            index[b] = torch.tensor(wanted, dtype=torch.int64)
+            if len(wanted) == self._n:
+                index.pop(b)
+        if not slabs and not lora:
+            raise ValueError("the selection drops every block")
+        return self._rebuild(slabs, scales, lora, index)
 
     # ---------------------------------------------------------- constructors
     @classmethod
@@ -256,6 +393,77 @@ class TaskVectors:
         pre = load_state_dict_file(pretrained_path)
         lazy = _LazyDicts(finetuned_paths)
         return cls._build(pre, lazy, names, prefix, storage, labels=[str(p) for p in finetuned_paths])
+
+    @classmethod
+    def from_lora(cls, factors: Sequence[Mapping], *, names=None, storage=None) -> "TaskVectors":
+        """LoRA task vectors: ``factors[i]`` maps block names to ``(A, B)`` with ``A`` of shape
+        ``(r, in)`` and ``B`` of shape ``(out, r)``, so task vector i of that block is ``B @ A``.
+
+        Never densified: a block stores ``A [N, r, in]`` and ``B [N, out, r]`` (ranks padded to the
+        block's largest with zero rows, which add nothing); the forward uses ``x A^T`` then ``B``, or
+        composes ``B diag(lam) A`` once for large batches. A task vector that does not name a block
+        contributes nothing to it. ``storage``: float32 (default), bfloat16 or float16.
+        """
+        if isinstance(factors, Mapping):
+            raise TypeError("factors must be a sequence (one mapping per task vector), got a single mapping")
+        factors = list(factors)
+        storage = _storage_name(storage)
+        if storage in _QMAX:
+            raise ValueError(f"LoRA factors take float storage (float32, bfloat16, float16), not {storage}")
+        if not factors:
+            raise ValueError("factors: need at least one task vector")
+        dtype = STORAGES[storage]
+        shapes: Dict[str, tuple] = {}
+        ranks: Dict[str, int] = {}
+        for i, f in enumerate(factors):
+            if not isinstance(f, Mapping):
+                raise TypeError(f"factors[{i}] must map block names to (A, B), got {type(f).__name__}")
+            for b, ab in f.items():
+                if not (isinstance(ab, (tuple, list)) and len(ab) == 2 and all(isinstance(t, torch.Tensor) for t in ab)):
+                    raise TypeError(f"factors[{i}][{b!r}] must be a pair of tensors (A, B)")
+                a, bb = ab
+                if a.dim() != 2 or bb.dim() != 2 or a.shape[0] != bb.shape[1]:
+                    raise ValueError(f"factors[{i}][{b!r}]: need A (r, in) and B (out, r), got A {tuple(a.shape)}, "
+                                     f"B {tuple(bb.shape)}")
+                if not (a.is_floating_point() and bb.is_floating_point()):
+                    raise TypeError(f"factors[{i}][{b!r}]: LoRA factors must be floating, got {a.dtype}, {bb.dtype}")
+                shape = (bb.shape[0], a.shape[1])
+                if shapes.setdefault(b, shape) != shape:
+                    raise ValueError(f"block {b!r}: factors[{i}] gives a ({shape[0]}, {shape[1]}) update, an earlier "
+                                     f"task vector a {shapes[b]} one")
+                ranks[b] = max(ranks.get(b, 0), a.shape[0])
+                _check_finite(a, f"LoRA factor A of block {b!r} in factors[{i}]")
+                _check_finite(bb, f"LoRA factor B of block {b!r} in factors[{i}]")
+        lora = {}
+        n = len(factors)
+        for b, (out, inn) in shapes.items():
+            r = ranks[b]
+            dev = next(f[b][0].device for f in factors if b in f)
+            a_all = torch.zeros((n, r, inn), dtype=dtype, device=dev)
+            b_all = torch.zeros((n, out, r), dtype=dtype, device=dev)
+            for i, f in enumerate(factors):
+                if b in f:
+                    a, bb = f[b]
+                    a_all[i, : a.shape[0]] = a.to(dtype)
+                    b_all[i, :, : a.shape[0]] = bb.to(dtype)
+            lora[b] = (a_all, b_all)
+        return cls({}, names, lora=lora, n=n)
+
+    @classmethod
+    def from_peft(cls, paths: Sequence, *, names=None, module_prefix=None, storage=None) -> "TaskVectors":
+        """LoRA task vectors from PEFT adapters (directories holding ``adapter_model.safetensors`` and
+        ``adapter_config.json``), with PEFT's ``lora_alpha / r`` scaling folded into ``B``.
+        ``module_prefix`` (e.g. ``"visual."``) is stripped from the adapters' module names so they
+        match the module you patch. ``names`` defaults to the adapter folders' names."""
+        from .peft import read_peft_adapter
+
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        paths = list(paths)
+        if names is None:
+            names = [os.path.basename(os.path.normpath(str(p))) for p in paths]
+        factors = [read_peft_adapter(p, module_prefix=module_prefix) for p in paths]
+        return cls.from_lora(factors, names=names, storage=storage)
 
     @classmethod
     def _build(cls, pretrained, finetuned, names, prefix, storage, labels):
@@ -305,7 +513,13 @@ class TaskVectors:
             tensors["tau/" + b] = s.detach().contiguous().cpu()
         for b, s in self._scales.items():
             tensors["scale/" + b] = s.detach().contiguous().cpu()
+        for b, (a, bb) in self._lora.items():
+            tensors["lora_a/" + b] = a.detach().contiguous().cpu()
+            tensors["lora_b/" + b] = bb.detach().contiguous().cpu()
+        for b, idx in self._index.items():
+            tensors["index/" + b] = idx.detach().contiguous().cpu()
         meta = {
+            "n": str(self._n),
             "format": _FORMAT,
             "version": _VERSION,
             "names": json.dumps(self._names),
@@ -339,13 +553,25 @@ class TaskVectors:
                 crcs = json.loads(meta.get("crc32", "{}"))
                 keys = set(f.keys())
                 slabs, scales = {}, {}
+                lora, index = {}, {}
                 for b in blocks:
+                    if "index/" + b in keys:
+                        index[b] = f.get_tensor("index/" + b)
+                    rows = len(names) if b not in index else index[b].numel()
+                    if "lora_a/" + b in keys and "lora_b/" + b in keys:
+                        a, bb = f.get_tensor("lora_a/" + b), f.get_tensor("lora_b/" + b)
+                        got = [bb.shape[1], a.shape[2]] if a.dim() == 3 and bb.dim() == 3 else None
+                        if got != shapes[b] or a.shape[0] != rows:
+                            raise ValueError(f"{path!r}: LoRA block {b!r} has factors {tuple(a.shape)}, {tuple(bb.shape)}; "
+                                             f"metadata says {rows} task vectors of shape {shapes[b]}")
+                        lora[b] = (a, bb)
+                        continue
                     if "tau/" + b not in keys:
                         raise ValueError(f"{path!r} lists block {b!r} but holds no tensor for it")
                     t = f.get_tensor("tau/" + b)
-                    if list(t.shape[1:]) != shapes[b] or t.shape[0] != len(names):
+                    if list(t.shape[1:]) != shapes[b] or t.shape[0] != rows:
                         raise ValueError(f"{path!r}: block {b!r} has shape {tuple(t.shape)}, metadata says "
-                                         f"[{len(names)}, {', '.join(map(str, shapes[b]))}]")
+                                         f"[{rows}, {', '.join(map(str, shapes[b]))}]")
                     slabs[b] = t
                     if "scale/" + b in keys:
                         scales[b] = f.get_tensor("scale/" + b)
@@ -354,10 +580,14 @@ class TaskVectors:
         except Exception as exc:  # safetensors raises its own error types for broken headers
             raise ValueError(f"{path!r} is not a readable safetensors file (truncated or corrupted?): {exc}") from exc
         if verify:
-            for key, t in [("tau/" + b, s) for b, s in slabs.items()] + [("scale/" + b, s) for b, s in scales.items()]:
-                if key in crcs and _crc(t) != crcs[key]:
+            checks = [("tau/" + b, s) for b, s in slabs.items()] + [("scale/" + b, s) for b, s in scales.items()]
+            checks += [(f"lora_{w}/" + b, t) for b, ab in lora.items() for w, t in zip("ab", ab)]
+            checks += [("index/" + b, t) for b, t in index.items()]
+            for key, t in checks:
+                if key not in crcs or _crc(t) != crcs[key]:
                     raise ValueError(f"{path!r}: tensor {key!r} fails its CRC32 check: the file is corrupted")
-        tv = cls(slabs, names, scales)
+        tv = cls(slabs, names, scales, lora=lora, index=index, n=int(meta.get("n", len(names))))
+        tv._order = list(blocks)
         if meta.get("storage") != tv.storage:
             raise ValueError(f"{path!r}: metadata says storage {meta.get('storage')!r}, tensors are {tv.storage}")
         return tv if device is None else tv.to(device)

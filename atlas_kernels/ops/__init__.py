@@ -19,6 +19,7 @@ import importlib
 import torch
 
 from . import torch_backend
+from .lora import lora_compose, lora_linear  # noqa: F401  (backend-agnostic: cuBLAS matmuls)
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
 _loaded = {"torch": torch_backend}

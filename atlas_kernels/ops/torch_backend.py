@@ -36,13 +36,18 @@ def _row_width(shape) -> int:
     return max(1, int(torch.Size(shape).numel()))
 
 
-def _widen(tau2d: torch.Tensor, start: int, stop: int, scale: Optional[torch.Tensor], width: int):
-    """fp32 columns ``[start, stop)`` of the flattened slab, dequantized."""
-    t = tau2d[:, start:stop].float()
+def acc_dtype(*dtypes) -> torch.dtype:
+    """Accumulation dtype: float32, or float64 when any input is float64 (reference work)."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def _widen(tau2d: torch.Tensor, start: int, stop: int, scale: Optional[torch.Tensor], width: int, acc):
+    """Columns ``[start, stop)`` of the flattened slab in ``acc`` (fp32), dequantized."""
+    t = tau2d[:, start:stop].to(acc)
     if scale is None:
         return t
     rows = torch.arange(start, stop, device=t.device) // width
-    return t * scale.float()[:, rows]
+    return t * scale.to(acc)[:, rows]
 
 
 def _chunks(n: int, numel: int):
@@ -73,21 +78,22 @@ def compose_values(theta0, tau, coef, partition: Optional[Partition], out_dtype,
     """``theta0 + sum_i coef[i, part(e)] * tau[i, e]`` in fp32, cast to ``out_dtype``. No autograd."""
     n = tau.shape[0]
     numel = theta0.numel()
-    c = _as2d(coef).float()
+    acc = acc_dtype(theta0.dtype, tau.dtype, coef.dtype)
+    c = _as2d(coef).to(acc)
     k = c.shape[1]
     tau2d = tau.reshape(n, numel)
     width = _row_width(theta0.shape)
-    out = theta0.reshape(-1).float().clone()
-    fast = tau.dtype == torch.float32 and scale is None
+    out = theta0.reshape(-1).to(acc).clone()
+    fast = tau.dtype == acc and scale is None
     if _contiguous(partition, k):
         # Contiguous parts are slices: one slab product per piece, no index tensors.
         for s, e, p in _segments(n, numel, k):
-            t = tau2d[:, s:e] if fast else _widen(tau2d, s, e, scale, width)
+            t = tau2d[:, s:e] if fast else _widen(tau2d, s, e, scale, width, acc)
             out[s:e] += c[:, p] @ t
         return out.reshape(theta0.shape).to(out_dtype)
     part = partition.index(numel, device=theta0.device)
     for s, e in _chunks(n, numel):
-        t = tau2d[:, s:e] if fast else _widen(tau2d, s, e, scale, width)
+        t = tau2d[:, s:e] if fast else _widen(tau2d, s, e, scale, width, acc)
         # [K, chunk]: every part's composition, then each element picks its own part.
         allk = c.t() @ t
         out[s:e] += allk.gather(0, part[None, s:e]).squeeze(0)
@@ -98,21 +104,22 @@ def coef_grad_values(grad, tau, k: int, partition: Optional[Partition], scale=No
     """``dcoef[i, k] = sum_{e in part k} grad[e] * tau[i, e]`` in fp32: shape ``[N, K]``."""
     n = tau.shape[0]
     numel = grad.numel()
-    g = grad.reshape(-1).float()
+    acc = acc_dtype(grad.dtype, tau.dtype)
+    g = grad.reshape(-1).to(acc)
     tau2d = tau.reshape(n, numel)
     width = _row_width(grad.shape)
-    out = torch.zeros(n, k, dtype=torch.float32, device=grad.device)
-    fast = tau.dtype == torch.float32 and scale is None
+    out = torch.zeros(n, k, dtype=acc, device=grad.device)
+    fast = tau.dtype == acc and scale is None
     if _contiguous(partition, k):
         for s, e, p in _segments(n, numel, k):
-            t = tau2d[:, s:e] if fast else _widen(tau2d, s, e, scale, width)
+            t = tau2d[:, s:e] if fast else _widen(tau2d, s, e, scale, width, acc)
             out[:, p] += t @ g[s:e]
         return out
     part = partition.index(numel, device=grad.device)
     for s, e in _chunks(n, numel):
-        t = tau2d[:, s:e] if fast else _widen(tau2d, s, e, scale, width)
+        t = tau2d[:, s:e] if fast else _widen(tau2d, s, e, scale, width, acc)
         # Scatter the gradient into K masked rows, then one product with the slab.
-        gk = torch.zeros(k, e - s, dtype=torch.float32, device=grad.device)
+        gk = torch.zeros(k, e - s, dtype=acc, device=grad.device)
         gk.scatter_(0, part[None, s:e], g[None, s:e])
         out += t @ gk.t()
     return out

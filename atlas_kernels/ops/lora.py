@@ -1,0 +1,62 @@
+"""LoRA task vectors (``tau_i = B_i A_i``, rank r), never densified per task vector.
+
+Shapes: ``A [N, r, in]``, ``B [N, out, r]``; ``coef [N]`` or ``[N, K]``. With ``A_cat = A`` viewed as
+``[N r, in]``, ``B_cat`` as ``[out, N r]`` and ``lam_rep`` each coefficient repeated r times:
+
+- composed weight: ``W = theta0 + B_cat diag(lam_rep) A_cat``;
+- factored linear (cheaper while ``M (in + out) < out in``, K = 1):
+  ``y = x theta0^T + ((x A_cat^T) * lam_rep) B_cat^T + c``.
+
+Gradients come from autograd through these few matmuls; they amount to
+``dlam_i = sum((dy B_i) * (x A_i^T))`` (factored) or ``<G, B_i A_i> = sum((G A_i^T) * B_i)``
+(composed), with per-part sums when K > 1. Products with the coefficients run in fp32.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..partitions import Partition
+from .torch_backend import acc_dtype, compute_dtype
+
+
+def _cat(a: torch.Tensor, b: torch.Tensor, dtype):
+    n, r, inn = a.shape
+    out = b.shape[1]
+    return a.reshape(n * r, inn).to(dtype), b.permute(1, 0, 2).reshape(out, n * r).to(dtype), r
+
+
+def lora_delta(a, b, coef, partition=None) -> torch.Tensor:
+    """``sum_i coef[i, part(e)] (B_i A_i)[e]`` in fp32, differentiable in ``coef``."""
+    acc = acc_dtype(a.dtype, coef.dtype)
+    a_cat, b_cat, r = _cat(a, b, acc)
+    c = coef.to(acc) if coef.dim() == 2 else coef.to(acc)[:, None]
+    k = c.shape[1]
+    if k == 1:
+        return (b_cat * c[:, 0].repeat_interleave(r)) @ a_cat
+    out, inn = b_cat.shape[0], a_cat.shape[1]
+    allk = torch.stack([(b_cat * c[:, p].repeat_interleave(r)) @ a_cat for p in range(k)]).reshape(k, -1)
+    part = (partition or Partition(k)).index(out * inn, device=a.device)
+    return allk.gather(0, part[None]).reshape(out, inn)
+
+
+def lora_compose(theta0, a, b, coef, partition, out_dtype) -> torch.Tensor:
+    """The composed block ``theta0 + B_cat diag(lam) A_cat`` in ``out_dtype``."""
+    with torch.autocast(theta0.device.type, enabled=False):
+        delta = lora_delta(a, b, coef, partition)
+        return (theta0.to(delta.dtype) + delta).to(out_dtype)
+
+
+def lora_linear(x, w0, a, b, coef, partition, bias) -> torch.Tensor:
+    """``y = x W^T + c`` for a LoRA-composed ``W``: factored for small M, composed once otherwise."""
+    dtype = compute_dtype(x)
+    out, inn = w0.shape
+    m = x.numel() // max(1, x.shape[-1])
+    k = coef.shape[1] if coef.dim() == 2 else 1
+    bias = None if bias is None else bias.to(dtype)
+    if k == 1 and m * (inn + out) < out * inn:
+        a_cat, b_cat, r = _cat(a, b, dtype)
+        acc = acc_dtype(dtype, coef.dtype)
+        xa = F.linear(x.to(dtype), a_cat).to(acc) * coef.to(acc).repeat_interleave(r)
+        return F.linear(x.to(dtype), w0.to(dtype), bias) + F.linear(xa.to(dtype), b_cat)
+    return F.linear(x.to(dtype), lora_compose(w0, a, b, coef, partition, dtype), bias)
