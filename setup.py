@@ -24,5 +24,6 @@ setup(
         "test": ["pytest>=7", "pytest-benchmark"],
         # matplotlib draws the benchmark's plot and the training heatmap.
         "bench": ["pytest-benchmark", "matplotlib"],
+        "train": ["matplotlib"],
     },
 )

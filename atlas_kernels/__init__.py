@@ -11,6 +11,14 @@ Layout: ``reference`` (the specification), ``kernels/`` (Triton kernels), ``ops/
 backend dispatch), ``modules`` (AtlasLinear and friends), ``task_vectors`` (loading and storage),
 ``patching`` (patch / unpatch / coefficient files).
 """
+import warnings as _warnings
+
+# `python -m atlas_kernels.task_vectors` runs a module this package has already imported; runpy's
+# warning about that is harmless here.
+_warnings.filterwarnings("ignore", message=r".*'atlas_kernels\.task_vectors' found in sys\.modules.*",
+                         category=RuntimeWarning)
+
+from .budget import budget_report, select_task_vectors
 from .modules import AtlasLinear, AtlasMultiheadAttention, AtlasParameter
 from .partitions import Partition
 from .patching import coefficients, is_patched, load_coefficients, patch, save_coefficients, unpatch
@@ -22,4 +30,5 @@ __all__ = [
     "TaskVectors", "STORAGES", "convert_checkpoint", "load_state_dict_file",
     "patch", "unpatch", "is_patched", "coefficients", "save_coefficients", "load_coefficients",
     "AtlasLinear", "AtlasMultiheadAttention", "AtlasParameter", "Partition", "__version__",
+    "select_task_vectors", "budget_report",
 ]

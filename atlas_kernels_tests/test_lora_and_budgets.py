@@ -171,3 +171,24 @@ def test_budget_files_round_trip_and_bad_selection(tmp_path):
         tvs.keep({"nope": [0]})
     with pytest.raises(ValueError, match=r"\[0\] were already dropped"):
         small.keep({"w": [0]})
+
+
+def test_select_task_vectors_by_gradient_picks_the_informative_ones():
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 3))
+    n = 4
+    slabs = {k: torch.randn(n, *p.shape) * 0.1 for k, p in net.named_parameters()}
+    slabs["0.weight"][[0, 2]] *= 1e-4  # task vectors 0 and 2 barely touch block 0.weight
+    tvs = ak.TaskVectors(slabs)
+    m = ak.patch(copy.deepcopy(net), tvs)
+    batches = [torch.randn(16, 8) for _ in range(3)]
+    sel = ak.select_task_vectors(m, batches, lambda mod, x: mod(x).square().mean(), per_block=2)
+    assert sel["0.weight"] == [1, 3]
+    assert all(len(v) == 2 for v in sel.values())
+    assert all(c.grad is None for c in ak.coefficients(m).values())
+    glob = ak.select_task_vectors(m, batches, lambda mod, x: mod(x).square().mean(), fraction=0.5, task_vectors=tvs)
+    small = tvs.keep(glob)
+    assert small.nbytes <= 0.5 * tvs.nbytes
+    assert "saved" in ak.budget_report(tvs, small)
+    with pytest.raises(ValueError, match="exactly one of per_block= or fraction="):
+        ak.select_task_vectors(m, batches, lambda mod, x: mod(x).sum())
