@@ -1,0 +1,156 @@
+"""open_clip model, weights, tokenizer and zero-shot classification heads."""
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+Template = Union[str, Callable[[str], str]]
+
+
+def register_model_config(path) -> str:
+    """Register an open_clip model config file (JSON with ``embed_dim``, ``vision_cfg``,
+    ``text_cfg``) and return the model name it registers (the file's stem)."""
+    import open_clip
+
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"model config file '{p}' does not exist")
+    try:
+        cfg = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"model config file '{p}' is not valid JSON: {e}") from None
+    missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in cfg]
+    if missing:
+        raise ValueError(f"model config file '{p}' lacks {missing} (an open_clip model config "
+                         "has embed_dim, vision_cfg and text_cfg)")
+    open_clip.add_model_config(p)
+    return p.stem
+
+
+def _check_model_name(name: str) -> None:
+    import open_clip
+
+    if name.startswith(("hf-hub:", "local-dir:")):
+        return
+    known = open_clip.list_models()
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=5)
+        raise ValueError(f"unknown open_clip model {name!r}"
+                         + (f"; did you mean {', '.join(close)}?" if close else "")
+                         + " (or give a config file with --model-config)")
+
+
+def load_state_dict_file(path) -> Dict[str, torch.Tensor]:
+    """A state dict (safetensors, or a torch file read with ``weights_only=True``) via
+    :func:`atlas_kernels.load_state_dict_file` (which refuses pickled modules with the command that
+    converts them), with a DataParallel ``module.`` prefix removed."""
+    from atlas_kernels import load_state_dict_file as _load
+
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"weights file '{p}' does not exist")
+    sd = _load(str(p))
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def build_model(name: str, weights: Optional[str] = None, *, seed: int = 0):
+    """An open_clip model on the CPU in float32: random weights (seeded) or ``weights``."""
+    import open_clip
+
+    _check_model_name(name)
+    level = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # open_clip warns "initialized randomly" on the root logger
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = open_clip.create_model(name, pretrained=None)
+    finally:
+        logging.disable(level)
+    if weights:
+        sd = load_state_dict_file(weights)
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        # buffers such as attn_mask are not persistent; anything else is a real mismatch
+        if missing or unexpected:
+            raise ValueError(
+                f"weights '{weights}' do not fit open_clip model {name!r}: "
+                f"{len(missing)} missing keys (e.g. {missing[:3]}), "
+                f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+    model.eval()
+    return model
+
+
+def get_tokenizer(name: str):
+    import open_clip
+
+    return open_clip.get_tokenizer(name)
+
+
+def get_templates(spec: str) -> List[Template]:
+    """``'openai'`` (open_clip's 80 ImageNet templates), ``'simple'`` (open_clip's short set),
+    ``'photo'`` (``'a photo of a {}.'``) or a text file with one template per line holding ``{}``."""
+    from open_clip import zero_shot_metadata as z
+
+    if spec == "openai":
+        return list(z.OPENAI_IMAGENET_TEMPLATES)
+    if spec == "simple":
+        return list(z.SIMPLE_IMAGENET_TEMPLATES)
+    if spec == "photo":
+        return ["a photo of a {}."]
+    p = Path(spec)
+    if not p.is_file():
+        raise ValueError(f"--templates: {spec!r} is neither 'openai', 'simple', 'photo' nor a file")
+    lines = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
+    bad = [ln for ln in lines if "{}" not in ln]
+    if not lines or bad:
+        raise ValueError(f"templates file '{p}': every line must hold '{{}}' for the class name"
+                         + (f" (not: {bad[0]!r})" if bad else " (the file is empty)"))
+    return lines
+
+
+def read_classnames(path, classes: Sequence[str]) -> List[str]:
+    """Class names for the sorted class folders ``classes``: a JSON object folder -> name, a JSON
+    list, or a text file with one name per line (both in folder order)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"class-names file '{p}' does not exist")
+    text = p.read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if isinstance(data, dict):
+        missing = [c for c in classes if c not in data]
+        if missing:
+            raise ValueError(f"class-names file '{p}' has no name for folder(s) {missing[:5]}")
+        return [str(data[c]) for c in classes]
+    if len(data) != len(classes):
+        raise ValueError(f"class-names file '{p}' has {len(data)} names for {len(classes)} "
+                         "class folders")
+    return [str(x) for x in data]
+
+
+@torch.no_grad()
+def zero_shot_head(model, tokenizer, classnames: Sequence[str], templates: Sequence[Template],
+                   device, batch_size: int = 256) -> torch.Tensor:
+    """Zero-shot classifier ``[D, C]`` (float32): per class, the normalised mean of the normalised
+    text embeddings of its prompts."""
+    texts = [t.format(c) if isinstance(t, str) else t(c) for c in classnames for t in templates]
+    embs = []
+    for i in range(0, len(texts), batch_size):
+        tok = tokenizer(texts[i:i + batch_size]).to(device)
+        embs.append(F.normalize(model.encode_text(tok).float(), dim=-1))
+    e = torch.cat(embs).reshape(len(classnames), len(templates), -1).mean(1)
+    return F.normalize(e, dim=-1).T.contiguous()
+
+
+def logit_scale(model) -> float:
+    """CLIP's temperature, ``exp(logit_scale)`` capped at 100 as in training."""
+    return float(model.logit_scale.detach().float().exp().clamp(max=100.0))
