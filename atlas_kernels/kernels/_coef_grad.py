@@ -1,0 +1,97 @@
+"""Coefficient gradient of one block: ``dlam[i, k] = sum_{e in part k} grad[e] * tau[i, e]``.
+
+One pass over the slab: each program loads a tile of ``grad`` once and dots it with the N task-vector
+tiles, writing ``N x K`` partial sums to a ``[programs, N, K]`` buffer; the buffer is then summed over
+its first axis by ``torch.sum`` (a fixed-order reduction: deterministic, no atomics).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..partitions import Partition
+from ._common import (
+    INTERPRET,
+    MODE_HASH,
+    _part_index,
+    as_partition,
+    check_hash_numel,
+    check_scale,
+    mode_code,
+    scale_rows,
+    scratch,
+)
+
+__all__ = ["coef_grad"]
+
+# Elements per program. Fixed (not autotuned): the partial buffer's size depends on it, and a
+# fixed value keeps the reduction order, hence the result, identical from call to call.
+COEF_GRAD_BLOCK = 4096
+
+
+@triton.jit
+def _coef_grad_kernel(
+    grad_ptr, tau_ptr, scale_ptr, partial_ptr,
+    numel, N, key, row_len, R,
+    K: tl.constexpr, MODE: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    part = _part_index(offs, numel, key, K, MODE)
+    if HAS_SCALE:
+        row = offs // row_len
+    out_p = partial_ptr + pid.to(tl.int64) * N * K
+    tau_i = tau_ptr  # slab i starts at tau_ptr + i * numel: a 64-bit scalar pointer
+    for i in range(N):
+        t = tl.load(tau_i + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            t = t * tl.load(scale_ptr + i * R + row, mask=mask, other=0.0)
+        prod = g * t
+        for kk in tl.static_range(K):
+            if K == 1:
+                v = tl.sum(prod, 0)
+            else:
+                v = tl.sum(tl.where(part == kk, prod, 0.0), 0)
+            tl.store(out_p + i * K + kk, v)
+        tau_i += numel
+
+
+def coef_grad(
+    grad: torch.Tensor,
+    tau: torch.Tensor,
+    k: int = 1,
+    partition: Optional[Partition] = None,
+    scale: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """float32 ``[N, K]``: ``sum_{e in part k} grad[e] * tau[i, e] (* scale[i, row(e)])``.
+
+    grad ``[*S]`` (any float dtype), tau ``[N, *S]``. Bitwise reproducible from run to run.
+    """
+    n = tau.shape[0]
+    numel = grad.numel()
+    if tau.numel() != n * numel:
+        raise ValueError(f"tau {tuple(tau.shape)} does not match grad {tuple(grad.shape)}")
+    p = as_partition(partition, k)
+    code = mode_code(k, p.mode)
+    check_hash_numel(numel, code)
+    shape = tau.shape[1:]
+    scale2 = check_scale(scale, n, shape, tau.device)
+    if numel == 0:
+        return torch.zeros(n, k, dtype=torch.float32, device=tau.device)
+    block = COEF_GRAD_BLOCK
+    programs = triton.cdiv(numel, block)
+    partial = scratch((programs, n, k), tau.device)
+    r = scale_rows(shape)
+    grad_c = grad.reshape(-1).contiguous()
+    _coef_grad_kernel[(programs,)](
+        grad_c, tau.contiguous(), scale2 if scale2 is not None else grad_c, partial,
+        numel, n, p.key if code == MODE_HASH else 0, numel // r, r,
+        K=k, MODE=code, HAS_SCALE=scale2 is not None, BLOCK=block,
+        **({} if INTERPRET else {"num_warps": 8}),
+    )
+    return partial.sum(0) if programs > 1 else partial[0].clone()

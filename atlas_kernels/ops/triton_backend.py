@@ -1,0 +1,452 @@
+"""The ``"triton"`` backend: autograd and ``torch.library`` wiring of :mod:`atlas_kernels.kernels`.
+
+Same signatures as :mod:`.torch_backend`:
+
+- ``compose(theta0, tau, coef, partition, out_dtype, scale=None)``
+- ``linear(x, w0, w_tau, w_coef, w_partition, b0, b_tau, b_coef, b_partition, w_scale=None, b_scale=None)``
+
+plus ``compose_packed(theta0_flat, tau_flat, coef_flat, layout, out_dtype, scale_flat=None)`` for
+many small blocks in one launch (see :func:`atlas_kernels.kernels.make_packed_layout`).
+
+Two wirings of the same implementation functions:
+
+- eager (default): ``torch.autograd.Function`` subclasses calling the launchers directly (a custom
+  op costs ~15 us of dispatch per call, which matters at ~150 blocks per step);
+- ``torch.compile``: custom ops in the ``atlas_kernels`` namespace (``atlas_kernels::triton_*``)
+  with fake implementations and ``register_autograd``, so ``fullgraph=True`` traces through them.
+  They are used whenever ``torch.compiler.is_compiling()`` (or always, with ``USE_CUSTOM_OPS=True``).
+
+Linear dispatch on the row count ``M`` (all leading dims of x flattened):
+
+- ``M <= FUSED_MAX_M``: the fused GEMMs build each W tile from w0 and the N task-vector tiles while
+  streaming (``kernels.fused_linear`` / ``kernels.fused_linear_dx``); W never exists in memory.
+- otherwise: W is composed once (``kernels.compose``, in the compute dtype) and kept for backward;
+  cuBLAS does ``y = x W^T + c`` and ``dx = dy W``.
+
+Coefficient gradients never form a dense G: ``kernels.linear_coef_grad`` for the weight, and
+``kernels.coef_grad`` on ``sum_rows dy`` for the bias.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .. import kernels as K
+from ..kernels._common import as_partition
+from ..kernels._compose import PackedLayout
+from ..partitions import Partition
+
+__all__ = ["compose", "linear", "compose_packed", "compute_dtype", "FUSED_MAX_M", "USE_CUSTOM_OPS"]
+
+# Rows (M = prod of x's leading dims) at or below which `linear` uses the fused GEMMs. The fused
+# kernels re-read the N task-vector tiles once per M tile (BLOCK_M <= 64), so they win only while
+# M is about one tile. 64 is a guess: MEASURE the crossover on a GPU (fused_linear + fused_linear_dx
+# + linear_coef_grad versus compose + 2 cuBLAS matmuls + linear_coef_grad, per ViT block shape,
+# N = 21, bf16, M in 1..512) and set it from that. Override per call with ``fused_max_m=``.
+FUSED_MAX_M = 64
+
+# "auto": custom ops only while torch.compile traces; True: always; False: never.
+USE_CUSTOM_OPS = "auto"
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The autocast dtype where autocast is on for x's device, else x's dtype."""
+    dev = x.device.type
+    if dev in ("cuda", "cpu", "xpu") and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def _use_ops() -> bool:
+    if USE_CUSTOM_OPS == "auto":
+        return torch.compiler.is_compiling()
+    return bool(USE_CUSTOM_OPS)
+
+
+def _part(p: Partition) -> Tuple[int, str, int]:
+    return p.k, p.mode, p.key
+
+
+def _no_autocast(device: torch.device):
+    return torch.autocast(device.type, enabled=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# implementations (plain tensors in, plain tensors out; no autograd)
+# ------------------------------------------------------------------------------------------------
+def _compose_impl(theta0, tau, coef, k, mode, key, out_dtype, scale):
+    return K.compose(theta0, tau, coef, Partition(k, mode, key), scale=scale, out_dtype=out_dtype)
+
+
+def _coef_grad_impl(grad, tau, k, mode, key, scale):
+    return K.coef_grad(grad, tau, k, Partition(k, mode, key), scale=scale)
+
+
+def _bias(b0, b_tau, b_coef, bk, bmode, bkey, b_scale, dtype):
+    if b0 is None:
+        return None
+    if b_tau is None:
+        return b0.to(dtype)
+    return K.compose(b0, b_tau, b_coef, Partition(bk, bmode, bkey), scale=b_scale, out_dtype=dtype)
+
+
+def _linear_fwd_impl(x, w0, w_tau, w_coef, wk, wmode, wkey, b0, b_tau, b_coef, bk, bmode, bkey,
+                     w_scale, b_scale, fused):
+    """``(y, w_saved)``: ``y = x W^T + c`` in x's dtype; ``w_saved`` is the composed W kept for
+    backward on the compose path, an empty tensor otherwise."""
+    dtype = x.dtype
+    with _no_autocast(x.device):
+        b = _bias(b0, b_tau, b_coef, bk, bmode, bkey, b_scale, dtype)
+        empty = x.new_empty(0)
+        if w_tau is None:
+            return F.linear(x, w0.to(dtype), b), empty
+        if fused:
+            y = K.fused_linear(x, w0, w_tau, w_coef, Partition(wk, wmode, wkey), bias=b, w_scale=w_scale,
+                               out_dtype=dtype)
+            return y, empty
+        w = K.compose(w0, w_tau, w_coef, Partition(wk, wmode, wkey), scale=w_scale, out_dtype=dtype)
+        return F.linear(x, w, b), w
+
+
+def _linear_dx_impl(dy, w0, w_tau, w_coef, wk, wmode, wkey, w_scale, w_saved, fused):
+    """``dx = dy W`` in dy's dtype."""
+    dtype = dy.dtype
+    with _no_autocast(dy.device):
+        if w_tau is None:
+            return dy @ w0.to(dtype)
+        if fused:
+            return K.fused_linear_dx(dy, w0, w_tau, w_coef, Partition(wk, wmode, wkey), w_scale=w_scale,
+                                     out_dtype=dtype)
+        return dy @ w_saved
+
+
+def _linear_coef_grad_impl(x, dy, w_tau, wk, wmode, wkey, w_scale):
+    return K.linear_coef_grad(x, dy, w_tau, wk, Partition(wk, wmode, wkey), w_scale=w_scale)
+
+
+def _layout(table, tile_map, block, kmax, total_numel, total_cols, total_rows) -> PackedLayout:
+    return PackedLayout(table, tile_map, block, kmax, total_numel, total_cols, total_rows, [], [])
+
+
+def _compose_packed_impl(theta0_flat, tau_flat, coef_flat, table, tile_map, block, kmax, total_cols,
+                         total_rows, out_dtype, scale_flat):
+    lay = _layout(table, tile_map, block, kmax, theta0_flat.numel(), total_cols, total_rows)
+    return K.compose_packed(theta0_flat, tau_flat, coef_flat, lay, scale_flat=scale_flat, out_dtype=out_dtype)
+
+
+def _coef_grad_packed_impl(grad_flat, tau_flat, table, tile_map, block, kmax, total_cols, total_rows, scale_flat):
+    lay = _layout(table, tile_map, block, kmax, grad_flat.numel(), total_cols, total_rows)
+    return K.coef_grad_packed(grad_flat, tau_flat, lay, scale_flat=scale_flat)
+
+
+# ------------------------------------------------------------------------------------------------
+# custom ops (torch.compile)
+# ------------------------------------------------------------------------------------------------
+_NS = "atlas_kernels"
+Tensor = torch.Tensor
+OptTensor = Optional[torch.Tensor]
+
+
+@torch.library.custom_op(f"{_NS}::triton_compose", mutates_args=())
+def _compose_op(theta0: Tensor, tau: Tensor, coef: Tensor, k: int, mode: str, key: int,
+                out_dtype: torch.dtype, scale: OptTensor) -> Tensor:
+    return _compose_impl(theta0, tau, coef, k, mode, key, out_dtype, scale)
+
+
+@_compose_op.register_fake
+def _(theta0, tau, coef, k, mode, key, out_dtype, scale):
+    return theta0.new_empty(theta0.shape, dtype=out_dtype)
+
+
+@torch.library.custom_op(f"{_NS}::triton_coef_grad", mutates_args=())
+def _coef_grad_op(grad: Tensor, tau: Tensor, k: int, mode: str, key: int, scale: OptTensor) -> Tensor:
+    return _coef_grad_impl(grad, tau, k, mode, key, scale)
+
+
+@_coef_grad_op.register_fake
+def _(grad, tau, k, mode, key, scale):
+    return grad.new_empty((tau.shape[0], k), dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{_NS}::triton_linear", mutates_args=())
+def _linear_op(x: Tensor, w0: Tensor, w_tau: OptTensor, w_coef: OptTensor, wk: int, wmode: str, wkey: int,
+               b0: OptTensor, b_tau: OptTensor, b_coef: OptTensor, bk: int, bmode: str, bkey: int,
+               w_scale: OptTensor, b_scale: OptTensor, fused: bool) -> Tuple[Tensor, Tensor]:
+    return _linear_fwd_impl(x, w0, w_tau, w_coef, wk, wmode, wkey, b0, b_tau, b_coef, bk, bmode, bkey,
+                            w_scale, b_scale, fused)
+
+
+@_linear_op.register_fake
+def _(x, w0, w_tau, w_coef, wk, wmode, wkey, b0, b_tau, b_coef, bk, bmode, bkey, w_scale, b_scale, fused):
+    y = x.new_empty((x.shape[0], w0.shape[0]))
+    w = x.new_empty(w0.shape if (w_tau is not None and not fused) else (0,))
+    return y, w
+
+
+@torch.library.custom_op(f"{_NS}::triton_linear_dx", mutates_args=())
+def _linear_dx_op(dy: Tensor, w0: Tensor, w_tau: OptTensor, w_coef: OptTensor, wk: int, wmode: str, wkey: int,
+                  w_scale: OptTensor, w_saved: Tensor, fused: bool) -> Tensor:
+    return _linear_dx_impl(dy, w0, w_tau, w_coef, wk, wmode, wkey, w_scale, w_saved, fused)
+
+
+@_linear_dx_op.register_fake
+def _(dy, w0, w_tau, w_coef, wk, wmode, wkey, w_scale, w_saved, fused):
+    return dy.new_empty((dy.shape[0], w0.shape[1]))
+
+
+@torch.library.custom_op(f"{_NS}::triton_linear_coef_grad", mutates_args=())
+def _linear_coef_grad_op(x: Tensor, dy: Tensor, w_tau: Tensor, wk: int, wmode: str, wkey: int,
+                         w_scale: OptTensor) -> Tensor:
+    return _linear_coef_grad_impl(x, dy, w_tau, wk, wmode, wkey, w_scale)
+
+
+@_linear_coef_grad_op.register_fake
+def _(x, dy, w_tau, wk, wmode, wkey, w_scale):
+    return x.new_empty((w_tau.shape[0], wk), dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{_NS}::triton_compose_packed", mutates_args=())
+def _compose_packed_op(theta0_flat: Tensor, tau_flat: Tensor, coef_flat: Tensor, table: Tensor, tile_map: Tensor,
+                       block: int, kmax: int, total_cols: int, total_rows: int, out_dtype: torch.dtype,
+                       scale_flat: OptTensor) -> Tensor:
+    return _compose_packed_impl(theta0_flat, tau_flat, coef_flat, table, tile_map, block, kmax, total_cols,
+                                total_rows, out_dtype, scale_flat)
+
+
+@_compose_packed_op.register_fake
+def _(theta0_flat, tau_flat, coef_flat, table, tile_map, block, kmax, total_cols, total_rows, out_dtype, scale_flat):
+    return theta0_flat.new_empty(theta0_flat.shape, dtype=out_dtype)
+
+
+@torch.library.custom_op(f"{_NS}::triton_coef_grad_packed", mutates_args=())
+def _coef_grad_packed_op(grad_flat: Tensor, tau_flat: Tensor, table: Tensor, tile_map: Tensor, block: int,
+                         kmax: int, total_cols: int, total_rows: int, scale_flat: OptTensor) -> Tensor:
+    return _coef_grad_packed_impl(grad_flat, tau_flat, table, tile_map, block, kmax, total_cols, total_rows,
+                                  scale_flat)
+
+
+@_coef_grad_packed_op.register_fake
+def _(grad_flat, tau_flat, table, tile_map, block, kmax, total_cols, total_rows, scale_flat):
+    return grad_flat.new_empty((tau_flat.shape[0], total_cols), dtype=torch.float32)
+
+
+class _Fns:
+    """The backward building blocks: direct implementations (eager) or custom ops (compile)."""
+
+    def __init__(self, coef_grad, linear_dx, linear_coef_grad, coef_grad_packed):
+        self.coef_grad = coef_grad
+        self.linear_dx = linear_dx
+        self.linear_coef_grad = linear_coef_grad
+        self.coef_grad_packed = coef_grad_packed
+
+
+_DIRECT = _Fns(_coef_grad_impl, _linear_dx_impl, _linear_coef_grad_impl, _coef_grad_packed_impl)
+_OPS = _Fns(_coef_grad_op, _linear_dx_op, _linear_coef_grad_op, _coef_grad_packed_op)
+
+
+# ------------------------------------------------------------------------------------------------
+# backward rules (shared by both wirings)
+# ------------------------------------------------------------------------------------------------
+def _compose_backward(fns: _Fns, grad_w, tau, scale, k, mode, key):
+    """``dL/dcoef[i, k] = sum_{e : part(e) = k} dL/dW[e] * tau[i, e]`` (float32 ``[N, K]``)."""
+    return fns.coef_grad(grad_w.contiguous(), tau, k, mode, key, scale)
+
+
+def _linear_backward(fns: _Fns, dy, saved, meta, need_x, need_wc, need_bc):
+    """``dx = dy W``; ``G = dy^T x``, ``dlam_W[i, k] = <G, tau_i>`` over part k (G never stored);
+    ``dlam_c[i, k] = <sum_rows dy, tau_c_i>`` over part k."""
+    x, w0, w_tau, w_coef, w_scale, b_tau, b_scale, w_saved = saved
+    wk, wmode, wkey, bk, bmode, bkey, fused = meta
+    dy = dy.contiguous()
+    dx = dwc = dbc = None
+    if need_x:
+        dx = fns.linear_dx(dy, w0, w_tau, w_coef, wk, wmode, wkey, w_scale, w_saved, fused)
+    if need_wc and w_tau is not None:
+        dwc = fns.linear_coef_grad(x, dy, w_tau, wk, wmode, wkey, w_scale)
+    if need_bc and b_tau is not None:
+        dbc = fns.coef_grad(dy.sum(0, dtype=torch.float32), b_tau, bk, bmode, bkey, b_scale)
+    return dx, dwc, dbc
+
+
+def _compose_setup(ctx, inputs, output):
+    theta0, tau, coef, k, mode, key, out_dtype, scale = inputs
+    ctx.save_for_backward(tau, scale)
+    ctx.meta = (k, mode, key)
+
+
+def _compose_op_bwd(ctx, grad_w):
+    tau, scale = ctx.saved_tensors
+    g = _compose_backward(_OPS, grad_w, tau, scale, *ctx.meta)
+    return None, None, g, None, None, None, None, None
+
+
+_compose_op.register_autograd(_compose_op_bwd, setup_context=_compose_setup)
+
+
+def _linear_setup(ctx, inputs, output):
+    (x, w0, w_tau, w_coef, wk, wmode, wkey, b0, b_tau, b_coef, bk, bmode, bkey, w_scale, b_scale, fused) = inputs
+    ctx.save_for_backward(x, w0, w_tau, w_coef, w_scale, b_tau, b_scale, output[1])
+    ctx.meta = (wk, wmode, wkey, bk, bmode, bkey, fused)
+
+
+def _linear_op_bwd(ctx, dy, _dw_saved):
+    need = ctx.needs_input_grad
+    dx, dwc, dbc = _linear_backward(_OPS, dy, ctx.saved_tensors, ctx.meta, need[0], need[3], need[9])
+    return dx, None, None, dwc, None, None, None, None, None, dbc, None, None, None, None, None, None
+
+
+_linear_op.register_autograd(_linear_op_bwd, setup_context=_linear_setup)
+
+
+def _compose_packed_setup(ctx, inputs, output):
+    (theta0_flat, tau_flat, coef_flat, table, tile_map, block, kmax, total_cols, total_rows, out_dtype,
+     scale_flat) = inputs
+    ctx.save_for_backward(tau_flat, table, tile_map, scale_flat)
+    ctx.meta = (block, kmax, total_cols, total_rows)
+
+
+def _compose_packed_op_bwd(ctx, grad):
+    tau_flat, table, tile_map, scale_flat = ctx.saved_tensors
+    g = _OPS.coef_grad_packed(grad.contiguous(), tau_flat, table, tile_map, *ctx.meta, scale_flat)
+    return None, None, g, None, None, None, None, None, None, None, None
+
+
+_compose_packed_op.register_autograd(_compose_packed_op_bwd, setup_context=_compose_packed_setup)
+
+
+# ------------------------------------------------------------------------------------------------
+# eager autograd Functions
+# ------------------------------------------------------------------------------------------------
+class ComposeFunction(torch.autograd.Function):
+    """``W = theta0 + sum_i coef[i, part(e)] * tau_i`` (differentiable in ``coef`` only).
+
+    Chain rule: ``dL/dcoef[i, k] = sum_{e : part(e) = k} dL/dW[e] * tau[i, e]`` (``kernels.coef_grad``:
+    one pass over the slab, deterministic).
+    """
+
+    @staticmethod
+    def forward(ctx, coef, theta0, tau, scale, k, mode, key, out_dtype):
+        ctx.save_for_backward(tau, scale)
+        ctx.meta = (k, mode, key)
+        return _compose_impl(theta0, tau, coef, k, mode, key, out_dtype, scale)
+
+    @staticmethod
+    def backward(ctx, grad_w):
+        tau, scale = ctx.saved_tensors
+        g = _compose_backward(_DIRECT, grad_w, tau, scale, *ctx.meta)
+        return g, None, None, None, None, None, None, None
+
+
+class LinearFunction(torch.autograd.Function):
+    """``y = x W^T + c`` with ``W = w0 + sum_i lam_W[i, part] tau_i`` and ``c = b0 + sum_i lam_c[i, part] tau_c_i``.
+
+    Chain rule (x, dy are ``[M, I]``, ``[M, O]``):
+
+    - ``dx = dy W``   (fused: W tiles rebuilt on the fly; else the W composed in forward);
+    - ``G = dy^T x``  (never stored: each tile lives in registers of ``kernels.linear_coef_grad``);
+    - ``dlam_W[i, k] = <G, tau_i>`` over the elements of part k;
+    - ``dlam_c[i, k] = <sum_rows dy, tau_c_i>`` over the elements of part k.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w_coef, b_coef, w0, w_tau, w_scale, wmeta, b0, b_tau, b_scale, bmeta, fused):
+        y, w_saved = _linear_fwd_impl(x, w0, w_tau, w_coef, *wmeta, b0, b_tau, b_coef, *bmeta, w_scale, b_scale,
+                                      fused)
+        ctx.save_for_backward(x, w0, w_tau, w_coef, w_scale, b_tau, b_scale, w_saved)
+        ctx.meta = (*wmeta, *bmeta, fused)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        need = ctx.needs_input_grad
+        dx, dwc, dbc = _linear_backward(_DIRECT, dy, ctx.saved_tensors, ctx.meta, need[0], need[1], need[2])
+        return dx, dwc, dbc, None, None, None, None, None, None, None, None, None
+
+
+class ComposePackedFunction(torch.autograd.Function):
+    """All small blocks of a :class:`~atlas_kernels.kernels.PackedLayout` composed in one launch.
+
+    Chain rule, per block b: ``dL/dcoef_flat[i, col_b + k] = sum_{e in b, part k} dL/dflat[e] * tau_flat[i, e]``
+    (``kernels.coef_grad_packed``: one launch plus a fixed-order per-segment reduction).
+    """
+
+    @staticmethod
+    def forward(ctx, coef_flat, theta0_flat, tau_flat, layout, out_dtype, scale_flat):
+        ctx.save_for_backward(tau_flat, scale_flat)
+        ctx.layout = layout
+        return K.compose_packed(theta0_flat, tau_flat, coef_flat, layout, scale_flat=scale_flat, out_dtype=out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        tau_flat, scale_flat = ctx.saved_tensors
+        g = K.coef_grad_packed(grad.contiguous(), tau_flat, ctx.layout, scale_flat=scale_flat)
+        return g, None, None, None, None, None
+
+
+# ------------------------------------------------------------------------------------------------
+# public API
+# ------------------------------------------------------------------------------------------------
+def _coef32(coef: torch.Tensor, n: int) -> torch.Tensor:
+    # indexing/float are differentiable: the gradient comes back in coef's own shape and dtype.
+    c = coef[:, None] if coef.dim() == 1 else coef
+    if c.dim() != 2 or c.shape[0] != n:
+        raise ValueError(f"coefficients must be [N] or [N, K] with N = {n}, got {tuple(coef.shape)}")
+    return c.float()
+
+
+def compose(theta0, tau, coef, partition, out_dtype, scale=None):
+    """Differentiable (in ``coef``) ``theta0 + sum_i coef[i, part(e)] * tau_i``; see :class:`ComposeFunction`."""
+    n = tau.shape[0]
+    c = _coef32(coef, n)
+    k, mode, key = _part(as_partition(partition, c.shape[1]))
+    out_dtype = out_dtype or theta0.dtype
+    if _use_ops():
+        return _compose_op(theta0, tau, c, k, mode, key, out_dtype, scale)
+    return ComposeFunction.apply(c, theta0, tau, scale, k, mode, key, out_dtype)
+
+
+def compose_packed(theta0_flat, tau_flat, coef_flat, layout: PackedLayout, out_dtype, scale_flat=None):
+    """Differentiable (in ``coef_flat``) one-launch composition of many small blocks: flat ``[P]``
+    (split with ``layout.views``). ``coef_flat`` is ``[N, layout.total_cols]``; see
+    :class:`ComposePackedFunction`."""
+    n = tau_flat.shape[0]
+    c = coef_flat.reshape(n, layout.total_cols).float()
+    out_dtype = out_dtype or theta0_flat.dtype
+    if _use_ops():
+        return _compose_packed_op(theta0_flat, tau_flat, c, layout.table, layout.tile_map, layout.block,
+                                  layout.kmax, layout.total_cols, layout.total_rows, out_dtype, scale_flat)
+    return ComposePackedFunction.apply(c, theta0_flat, tau_flat, layout, out_dtype, scale_flat)
+
+
+def linear(x, w0, w_tau, w_coef, w_partition, b0, b_tau, b_coef, b_partition, w_scale=None, b_scale=None,
+           fused_max_m: Optional[int] = None):
+    """``y = x W^T + c`` with composed ``W`` and ``c`` (see :class:`LinearFunction` for the chain rule).
+
+    x ``[..., I]``; runs in :func:`compute_dtype` (x's dtype, or the autocast dtype) and returns that
+    dtype. ``w_tau``/``b_tau`` None: that block is frozen at theta0; ``b0`` None: no bias.
+    ``fused_max_m`` overrides :data:`FUSED_MAX_M` for this call.
+    """
+    dtype = compute_dtype(x)
+    lead, i_feat = x.shape[:-1], x.shape[-1]
+    x2 = x.to(dtype).reshape(-1, i_feat)
+    m = x2.shape[0]
+    o = w0.shape[0]
+    wc = bc = None
+    wmeta = bmeta = (1, "contiguous", 0)
+    if w_tau is not None:
+        wc = _coef32(w_coef, w_tau.shape[0])
+        wmeta = _part(as_partition(w_partition, wc.shape[1]))
+    if b0 is None:
+        b_tau = None
+    if b_tau is not None:
+        bc = _coef32(b_coef, b_tau.shape[0])
+        bmeta = _part(as_partition(b_partition, bc.shape[1]))
+    thr = FUSED_MAX_M if fused_max_m is None else fused_max_m
+    fused = w_tau is not None and m <= thr
+    if _use_ops():
+        y, _ = _linear_op(x2, w0, w_tau, wc, *wmeta, b0, b_tau, bc, *bmeta, w_scale, b_scale, fused)
+    else:
+        y = LinearFunction.apply(x2, wc, bc, w0, w_tau, w_scale, wmeta, b0, b_tau, b_scale, bmeta, fused)
+    return y.reshape(*lead, o)

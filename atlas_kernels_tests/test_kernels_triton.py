@@ -1,0 +1,442 @@
+"""Triton launchers (atlas_kernels.kernels) against the float64 specification (atlas_kernels.reference).
+
+On a machine without a GPU the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1)
+at small odd shapes; the real-shape tests at the end need CUDA and skip without it.
+
+Tolerance (flash-attention's rule, made elementwise-safe): with ``ref64`` the float64 reference,
+``ref_low`` the same computation in the kernel's precisions (fp32 accumulation, rounding to the
+storage / compute dtype where the kernel rounds), and ``ref_abs`` the reference on absolute values
+(the natural scale of rounding errors),
+
+    |out - ref64| <= 2 * |ref_low - ref64| + rtol * ref_abs
+
+where ``rtol`` is the unit roundoff of the lowest precision involved (fp32 accumulation: ``ACC_RTOL``).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import atlas_kernels.kernels as K
+from atlas_kernels import reference as R
+from atlas_kernels.kernels import _common
+from atlas_kernels.partitions import Partition
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (kernels at real shapes)")
+
+ACC_RTOL = 1e-6  # fp32 accumulation: relative to the sum of |terms| (about 16 ulps)
+EPS = {torch.float32: ACC_RTOL, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+F8 = getattr(torch, "float8_e4m3fn", None)
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    """Scratch buffers (partials) start as NaN: an element a kernel forgets poisons the result."""
+    monkeypatch.setattr(_common, "POISON_SCRATCH", True)
+    yield
+
+
+def assert_close(out, ref64, ref_low=None, ref_abs=None, rtol=ACC_RTOL, atol=0.0, name="out"):
+    """The tolerance rule of the module docstring; the message names the worst element."""
+    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
+    o = out.detach().double().cpu()
+    r = ref64.detach().double().cpu()
+    nan = torch.isnan(o)
+    if nan.any():
+        idx = tuple(int(v) for v in torch.nonzero(nan)[0])
+        raise AssertionError(f"{name}: {int(nan.sum())} NaN of {o.numel()} (unwritten or poisoned); first at {idx}")
+    err = (o - r).abs()
+    tol = torch.full_like(r, atol)
+    if ref_low is not None:
+        tol = tol + 2 * (ref_low.detach().double().cpu() - r).abs()
+    scale = ref_abs.detach().double().cpu() if ref_abs is not None else r.abs()
+    tol = tol + rtol * scale
+    bad = err > tol
+    if bad.any():
+        flat = int(torch.argmax(err - tol))
+        idx = tuple(int(v) for v in torch.unravel_index(torch.tensor(flat), r.shape)) if r.dim() else ()
+        lo = "" if ref_low is None else f" ref_low={ref_low.detach().double().cpu().reshape(-1)[flat].item():.8g}"
+        raise AssertionError(
+            f"{name}: {int(bad.sum())} of {o.numel()} elements out of tolerance; worst at {idx}: "
+            f"out={o.reshape(-1)[flat].item():.8g} ref64={r.reshape(-1)[flat].item():.8g}{lo} "
+            f"err={err.reshape(-1)[flat].item():.3g} tol={tol.reshape(-1)[flat].item():.3g}"
+        )
+
+
+def nan_like(shape, dtype):
+    return torch.full(shape, float("nan"), dtype=dtype, device=DEV)
+
+
+def make_tau(n, shape, storage):
+    """(tau, scale): a slab in the storage dtype; int8 / fp8 come with a per-row fp32 scale."""
+    if storage == torch.int8:
+        tau = torch.randint(-127, 128, (n, *shape), dtype=torch.int8)
+    elif storage == F8:
+        tau = (torch.randn(n, *shape) * 8).to(F8)
+    else:
+        return (torch.randn(n, *shape) * 0.5).to(storage).to(DEV), None
+    rows = shape[0] if len(shape) >= 2 else 1
+    scale = torch.rand(n, rows) * 0.02 + 0.001
+    return tau.to(DEV), scale.to(DEV)
+
+
+def make_part(k, mode, name="blk", seed=3):
+    return Partition.for_block(name, k, mode, seed)
+
+
+PARTS = [(1, "contiguous"), (3, "contiguous"), (3, "hash")]
+PART_IDS = ["k1", "k3-contig", "k3-hash"]
+
+
+# ------------------------------------------------------------------------------------------------
+# partition index
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("numel", [1, 7, 1000, 4097])
+@pytest.mark.parametrize("k,mode,key", [(2, "contiguous", 0), (3, "contiguous", 0), (5, "hash", 0),
+                                        (3, "hash", 12345), (4, "hash", 2**31 + 11), (7, "hash", 2**32 - 1),
+                                        (3, "hash", 1)])
+def test_partition_index_matches(numel, k, mode, key):
+    """compose with theta0 = 0, tau_0 = 1, coef[0, j] = j writes part(e): bit-exact to Partition.index."""
+    p = Partition(k, mode, key)
+    theta0 = torch.zeros(numel, device=DEV)
+    tau = torch.ones(1, numel, device=DEV)
+    coef = torch.arange(k, dtype=torch.float32, device=DEV)[None]
+    out = K.compose(theta0, tau, coef, p, out=nan_like((numel,), torch.float32))
+    ref = p.index(numel).to(torch.float32)
+    mism = torch.nonzero(out.cpu() != ref)
+    assert mism.numel() == 0, f"part index differs at e={int(mism[0])}: kernel {out[int(mism[0])]} ref {ref[int(mism[0])]}"
+
+
+# ------------------------------------------------------------------------------------------------
+# compose
+# ------------------------------------------------------------------------------------------------
+def _check_compose(theta0, tau, coef, p, scale, out_dtype):
+    out = K.compose(theta0, tau, coef, p, scale=scale, out_dtype=out_dtype, out=nan_like(theta0.shape, out_dtype))
+    ref64 = R.compose(theta0, tau, coef, p, scale=scale)
+    ref_low = R.compose(theta0, tau, coef, p, scale=scale, dtype=torch.float32).to(out_dtype)
+    tau_abs = R.dequantize(tau, scale).abs()
+    ref_abs = R.compose(theta0.abs(), tau_abs, coef.abs(), p)
+    assert out.dtype == out_dtype
+    assert_close(out, ref64, ref_low, ref_abs, rtol=ACC_RTOL, name="compose")
+
+
+@pytest.mark.parametrize("shape", [(77, 123), (301,), (4, 3, 5, 7)], ids=["2d", "1d", "4d"])
+@pytest.mark.parametrize("n", [1, 3, 21])
+@pytest.mark.parametrize("k,mode", PARTS, ids=PART_IDS)
+def test_compose_partitions(shape, n, k, mode):
+    theta0 = torch.randn(shape, device=DEV)
+    tau, _ = make_tau(n, shape, torch.float32)
+    coef = torch.randn(n, k, device=DEV)
+    _check_compose(theta0, tau, coef, make_part(k, mode), None, torch.float32)
+
+
+@pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_compose_dtypes(storage, out_dtype):
+    shape = (77, 123)
+    theta0 = torch.randn(shape, device=DEV).to(out_dtype)
+    tau, _ = make_tau(3, shape, storage)
+    coef = torch.randn(3, 3, device=DEV)
+    _check_compose(theta0, tau, coef, make_part(3, "hash"), None, out_dtype)
+
+
+@pytest.mark.parametrize("storage", [torch.int8, F8], ids=["int8", "fp8e4m3"])
+@pytest.mark.parametrize("shape", [(77, 123), (301,), (4, 3, 5, 7)], ids=["2d", "1d", "4d"])
+@pytest.mark.parametrize("k,mode", PARTS[:2], ids=PART_IDS[:2])
+def test_compose_scaled(storage, shape, k, mode):
+    if storage is None:
+        pytest.skip("this torch has no float8_e4m3fn")
+    theta0 = torch.randn(shape, device=DEV)
+    tau, scale = make_tau(3, shape, storage)
+    coef = torch.randn(3, k, device=DEV)
+    _check_compose(theta0, tau, coef, make_part(k, mode), scale, torch.bfloat16)
+
+
+def test_compose_coef_vector_and_default_dtype():
+    theta0 = torch.randn(5, 9, device=DEV, dtype=torch.float16)
+    tau, _ = make_tau(4, (5, 9), torch.float16)
+    coef = torch.randn(4, device=DEV)
+    out = K.compose(theta0, tau, coef)
+    assert out.dtype == torch.float16 and out.shape == theta0.shape
+    assert_close(out, R.compose(theta0, tau, coef), R.compose(theta0, tau, coef, dtype=torch.float32).half(),
+                 R.compose(theta0.abs(), tau.abs(), coef.abs()), name="compose [N] coef")
+
+
+# ------------------------------------------------------------------------------------------------
+# coef_grad
+# ------------------------------------------------------------------------------------------------
+def _check_coef_grad(grad, tau, k, p, scale):
+    out1 = K.coef_grad(grad, tau, k, p, scale=scale)
+    out2 = K.coef_grad(grad, tau, k, p, scale=scale)
+    assert out1.dtype == torch.float32 and out1.shape == (tau.shape[0], k)
+    ref64 = R.coef_grad(grad, tau, k, p, scale=scale)
+    ref_abs = R.coef_grad(grad.abs(), R.dequantize(tau, scale).abs(), k, p)
+    assert_close(out1, ref64, None, ref_abs, rtol=ACC_RTOL, name="coef_grad")
+    assert torch.equal(out1, out2), "coef_grad is not bitwise reproducible"
+
+
+@pytest.mark.parametrize("shape", [(77, 123), (301,), (4, 3, 5, 7)], ids=["2d", "1d", "4d"])
+@pytest.mark.parametrize("n", [1, 3, 21])
+@pytest.mark.parametrize("k,mode", PARTS, ids=PART_IDS)
+def test_coef_grad_partitions(shape, n, k, mode):
+    grad = torch.randn(shape, device=DEV)
+    tau, _ = make_tau(n, shape, torch.float32)
+    _check_coef_grad(grad, tau, k, make_part(k, mode), None)
+
+
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("gdtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_coef_grad_dtypes(storage, gdtype):
+    shape = (77, 123)
+    grad = torch.randn(shape, device=DEV).to(gdtype)
+    tau, _ = make_tau(3, shape, storage)
+    _check_coef_grad(grad, tau, 3, make_part(3, "hash"), None)
+
+
+@pytest.mark.parametrize("storage", [torch.int8, F8], ids=["int8", "fp8e4m3"])
+@pytest.mark.parametrize("shape", [(77, 123), (301,), (4, 3, 5, 7)], ids=["2d", "1d", "4d"])
+@pytest.mark.parametrize("k,mode", [PARTS[0], PARTS[2]], ids=[PART_IDS[0], PART_IDS[2]])
+def test_coef_grad_scaled(storage, shape, k, mode):
+    if storage is None:
+        pytest.skip("this torch has no float8_e4m3fn")
+    grad = torch.randn(shape, device=DEV)
+    tau, scale = make_tau(3, shape, storage)
+    _check_coef_grad(grad, tau, k, make_part(k, mode), scale)
+
+
+def test_coef_grad_many_programs_deterministic():
+    """More than one program (numel > COEF_GRAD_BLOCK) and a fixed-order reduction."""
+    from atlas_kernels.kernels._coef_grad import COEF_GRAD_BLOCK
+
+    numel = 3 * COEF_GRAD_BLOCK + 17
+    grad = torch.randn(numel, device=DEV)
+    tau, _ = make_tau(2, (numel,), torch.float32)
+    _check_coef_grad(grad, tau, 3, make_part(3, "contiguous"), None)
+
+
+# ------------------------------------------------------------------------------------------------
+# fused linear (forward) and fused dx
+# ------------------------------------------------------------------------------------------------
+def _abs_w(w0, tau, coef, p, scale):
+    return R.compose(w0.abs(), R.dequantize(tau, scale).abs(), coef.abs(), p)
+
+
+def _check_fused_linear(m, o, i, n, k, mode, cdtype, storage, bias, scaled=False, split_k=None, strided=False):
+    p = make_part(k, mode)
+    xs = torch.randn(m, 2 * i if strided else i, device=DEV).to(cdtype)
+    x = xs[:, ::2] if strided else xs
+    w0 = torch.randn(o, i, device=DEV) * 0.1
+    tau, scale = make_tau(n, (o, i), torch.int8 if scaled else storage)
+    if scaled:
+        scale = scale * 0.1
+    else:
+        tau = (tau.float() * 0.1).to(storage)
+    coef = torch.randn(n, k, device=DEV)
+    b = (torch.randn(o, device=DEV)).to(cdtype) if bias else None
+    y = K.fused_linear(x, w0, tau, coef, p, bias=b, w_scale=scale, out=nan_like((m, o), cdtype), split_k=split_k)
+    assert y.dtype == cdtype
+    w64 = R.compose(w0, tau, coef, p, scale=scale)
+    w_low = R.compose(w0, tau, coef, p, scale=scale, dtype=torch.float32).to(cdtype).double()
+    b64 = None if b is None else b.double()
+    ref64 = torch.nn.functional.linear(x.double(), w64, b64)
+    ref_low = torch.nn.functional.linear(x.double(), w_low, b64).to(cdtype)
+    ref_abs = torch.nn.functional.linear(x.double().abs(), _abs_w(w0, tau, coef, p, scale), None if b is None else b64.abs())
+    assert_close(y, ref64, ref_low, ref_abs, rtol=EPS[cdtype], name="fused_linear")
+
+    dy = torch.randn(m, o, device=DEV).to(cdtype)
+    dx = K.fused_linear_dx(dy, w0, tau, coef, p, w_scale=scale, out=nan_like((m, i), cdtype), split_k=split_k)
+    assert dx.dtype == cdtype
+    ref64 = dy.double() @ w64
+    ref_low = (dy.double() @ w_low).to(cdtype)
+    ref_abs = dy.double().abs() @ _abs_w(w0, tau, coef, p, scale)
+    assert_close(dx, ref64, ref_low, ref_abs, rtol=EPS[cdtype], name="fused_linear_dx")
+
+
+@pytest.mark.parametrize("n", [1, 3, 21])
+@pytest.mark.parametrize("k,mode", PARTS, ids=PART_IDS)
+def test_fused_linear_partitions(n, k, mode):
+    _check_fused_linear(9, 77, 123, n, k, mode, torch.float32, torch.float32, bias=True)
+
+
+@pytest.mark.parametrize("cdtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16, torch.float16])
+def test_fused_linear_dtypes(cdtype, storage):
+    _check_fused_linear(9, 77, 123, 3, 3, "hash", cdtype, storage, bias=cdtype != torch.float16)
+
+
+@pytest.mark.parametrize("m", [1, 70])
+def test_fused_linear_scaled_int8(m):
+    _check_fused_linear(m, 77, 123, 3, 3, "contiguous", torch.bfloat16, None, bias=False, scaled=True)
+
+
+@pytest.mark.parametrize("split_k", [2, 3])
+def test_fused_linear_split_k(split_k):
+    """Split over the reduction dim (fp32 partials summed in order); the chunks are uneven."""
+    _check_fused_linear(9, 300, 300, 3, 3, "hash", torch.float16, torch.bfloat16, bias=True, split_k=split_k)
+
+
+def test_fused_linear_strided_x():
+    _check_fused_linear(9, 77, 123, 3, 1, "contiguous", torch.float32, torch.float32, bias=True, strided=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# linear coefficient gradient (G = dy^T x never stored)
+# ------------------------------------------------------------------------------------------------
+def _check_lcg(m, o, i, n, k, mode, cdtype, storage, scaled=False, strided=False):
+    p = make_part(k, mode)
+    xs = torch.randn(m, 2 * i if strided else i, device=DEV).to(cdtype)
+    x = xs[:, ::2] if strided else xs
+    dy = torch.randn(m, o, device=DEV).to(cdtype)
+    tau, scale = make_tau(n, (o, i), torch.int8 if scaled else storage)
+    g1 = K.linear_coef_grad(x, dy, tau, k, p, w_scale=scale)
+    g2 = K.linear_coef_grad(x, dy, tau, k, p, w_scale=scale)
+    assert g1.dtype == torch.float32 and g1.shape == (n, k)
+    t64 = R.dequantize(tau, scale)
+    ref64, _ = R.linear_coef_grads(x, dy, t64, k, p)
+    g_abs = dy.double().abs().t() @ x.double().abs()
+    ref_abs = R.coef_grad(g_abs, t64.abs(), k, p)
+    assert_close(g1, ref64, None, ref_abs, rtol=ACC_RTOL, name="linear_coef_grad")
+    assert torch.equal(g1, g2), "linear_coef_grad is not bitwise reproducible"
+
+
+@pytest.mark.parametrize("m", [1, 9, 130])
+@pytest.mark.parametrize("n", [1, 3, 21])
+@pytest.mark.parametrize("k,mode", PARTS, ids=PART_IDS)
+def test_linear_coef_grad_partitions(m, n, k, mode):
+    _check_lcg(m, 77, 123, n, k, mode, torch.float32, torch.float32)
+
+
+@pytest.mark.parametrize("cdtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16, torch.float16])
+def test_linear_coef_grad_dtypes(cdtype, storage):
+    _check_lcg(9, 77, 123, 3, 3, "hash", cdtype, storage)
+
+
+@pytest.mark.parametrize("k,mode", [PARTS[0], PARTS[2]], ids=[PART_IDS[0], PART_IDS[2]])
+def test_linear_coef_grad_scaled_int8(k, mode):
+    _check_lcg(9, 77, 123, 3, k, mode, torch.bfloat16, None, scaled=True)
+
+
+def test_linear_coef_grad_strided():
+    _check_lcg(9, 77, 123, 3, 3, "contiguous", torch.float32, torch.float32, strided=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# packed small blocks
+# ------------------------------------------------------------------------------------------------
+PACKED_SHAPES = [(7,), (33,), (5, 13), (50, 3), (0,), (130,), (2, 3, 4)]
+
+
+def _packed_parts():
+    return [Partition(1), make_part(3, "hash", "a"), Partition(2, "contiguous"), make_part(4, "hash", "b"),
+            Partition(1), Partition(3, "contiguous"), Partition(1)]
+
+
+@pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16, torch.int8], ids=["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("n", [1, 3])
+def test_compose_packed(storage, n):
+    parts = _packed_parts()
+    lay = K.make_packed_layout(PACKED_SHAPES, parts, block=64, device=DEV)
+    P = lay.total_numel
+    theta0 = torch.randn(P, device=DEV)
+    tau, scale = make_tau(n, (P,), storage)
+    scale = torch.rand(n, lay.total_rows, device=DEV) * 0.02 if storage == torch.int8 else None
+    coef = torch.randn(n, lay.total_cols, device=DEV)
+    out = K.compose_packed(theta0, tau, coef, lay, scale_flat=scale, out_dtype=torch.bfloat16,
+                           out=nan_like((P,), torch.bfloat16))
+    grad = torch.randn(P, device=DEV)
+    g1 = K.coef_grad_packed(grad, tau, lay, scale_flat=scale)
+    g2 = K.coef_grad_packed(grad, tau, lay, scale_flat=scale)
+    row = 0
+    for j, (s, p) in enumerate(zip(PACKED_SHAPES, parts)):
+        o, numel = lay.offsets[j], int(torch.Size(s).numel())
+        r = s[0] if len(s) >= 2 else 1
+        col = int(lay.table[j, 2])
+        if numel:
+            t = tau[:, o:o + numel].reshape(n, *s)
+            sc = None if scale is None else scale[:, row:row + r]
+            c = coef[:, col:col + p.k]
+            th = theta0[o:o + numel].view(s)
+            ref64 = R.compose(th, t, c, p, scale=sc)
+            ref_low = R.compose(th, t, c, p, scale=sc, dtype=torch.float32).to(torch.bfloat16)
+            ref_abs = R.compose(th.abs(), R.dequantize(t, sc).abs(), c.abs(), p)
+            assert_close(lay.views(out)[j], ref64, ref_low, ref_abs, name=f"compose_packed block {j} {s}")
+            gref = R.coef_grad(grad[o:o + numel].view(s), t, p.k, p, scale=sc)
+            gabs = R.coef_grad(grad[o:o + numel].view(s).abs(), R.dequantize(t, sc).abs(), p.k, p)
+            assert_close(g1[:, col:col + p.k], gref, None, gabs, name=f"coef_grad_packed block {j} {s}")
+        else:
+            assert torch.all(g1[:, col:col + p.k] == 0)
+        row += r
+    assert torch.equal(g1, g2), "coef_grad_packed is not bitwise reproducible"
+
+
+def test_packed_layout_table():
+    lay = K.make_packed_layout([(5,), (3, 4)], [Partition(1), Partition(2)], coef_cols=[4, 0], total_cols=6, block=64)
+    assert lay.table.dtype == torch.int64 and lay.tile_map.dtype == torch.int32
+    assert lay.table[:, :4].tolist() == [[0, 5, 4, 1], [5, 12, 0, 2]]
+    assert lay.total_cols == 6 and lay.total_rows == 4 and lay.tile_map.tolist() == [0, 1]
+    tau = torch.randn(2, 17, device=DEV)
+    g = K.coef_grad_packed(torch.randn(17, device=DEV), tau, lay.to(DEV))
+    assert torch.all(g[:, 2:4] == 0) and torch.all(g[:, 5] == 0)  # unused columns are zero
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: real shapes (skipped without CUDA)
+# ------------------------------------------------------------------------------------------------
+REAL = [(768, 3072, 21), (3072, 768, 21), (1024, 4096, 21)]
+REAL_IDS = ["vitb32-fc", "vitb32-proj", "vitl14-fc"]
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("o,i,n", REAL, ids=REAL_IDS)
+@pytest.mark.parametrize("k,mode", [PARTS[0], PARTS[2]], ids=[PART_IDS[0], PART_IDS[2]])
+def test_gpu_real_shapes(o, i, n, k, mode):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    p = make_part(k, mode)
+    w0 = torch.randn(o, i, device=DEV) * 0.02
+    tau = (torch.randn(n, o, i, device=DEV) * 0.002).to(torch.bfloat16)
+    coef = torch.randn(n, k, device=DEV) * 0.3
+    _check_compose(w0, tau, coef, p, None, torch.bfloat16)
+    _check_coef_grad(torch.randn(o, i, device=DEV), tau, k, p, None)
+    for m in (16, 48):
+        x = torch.randn(m, i, device=DEV).to(torch.bfloat16)
+        y = K.fused_linear(x, w0, tau, coef, p)
+        w64 = R.compose(w0, tau, coef, p)
+        w_low = K.compose(w0, tau, coef, p, out_dtype=torch.bfloat16).double()
+        assert_close(y, x.double() @ w64.t(), (x.double() @ w_low.t()).to(torch.bfloat16),
+                     x.double().abs() @ _abs_w(w0, tau, coef, p, None).t(), rtol=EPS[torch.bfloat16], name="gpu fused_linear")
+        dy = torch.randn(m, o, device=DEV).to(torch.bfloat16)
+        dx = K.fused_linear_dx(dy, w0, tau, coef, p)
+        assert_close(dx, dy.double() @ w64, (dy.double() @ w_low).to(torch.bfloat16),
+                     dy.double().abs() @ _abs_w(w0, tau, coef, p, None), rtol=EPS[torch.bfloat16], name="gpu fused_linear_dx")
+    for m in (16, 1600):
+        x = torch.randn(m, i, device=DEV).to(torch.bfloat16)
+        dy = torch.randn(m, o, device=DEV).to(torch.bfloat16)
+        g1 = K.linear_coef_grad(x, dy, tau, k, p)
+        assert torch.equal(g1, K.linear_coef_grad(x, dy, tau, k, p))
+        ref64, _ = R.linear_coef_grads(x, dy, tau, k, p)
+        ref_abs = R.coef_grad(dy.double().abs().t() @ x.double().abs(), tau.abs(), k, p)
+        assert_close(g1, ref64, None, ref_abs, rtol=ACC_RTOL, name="gpu linear_coef_grad")
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_gpu_int64_offsets():
+    """N * numel > 2**31: only the last slab is non-zero, so a wrapped offset shows at once."""
+    n, o, i = 520, 2048, 2048
+    assert n * o * i > 2**31
+    tau = torch.zeros(n, o, i, dtype=torch.int8, device=DEV)
+    tau[-1] = torch.randint(-127, 128, (o, i), dtype=torch.int8, device=DEV)
+    scale = torch.full((n, o), 0.01, device=DEV)
+    coef = torch.randn(n, 1, device=DEV)
+    theta0 = torch.randn(o, i, device=DEV)
+    out = K.compose(theta0, tau, coef, scale=scale, out=nan_like((o, i), torch.float32))
+    ref = theta0.double() + coef[-1, 0].double() * tau[-1].double() * 0.01
+    assert_close(out, ref, None, ref.abs() + 1, rtol=1e-6, name="compose int64 offsets")
+    g = K.coef_grad(torch.ones(o, i, device=DEV), tau, 1, scale=scale)
+    assert torch.all(g[:-1] == 0)
+    assert_close(g[-1:], (tau[-1].double() * 0.01).sum().reshape(1, 1), None,
+                 (tau[-1].double().abs() * 0.01).sum().reshape(1, 1), name="coef_grad int64 offsets")
