@@ -19,6 +19,8 @@ _warnings.filterwarnings("ignore", message=r".*'atlas_kernels\.task_vectors' fou
                          category=RuntimeWarning)
 
 from .budget import budget_report, select_task_vectors
+from .peft import match_blocks, read_peft_adapter, write_peft_adapter
+from .planner import MemoryEstimate, estimate_memory
 from .modules import AtlasLinear, AtlasMultiheadAttention, AtlasParameter
 from .partitions import Partition
 from .patching import coefficients, is_patched, load_coefficients, patch, save_coefficients, unpatch
@@ -30,5 +32,6 @@ __all__ = [
     "TaskVectors", "STORAGES", "convert_checkpoint", "load_state_dict_file",
     "patch", "unpatch", "is_patched", "coefficients", "save_coefficients", "load_coefficients",
     "AtlasLinear", "AtlasMultiheadAttention", "AtlasParameter", "Partition", "__version__",
-    "select_task_vectors", "budget_report",
+    "select_task_vectors", "budget_report", "estimate_memory", "MemoryEstimate",
+    "read_peft_adapter", "write_peft_adapter", "match_blocks",
 ]

@@ -1,0 +1,406 @@
+"""PEFT LoRA adapters as LoRA task vectors: read, write, and check against a module.
+
+A PEFT LoRA adapter is a directory holding ``adapter_config.json`` and ``adapter_model.safetensors``
+(older ones: ``adapter_model.bin``, read with ``torch.load(weights_only=True)``). For every adapted
+module at path ``P`` the weights file holds
+
+- ``base_model.model.P.lora_A.weight``: ``A`` of shape ``[r, in]``;
+- ``base_model.model.P.lora_B.weight``: ``B`` of shape ``[out, r]``
+
+(``.lora_A.<adapter name>.weight`` in files saved from a live model), and PEFT's update is
+``delta W = scaling * B @ A`` with ``scaling = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with
+``use_rslora``), where ``r`` and ``lora_alpha`` may be overridden per module by ``rank_pattern`` and
+``alpha_pattern`` (matched like PEFT's ``get_pattern_key``: the first pattern ``p``, in the config's
+order, for which ``re.match(rf"(.*\\.)?({p})$", P)`` holds).
+
+:func:`read_peft_adapter` folds ``scaling`` into ``B`` (in float32) and names each update by the
+block it changes, ``P.weight``, so ``tau = B @ A`` is exactly PEFT's delta. Two layouts are mapped
+to the parameter they really change:
+
+- PEFT's LoRA for ``nn.MultiheadAttention`` (open_clip's ``attn``) stores the in-projection update
+  at ``P.lora_*`` and the out-projection's at ``P.base_layer.out_proj.lora_*``: these become
+  ``P.in_proj_weight`` and ``P.out_proj.weight`` (``.base_layer`` segments are PEFT wrappers, not
+  modules of the original model);
+- ``fan_in_fan_out`` (GPT-2 style ``Conv1D`` weights stored ``[in, out]``): the update is
+  ``(B @ A)^T``, returned as the factors ``(B^T, A^T)``.
+
+Anything that is not a pure additive low-rank update is refused with the file and key named:
+DoRA (``use_dora``), convolution or embedding LoRA, trained biases and ``modules_to_save`` copies.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+__all__ = ["read_peft_adapter", "write_peft_adapter", "match_blocks", "lora_scaling"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+PEFT_PREFIX = "base_model.model."
+
+# <path>.lora_A.weight or <path>.lora_A.<adapter>.weight
+_KEY = re.compile(r"^(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+# PEFT wrapper segments (``.base_layer``), which are not modules of the original model.
+_BASE_LAYER = re.compile(r"\.base_layer(?=\.|$)")
+
+Factors = Dict[str, Tuple[torch.Tensor, torch.Tensor]]
+
+
+# ----------------------------------------------------------------------------------------- reading
+def _locate(path) -> Tuple[str, str, str]:
+    """``(directory, weights file, config file)`` of an adapter given as a directory or a file in it."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"PEFT adapter {path!r} does not exist")
+    if os.path.isdir(path):
+        directory = path
+        weights = next((os.path.join(path, n) for n in WEIGHTS_NAMES if os.path.isfile(os.path.join(path, n))), None)
+        if weights is None:
+            raise ValueError(f"PEFT adapter directory {path!r} holds neither {WEIGHTS_NAMES[0]} nor {WEIGHTS_NAMES[1]}")
+    else:
+        directory, weights = os.path.dirname(os.path.abspath(path)), path
+    config = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(config):
+        raise ValueError(f"{config!r} not found: a PEFT adapter directory holds {CONFIG_NAME} next to its weights "
+                         f"({os.path.basename(weights)}); without it the LoRA scaling (lora_alpha / r) is unknown")
+    return directory, weights, config
+
+
+def _read_config(config: str) -> dict:
+    try:
+        with open(config, encoding="utf-8") as fh:
+            cfg = json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{config!r} is not readable JSON: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{config!r}: expected a JSON object, got {type(cfg).__name__}")
+    peft_type = cfg.get("peft_type")
+    if str(peft_type).upper() != "LORA":
+        raise ValueError(f"{config!r}: key 'peft_type' is {peft_type!r}; only LoRA adapters (peft_type 'LORA') "
+                         f"are pure low-rank updates B @ A that can serve as task vectors")
+    if cfg.get("use_dora"):
+        raise ValueError(f"{config!r}: key 'use_dora' is true; DoRA rescales the weight's columns (a "
+                         f"magnitude vector), so its update is not B @ A and cannot be read as a LoRA task vector")
+    for key in ("r", "lora_alpha"):
+        v = cfg.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"{config!r}: key {key!r} must be a positive number, got {v!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        v = cfg.get(key) or {}
+        if not isinstance(v, dict):
+            raise ValueError(f"{config!r}: key {key!r} must map module patterns to numbers, got {type(v).__name__}")
+        for pat, num in v.items():
+            if isinstance(num, bool) or not isinstance(num, (int, float)) or not math.isfinite(num) or num <= 0:
+                raise ValueError(f"{config!r}: {key}[{pat!r}] must be a positive number, got {num!r}")
+            try:
+                re.compile(pat)
+            except re.error as exc:
+                raise ValueError(f"{config!r}: {key} pattern {pat!r} is not a regular expression: {exc}") from None
+    return cfg
+
+
+def _pattern_value(patterns: Mapping, module_path: str, default):
+    """PEFT's ``get_pattern_key``: the first pattern (in order) matching the end of the module path."""
+    for pat, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pat})$", module_path):
+            return value
+    return default
+
+
+def lora_scaling(config: Mapping, module_path: str) -> Tuple[int, float]:
+    """``(r, scaling)`` PEFT uses for the module at ``module_path`` (the path in the base model, e.g.
+    ``"visual.transformer.resblocks.0.mlp.c_fc"``): ``rank_pattern`` / ``alpha_pattern`` override
+    ``r`` / ``lora_alpha``; ``scaling = alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora``."""
+    r = _pattern_value(config.get("rank_pattern"), module_path, config["r"])
+    alpha = _pattern_value(config.get("alpha_pattern"), module_path, config["lora_alpha"])
+    scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    return int(r), float(scaling)
+
+
+def _load_weights(weights: str) -> Dict[str, torch.Tensor]:
+    from .task_vectors import load_state_dict_file
+
+    try:
+        return load_state_dict_file(weights)
+    except FileNotFoundError:
+        raise
+    except ValueError as exc:
+        raise ValueError(f"PEFT adapter weights {weights!r} could not be read as a safetensors file or a plain "
+                         f"state dict (torch.load(weights_only=True)); nothing else is loaded, since unpickling "
+                         f"runs code. Details: {exc}") from None
+
+
+def _bad_key(weights: str, key: str) -> ValueError:
+    if ".lora_embedding_" in key:
+        why = "LoRA on an embedding layer (lora_embedding_A/B) is not supported"
+    elif "lora_magnitude_vector" in key:
+        why = "it is a DoRA magnitude vector (DoRA updates are not B @ A)"
+    elif "modules_to_save" in key or not re.search(r"lora_", key):
+        why = ("it is not a LoRA factor (a trained bias or a modules_to_save copy holds absolute values, not an "
+               "update; retrain with bias='none' and no modules_to_save, or drop those keys)")
+    else:
+        why = "it is not a LoRA factor named <module>.lora_A[.<adapter>].weight / .lora_B[...].weight"
+    return ValueError(f"{weights!r}: key {key!r}: {why}")
+
+
+def _check_finite(t: torch.Tensor, weights: str, key: str) -> None:
+    bad = ~torch.isfinite(t)
+    if bad.any():
+        idx = tuple(int(i) for i in torch.nonzero(bad)[0])
+        raise ValueError(f"{weights!r}: key {key!r} holds {int(bad.sum())} NaN/inf value(s), first at index {idx}")
+
+
+def read_peft_adapter(path, *, module_prefix: Optional[str] = None) -> Factors:
+    """LoRA factors of a PEFT adapter, keyed by the block they change.
+
+    Args:
+        path: the adapter directory, or its ``adapter_model.safetensors`` (or ``.bin``) file;
+            ``adapter_config.json`` must sit in the same directory.
+        module_prefix: a prefix of the module paths (after ``base_model.model.``) to keep and strip,
+            e.g. ``"visual."`` to read an adapter trained on a whole CLIP for patching
+            ``model.visual``. Modules outside it (e.g. the text tower) are skipped.
+
+    Returns:
+        ``{block: (A, B)}`` in float32 with ``A [r, in]`` and ``B [out, r]`` where ``B`` already
+        carries PEFT's scaling, so ``B @ A`` is the adapter's update of parameter ``block`` (e.g.
+        ``"transformer.resblocks.0.mlp.c_fc.weight"``).
+
+    Raises:
+        ValueError naming the file and key for: a missing or non-LoRA ``adapter_config.json``,
+        DoRA, a ``lora_A`` without its ``lora_B`` (or the reverse), ranks that disagree between A
+        and B or with the config, factors that are not matrices, NaN/inf, keys that are not LoRA
+        factors, several adapters in one file, and weights that are not safetensors or a plain
+        state dict.
+    """
+    _, weights, config_path = _locate(path)
+    cfg = _read_config(config_path)
+    sd = _load_weights(weights)
+
+    pairs: Dict[str, Dict[str, Tuple[str, torch.Tensor]]] = {}
+    adapters = set()
+    for key, t in sd.items():
+        m = _KEY.match(key)
+        if m is None or ".lora_embedding_" in key:
+            raise _bad_key(weights, key)
+        if m.group("adapter") is not None:
+            adapters.add(m.group("adapter"))
+        path_ = m.group("path")
+        if path_.startswith(PEFT_PREFIX):
+            path_ = path_[len(PEFT_PREFIX):]
+        slot = pairs.setdefault(path_, {})
+        if m.group("ab") in slot:
+            raise ValueError(f"{weights!r}: key {key!r}: module {path_!r} has two lora_{m.group('ab')} tensors "
+                             f"({slot[m.group('ab')][0]!r} too); one adapter per file, please")
+        slot[m.group("ab")] = (key, t)
+    if len(adapters) > 1:
+        raise ValueError(f"{weights!r} holds several adapters {sorted(adapters)}; save or pass one adapter at a time")
+    if not pairs:
+        raise ValueError(f"{weights!r} holds no LoRA factors (no key ends in .lora_A.weight / .lora_B.weight)")
+
+    for path_, slot in pairs.items():
+        for ab, other in (("A", "B"), ("B", "A")):
+            if ab in slot and other not in slot:
+                key = slot[ab][0]
+                raise ValueError(f"{weights!r}: key {key!r} has no matching lora_{other} "
+                                 f"({key.replace('lora_' + ab, 'lora_' + other)!r} is missing)")
+
+    # PEFT's nn.MultiheadAttention LoRA: P.lora_* is the in-projection, P.base_layer.out_proj.lora_* the out one.
+    mha_paths = {p[: -len(".base_layer.out_proj")] for p in pairs if p.endswith(".base_layer.out_proj")}
+    mha_paths &= set(pairs)
+    fan_in_fan_out = bool(cfg.get("fan_in_fan_out"))
+
+    out: Factors = {}
+    for path_, slot in pairs.items():
+        (ka, a), (kb, b) = slot["A"], slot["B"]
+        for key, t in ((ka, a), (kb, b)):
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise ValueError(f"{weights!r}: key {key!r} is not a floating tensor")
+            if t.dim() != 2:
+                raise ValueError(f"{weights!r}: key {key!r} has shape {tuple(t.shape)}; only LoRA on linear layers "
+                                 f"(2-D factors) is supported, not convolution LoRA")
+            _check_finite(t, weights, key)
+        if a.shape[0] != b.shape[1]:
+            raise ValueError(f"{weights!r}: ranks disagree: {ka!r} has shape {tuple(a.shape)} (rank {a.shape[0]}), "
+                             f"{kb!r} has shape {tuple(b.shape)} (rank {b.shape[1]})")
+        # Scaling follows the module PEFT wrapped: a nested out_proj takes its MHA's pattern.
+        config_path_ = _BASE_LAYER.split(path_, 1)[0]
+        r, scaling = lora_scaling(cfg, config_path_)
+        if a.shape[0] != r:
+            raise ValueError(f"{weights!r}: key {ka!r} has rank {a.shape[0]}, but {os.path.basename(config_path)} "
+                             f"gives module {config_path_!r} r={r} (r / rank_pattern); the scaling "
+                             f"lora_alpha / r would be wrong")
+        module_path = _BASE_LAYER.sub("", path_)
+        is_mha = path_ in mha_paths
+        if module_prefix:
+            if not module_path.startswith(module_prefix):
+                continue
+            module_path = module_path[len(module_prefix):]
+        a32 = a.detach().to(torch.float32)
+        b32 = b.detach().to(torch.float32) * scaling
+        if fan_in_fan_out:
+            a32, b32 = b32.t().contiguous(), a32.t().contiguous()
+        block = module_path + (".in_proj_weight" if is_mha else ".weight")
+        if block in out:
+            raise ValueError(f"{weights!r}: two modules map to block {block!r}")
+        out[block] = (a32.contiguous(), b32.contiguous())
+    if not out:
+        sample = sorted(pairs)[:3]
+        raise ValueError(f"{weights!r}: module_prefix {module_prefix!r} matches none of its modules "
+                         f"(they look like {sample})")
+    return out
+
+
+# ----------------------------------------------------------------------------------------- writing
+def write_peft_adapter(directory, factors: Mapping, *, r: int, lora_alpha: float, target_modules,
+                       prefix: str = PEFT_PREFIX, use_rslora: bool = False,
+                       rank_pattern: Optional[Mapping] = None, alpha_pattern: Optional[Mapping] = None,
+                       dtype: Optional[torch.dtype] = None) -> str:
+    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` in PEFT's layout; returns the
+    directory.
+
+    ``factors`` maps block names (``"<module path>.weight"``; or bare module paths) to ``(A, B)``
+    with ``A [r, in]`` and ``B [out, r]`` as PEFT stores them, i.e. *without* the scaling (PEFT
+    multiplies by ``lora_alpha / r`` when it applies them; :func:`read_peft_adapter` folds it in).
+    A block ``P.in_proj_weight`` is written in PEFT's ``nn.MultiheadAttention`` layout (``P.lora_*``;
+    its ``P.out_proj.weight`` then goes to ``P.base_layer.out_proj.lora_*``). ``dtype`` casts the
+    factors (default: kept as given).
+    """
+    from safetensors.torch import save_file
+
+    if not isinstance(factors, Mapping) or not factors:
+        raise ValueError("factors must be a non-empty mapping from block names to (A, B)")
+    if isinstance(target_modules, str):
+        target = target_modules
+    else:
+        target = sorted(set(target_modules))
+    cfg = {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "revision": None,
+        "inference_mode": True, "r": int(r), "lora_alpha": lora_alpha, "lora_dropout": 0.0,
+        "target_modules": target, "fan_in_fan_out": False, "bias": "none", "use_rslora": bool(use_rslora),
+        "use_dora": False, "modules_to_save": None, "init_lora_weights": True, "layers_to_transform": None,
+        "layers_pattern": None, "rank_pattern": dict(rank_pattern or {}), "alpha_pattern": dict(alpha_pattern or {}),
+    }
+    mha = {b[: -len(".in_proj_weight")] for b in factors if b.endswith(".in_proj_weight")}
+    tensors = {}
+    for block, ab in factors.items():
+        if not (isinstance(ab, (tuple, list)) and len(ab) == 2 and all(isinstance(t, torch.Tensor) for t in ab)):
+            raise TypeError(f"factors[{block!r}] must be a pair of tensors (A, B)")
+        a, b = ab
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise ValueError(f"factors[{block!r}]: need A (r, in) and B (out, r), got A {tuple(a.shape)}, "
+                             f"B {tuple(b.shape)}")
+        if block.endswith(".in_proj_weight"):
+            module = block[: -len(".in_proj_weight")]
+        elif block.endswith(".weight"):
+            module = block[: -len(".weight")]
+        else:
+            module = block
+        parent, _, last = module.rpartition(".")
+        if last == "out_proj" and parent in mha:
+            module = parent + ".base_layer.out_proj"
+        want_r, _ = lora_scaling(cfg, _BASE_LAYER.split(module, 1)[0])
+        if a.shape[0] != want_r:
+            raise ValueError(f"factors[{block!r}] has rank {a.shape[0]}, the config gives r={want_r} "
+                             f"(pass rank_pattern for per-module ranks)")
+        for ab_name, t in (("A", a), ("B", b)):
+            t = t.detach().cpu()
+            tensors[f"{prefix}{module}.lora_{ab_name}.weight"] = (t if dtype is None else t.to(dtype)).contiguous()
+    os.makedirs(os.fspath(directory), exist_ok=True)
+    save_file(tensors, os.path.join(os.fspath(directory), WEIGHTS_NAMES[0]), metadata={"format": "pt"})
+    with open(os.path.join(os.fspath(directory), CONFIG_NAME), "w", encoding="utf-8") as fh:
+        json.dump(cfg, fh, indent=2)
+    return os.fspath(directory)
+
+
+# ---------------------------------------------------------------------------------------- matching
+def match_blocks(factors: Mapping, module: nn.Module) -> Factors:
+    """Check LoRA factors against ``module`` and return them keyed by its parameter names.
+
+    Every block must name a parameter of ``module`` (``module.named_parameters()``) of shape
+    ``(out, in) = (B.shape[0], A.shape[1])``. A block ``P.weight`` where ``P`` is an
+    ``nn.MultiheadAttention`` is mapped to ``P.in_proj_weight`` (the in-projection PEFT adapts).
+    Returns a new dict in the module's parameter order.
+
+    Raises ValueError naming the block, the expected shape and what arrived, with a hint when a
+    prefix (e.g. ``"visual."``) separates the adapter's names from the module's.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    params = dict(module.named_parameters())
+    modules = dict(module.named_modules())
+    matched: Factors = {}
+    for block, ab in factors.items():
+        if not (isinstance(ab, (tuple, list)) and len(ab) == 2 and all(isinstance(t, torch.Tensor) for t in ab)):
+            raise TypeError(f"block {block!r}: expected a pair of tensors (A, B), got {type(ab).__name__}")
+        a, b = ab
+        name = block
+        if name not in params and name.endswith(".weight"):
+            owner = modules.get(name[: -len(".weight")])
+            if isinstance(owner, nn.MultiheadAttention) and name[: -len(".weight")] + ".in_proj_weight" in params:
+                name = name[: -len(".weight")] + ".in_proj_weight"
+        if name not in params:
+            raise ValueError(f"block {block!r}: the module has no parameter of that name{_prefix_hint(block, params)}")
+        p = params[name]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise ValueError(f"block {block!r}: need A (r, in) and B (out, r), got A {tuple(a.shape)}, "
+                             f"B {tuple(b.shape)}")
+        got = (b.shape[0], a.shape[1])
+        if tuple(p.shape) != got:
+            raise ValueError(f"block {block!r}: the module's parameter {name!r} has shape {tuple(p.shape)}, the LoRA "
+                             f"factors give a {got} update (B {tuple(b.shape)} @ A {tuple(a.shape)}): an adapter "
+                             f"for another model?{_deeper_hint(name, got, params)}{_other_prefix_hint(factors, params)}")
+        if name in matched:
+            raise ValueError(f"blocks map twice to parameter {name!r}")
+        matched[name] = (a, b)
+    order = {n: i for i, n in enumerate(params)}
+    return dict(sorted(matched.items(), key=lambda kv: order[kv[0]]))
+
+
+def _deeper_hint(name: str, shape, params: Mapping) -> str:
+    """A parameter deeper in the module with the same name suffix and the right shape (a whole CLIP
+    passed where its image tower was meant: the text tower has 'transformer.resblocks.*' too)."""
+    for other, p in params.items():
+        if other.endswith("." + name) and tuple(p.shape) == tuple(shape):
+            sub = other[: -len(name) - 1]
+            return f" The module holds {other!r} of that shape: pass the submodule instead (module.{sub})."
+    return ""
+
+
+def _other_prefix_hint(factors: Mapping, params: Mapping) -> str:
+    """When other blocks carry a prefix that would make them match (an adapter over a whole CLIP
+    names both towers), say so."""
+    for other in factors:
+        if other in params:
+            continue
+        parts = other.split(".")
+        for i in range(1, len(parts)):
+            if ".".join(parts[i:]) in params:
+                pre = ".".join(parts[:i]) + "."
+                return (f" Other blocks carry the prefix {pre!r} (e.g. {other!r}): if the adapter covers several "
+                        f"towers, read it with module_prefix={pre!r}")
+    return ""
+
+
+def _prefix_hint(block: str, params: Mapping) -> str:
+    # The adapter's names carry a prefix the module lacks: read it with module_prefix=...
+    parts = block.split(".")
+    for i in range(1, len(parts)):
+        if ".".join(parts[i:]) in params:
+            pre = ".".join(parts[:i]) + "."
+            return (f"; without the prefix {pre!r} it would match: read the adapter with "
+                    f"module_prefix={pre!r}")
+    # The module holds it deeper: match against a submodule (e.g. model.visual) instead.
+    for name in params:
+        if name.endswith("." + block):
+            sub = name[: -len(block) - 1]
+            return (f"; the module holds it as {name!r}: pass the submodule instead (module.{sub}, e.g. "
+                    f"model.{sub} of an open_clip model)")
+    sample = list(params)[:3]
+    return f" (its parameters look like {sample})"
