@@ -23,20 +23,23 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from . import ops
-from .modules import AtlasLinear, AtlasModule, AtlasMultiheadAttention, AtlasParameter, BlockSpec
+from .modules import (SMALL_BLOCK_NUMEL, AtlasLinear, AtlasModule, AtlasMultiheadAttention, AtlasParameter,
+                      BlockSpec, SmallBlockGroup)
 from .partitions import MODES, Partition
 from .task_vectors import TaskVectors
 
 __all__ = ["patch", "unpatch", "is_patched", "coefficients", "save_coefficients", "load_coefficients"]
 
 _STATE = "_atlas_state"
+_GROUP = "_atlas_small_blocks"
 _COEF_FORMAT = "atlas_kernels.coefficients"
 BlockFilter = Union[None, str, Iterable[str], Callable[[str, torch.Tensor], bool]]
 
 
 # ----------------------------------------------------------------------------- patch
 def patch(module: nn.Module, task_vectors: TaskVectors, *, partitions: int = 1, partition_mode: str = "contiguous",
-          seed: int = 0, backend: str = "auto", blocks: BlockFilter = None) -> nn.Module:
+          seed: int = 0, backend: str = "auto", blocks: BlockFilter = None,
+          group_small_blocks: bool = True) -> nn.Module:
     """Swap atlas modules into ``module`` (in place) and return it.
 
     Args:
@@ -53,6 +56,13 @@ def patch(module: nn.Module, task_vectors: TaskVectors, *, partitions: int = 1, 
         blocks: narrow the adapted set: ``None``/``"all"``; ``"weights"`` (blocks of 2 or more
             dimensions: matrices and convolutions); a list of block names; or a predicate
             ``f(name, parameter) -> bool``.
+        group_small_blocks: compose the small dense generic blocks (LayerNorms, embeddings, ...: at
+            most :data:`~atlas_kernels.modules.SMALL_BLOCK_NUMEL` elements, not LoRA, not ragged)
+            together, in one launch per forward of ``module``, whenever the backend resolves to
+            ``"triton"`` (see :class:`~atlas_kernels.modules.SmallBlockGroup`). The group is
+            registered as ``module._atlas_small_blocks`` (on its first member when ``module`` is a
+            container such as ``nn.Sequential``; no parameters, nothing in the state dict).
+            False: one launch per block.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
@@ -105,11 +115,50 @@ def patch(module: nn.Module, task_vectors: TaskVectors, *, partitions: int = 1, 
     for p in module.parameters():
         if id(p) not in coef_ids:
             p.requires_grad_(False)
+    if group_small_blocks and backend in ("auto", "triton"):
+        _group_small_blocks(module)
     setattr(module, _STATE, {
         "n": len(task_vectors), "names": task_vectors.names, "blocks": list(chosen), "partitions": partitions,
         "partition_mode": partition_mode, "seed": seed, "backend": backend, "requires_grad": requires_grad,
     })
     return module
+
+
+def _group_small_blocks(module: nn.Module) -> None:
+    """Collect the small dense AtlasParameter blocks of ``module`` into a SmallBlockGroup (the
+    largest set sharing device, storage dtype, theta0 dtype and scaled-or-not; the rest, if any,
+    stay per block)."""
+    sets = defaultdict(list)
+    for _, m in module.named_modules():
+        plist = getattr(m, "parametrizations", None)
+        if not isinstance(plist, nn.ModuleDict):
+            continue
+        for local, chain in plist.items():
+            for p in chain:
+                if not isinstance(p, AtlasParameter) or p.lora_a is not None or p.index is not None:
+                    continue
+                theta0 = chain.original
+                if p.tau is None or theta0.numel() > SMALL_BLOCK_NUMEL or theta0.device != p.tau.device:
+                    continue
+                sets[(str(p.tau.device), p.tau.dtype, theta0.dtype, p.scale is not None)].append((m, local, p))
+    if not sets:
+        return
+    members = max(sets.values(), key=len)
+    if len(members) < 2:
+        return
+    group = SmallBlockGroup(members)
+    # A container's forward runs its children: hold the group on a member there instead.
+    holder = members[0][2] if isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) else module
+    holder.add_module(_GROUP, group)
+    group.attach(module)
+
+
+def _ungroup_small_blocks(module: nn.Module) -> None:
+    for m in list(module.modules()):
+        group = m._modules.get(_GROUP)
+        if isinstance(group, SmallBlockGroup):
+            group.detach(module)
+            del m._modules[_GROUP]
 
 
 def _spec(tvs: TaskVectors, name: str, partition: Partition) -> BlockSpec:
@@ -234,6 +283,7 @@ def unpatch(module: nn.Module) -> nn.Module:
     for name, c in coefficients(module).items():
         if not torch.isfinite(c).all():
             raise ValueError(f"coefficients of block {name!r} hold NaN or inf; refusing to merge them")
+    _ungroup_small_blocks(module)
     atlas = [(p, m) for p, m in module.named_modules() if isinstance(m, AtlasModule)]
     # Deepest first: an MHA's out_proj hands its merged weights to the original out_proj object,
     # which the original MHA still holds.
@@ -259,6 +309,7 @@ def unpatch(module: nn.Module) -> nn.Module:
             if not atlas_p:
                 continue
             value = atlas_p[0].merged_from(chain.original, _join(path, local))
+            _own_class(m)
             parametrize.remove_parametrizations(m, local, leave_parametrized=False)
             param = getattr(m, local)
             param.data = value
@@ -268,6 +319,18 @@ def unpatch(module: nn.Module) -> nn.Module:
             p.requires_grad_(requires_grad[name])
     delattr(module, _STATE)
     return module
+
+
+def _own_class(m: nn.Module) -> None:
+    """Give ``m`` a private copy of its parametrized class before parametrizations are removed:
+    ``copy.deepcopy`` of a parametrized module shares that generated class, and
+    ``remove_parametrizations`` deletes the parameter's property from the class, which would break
+    every copy of the patched model that is not being unpatched."""
+    cls = type(m)
+    if not parametrize.is_parametrized(m):
+        return
+    body = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    m.__class__ = type(cls.__name__, cls.__bases__, body)
 
 
 # ------------------------------------------------------------- coefficient files

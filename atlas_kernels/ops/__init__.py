@@ -63,13 +63,22 @@ def resolve(backend: str, device: torch.device) -> str:
     return "torch"
 
 
+def _pick(backend: str, t: torch.Tensor, dtype: torch.dtype):
+    name = resolve(backend, t.device)
+    if name in ("triton", "cuda") and torch.float64 in (dtype, t.dtype):
+        # The kernels accumulate in fp32 and store fp16/bf16/fp32; float64 (reference work, a
+        # model.double()) takes the torch backend, which accumulates in float64.
+        name = "torch"
+    return _module(name)
+
+
 def compose(theta0, tau, coef, partition, out_dtype, scale=None, backend="torch"):
-    return _module(resolve(backend, theta0.device)).compose(theta0, tau, coef, partition, out_dtype, scale)
+    return _pick(backend, theta0, out_dtype).compose(theta0, tau, coef, partition, out_dtype, scale)
 
 
 def linear(x, w0, w_tau, w_coef, w_partition, b0, b_tau, b_coef, b_partition, w_scale=None, b_scale=None,
            backend="torch"):
-    return _module(resolve(backend, x.device)).linear(
+    return _pick(backend, x, compute_dtype(x)).linear(
         x, w0, w_tau, w_coef, w_partition, b0, b_tau, b_coef, b_partition, w_scale, b_scale
     )
 
