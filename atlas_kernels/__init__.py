@@ -24,7 +24,8 @@ from .planner import MemoryEstimate, estimate_memory
 from .modules import AtlasLinear, AtlasMultiheadAttention, AtlasParameter
 from .partitions import Partition
 from .patching import coefficients, is_patched, load_coefficients, patch, save_coefficients, unpatch
-from .task_vectors import STORAGES, TaskVectors, convert_checkpoint, load_state_dict_file
+from .checkpoints import convert_checkpoint, load_state_dict_file
+from .task_vectors import STORAGES, TaskVectors
 
 __version__ = "0.1.0"
 

@@ -93,7 +93,7 @@ def _cmd_build(args, out) -> int:
 
 
 def _cmd_convert(args, out) -> int:
-    from atlas_kernels.task_vectors import convert_checkpoint
+    from atlas_kernels.checkpoints import convert_checkpoint
 
     convert_checkpoint(args.src, args.dst, trust_pickle=bool(args.trust_pickle))
     print(f"wrote {args.dst} (safetensors state dict) from {args.src}", file=out)

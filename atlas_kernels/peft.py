@@ -125,7 +125,7 @@ def lora_scaling(config: Mapping, module_path: str) -> Tuple[int, float]:
 
 
 def _load_weights(weights: str) -> Dict[str, torch.Tensor]:
-    from .task_vectors import load_state_dict_file
+    from .checkpoints import load_state_dict_file
 
     try:
         return load_state_dict_file(weights)
