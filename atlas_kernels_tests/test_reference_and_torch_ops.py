@@ -86,6 +86,7 @@ def _case(shape, n, k, mode, storage, seed=0):
 def test_torch_compose_and_grad_match_reference(shape, n, k, mode, storage, monkeypatch):
     # Small chunks so the chunked widening path runs over several chunks.
     monkeypatch.setattr(torch_backend, "_CHUNK_ELEMS", 2048)
+    monkeypatch.setattr(torch_backend, "_CHUNK_ELEMS_CPU", 2048)
     theta0, tau, scale, coef, part = _case(shape, n, k, mode, storage)
     ref = reference.compose(theta0, tau, coef, part, scale)
     c = coef.clone().requires_grad_(True)

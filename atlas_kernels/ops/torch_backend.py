@@ -18,8 +18,12 @@ import torch.nn.functional as F
 
 from ..partitions import Partition
 
-# Widen at most this many slab elements to fp32 at once (64 MiB of fp32 temporaries).
+# Widen at most this many slab elements to fp32 at once. On a GPU, 64 MiB of fp32 temporaries
+# (few, large launches). On a CPU, 2 MiB, so the widened chunk stays in cache for the product:
+# measured on this project's 2-core CPU with an 8 x 3072 x 768 fp16 slab, compose went from
+# 1.6 to 9.9 GB/s and the coefficient gradient from 1.7 to 11.6 GB/s (bf16 alike).
 _CHUNK_ELEMS = 1 << 24
+_CHUNK_ELEMS_CPU = 1 << 19
 
 
 def _as2d(coef: torch.Tensor) -> torch.Tensor:
@@ -50,8 +54,9 @@ def _widen(tau2d: torch.Tensor, start: int, stop: int, scale: Optional[torch.Ten
     return t * scale.to(acc)[:, rows]
 
 
-def _chunks(n: int, numel: int):
-    step = max(1, _CHUNK_ELEMS // max(1, n))
+def _chunks(n: int, numel: int, device: torch.device = None, widen: bool = True):
+    budget = _CHUNK_ELEMS_CPU if (widen and device is not None and device.type == "cpu") else _CHUNK_ELEMS
+    step = max(1, budget // max(1, n))
     if numel <= step:
         yield 0, numel
         return
@@ -59,11 +64,11 @@ def _chunks(n: int, numel: int):
         yield s, min(numel, s + step)
 
 
-def _segments(n: int, numel: int, k: int):
+def _segments(n: int, numel: int, k: int, device=None, widen=True):
     """``(start, stop, part)`` pieces of a contiguous partition, cut at chunk boundaries too.
     Part ``p`` covers ``[ceil(p*numel/k), ceil((p+1)*numel/k))`` (= ``floor(e*k/numel) == p``)."""
     bounds = [-(-p * numel // k) for p in range(k + 1)]
-    for s, e in _chunks(n, numel):
+    for s, e in _chunks(n, numel, device, widen):
         for p in range(k):
             lo, hi = max(s, bounds[p]), min(e, bounds[p + 1])
             if lo < hi:
@@ -87,12 +92,12 @@ def compose_values(theta0, tau, coef, partition: Optional[Partition], out_dtype,
     fast = tau.dtype == acc and scale is None
     if _contiguous(partition, k):
         # Contiguous parts are slices: one slab product per piece, no index tensors.
-        for s, e, p in _segments(n, numel, k):
+        for s, e, p in _segments(n, numel, k, tau.device, not fast):
             t = tau2d[:, s:e] if fast else _widen(tau2d, s, e, scale, width, acc)
             out[s:e] += c[:, p] @ t
         return out.reshape(theta0.shape).to(out_dtype)
     part = partition.index(numel, device=theta0.device)
-    for s, e in _chunks(n, numel):
+    for s, e in _chunks(n, numel, tau.device, not fast):
         t = tau2d[:, s:e] if fast else _widen(tau2d, s, e, scale, width, acc)
         # [K, chunk]: every part's composition, then each element picks its own part.
         allk = c.t() @ t
@@ -111,12 +116,12 @@ def coef_grad_values(grad, tau, k: int, partition: Optional[Partition], scale=No
     out = torch.zeros(n, k, dtype=acc, device=grad.device)
     fast = tau.dtype == acc and scale is None
     if _contiguous(partition, k):
-        for s, e, p in _segments(n, numel, k):
+        for s, e, p in _segments(n, numel, k, tau.device, not fast):
             t = tau2d[:, s:e] if fast else _widen(tau2d, s, e, scale, width, acc)
             out[:, p] += t @ g[s:e]
         return out
     part = partition.index(numel, device=grad.device)
-    for s, e in _chunks(n, numel):
+    for s, e in _chunks(n, numel, tau.device, not fast):
         t = tau2d[:, s:e] if fast else _widen(tau2d, s, e, scale, width, acc)
         # Scatter the gradient into K masked rows, then one product with the slab.
         gk = torch.zeros(k, e - s, dtype=acc, device=grad.device)
