@@ -1,0 +1,231 @@
+"""``python -m bench``: run the grid, append rows to the JSONL, print the table, draw the plot."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import List
+
+import torch
+
+from . import env
+from .grid import (BACKENDS, METHODS, MODELS, PRECISIONS, STORAGES, Axes, Job, build_jobs, cpu_default,
+                   gpu_full, gpu_headline, row_key)
+from .summary import format_table, load_rows
+
+ROW_FIELDS = (
+    "date", "device", "torch", "triton", "atlas_kernels", "model", "n_task_vectors", "batch", "precision",
+    "storage", "partitions", "method", "backend", "adapted_params", "step_ms", "step_ms_p20", "step_ms_p80",
+    "peak_bytes", "oom",
+)
+CEILING_FIELDS = ("copy_gbps", "matmul_tflops")
+
+
+def _csv(cast=str):
+    def f(s: str):
+        return [cast(v.strip()) for v in s.split(",") if v.strip()]
+    return f
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Training-step speed and peak memory of atlas_kernels against the naive way, "
+        "a merge-once baseline and the plain model (see bench/README.md).",
+    )
+    p.add_argument("--full", action="store_true", help="the whole GPU grid (default on GPU: headline configs; on CPU: the small CPU grid)")
+    p.add_argument("--models", type=_csv(), help=f"comma list, e.g. {','.join(MODELS)}")
+    p.add_argument("--only", type=_csv(), help=f"methods: {','.join(METHODS)}; atlas:BACKEND picks one backend")
+    p.add_argument("--n", type=_csv(int), help="numbers of task vectors, e.g. 1,4,8,21,30")
+    p.add_argument("--batch", type=_csv(int), help="batch sizes, e.g. 16,32,128")
+    p.add_argument("--precision", type=_csv(), help=f"{','.join(PRECISIONS)} (fp16 uses a GradScaler)")
+    p.add_argument("--storage", type=_csv(), help=f"task-vector storage: {','.join(STORAGES)} (int8/float8 only for atlas)")
+    p.add_argument("--partitions", type=_csv(int), help="aTLAS x K partitions, e.g. 1,4")
+    p.add_argument("--backends", type=_csv(), help=f"atlas backends ({','.join(BACKENDS)}); default: torch on CPU, torch,triton on CUDA")
+    p.add_argument("--triton-on-cpu", action="store_true", help="allow the triton backend on CPU (TRITON_INTERPRET=1; tiny sizes only, very slow)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 2 on CPU, 3 on GPU)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 5 on CPU; on GPU as many as fit in --target-s, 5 to 50)")
+    p.add_argument("--target-s", type=float, default=1.0, help="GPU: seconds of timed steps per job")
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="CPU: torch threads per job (default: torch's)")
+    p.add_argument("--no-profile", action="store_true", help="skip the extra profiled step (launch / aten op counts)")
+    p.add_argument("--out", type=Path, default=None, help="JSONL to append to (default bench/results/<date>-<device>.jsonl)")
+    p.add_argument("--no-resume", action="store_true", help="run jobs even when their rows are already in --out")
+    p.add_argument("--retry-errors", action="store_true", help="rerun jobs whose rows hold an error (not OOM)")
+    p.add_argument("--max-minutes", type=float, default=None, help="start no job that would end past this budget (run again to resume)")
+    p.add_argument("--timeout", type=float, default=900, help="CPU: seconds per job subprocess")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--subprocess", dest="subprocess", action="store_true", default=None, help="one process per job (default on CPU: honest peak RSS)")
+    mode.add_argument("--in-process", dest="subprocess", action="store_false", help="all jobs in this process (default on GPU)")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="list the jobs and exit")
+    return p.parse_args(argv)
+
+
+def plan(args, dev: torch.device) -> List[Job]:
+    cpu = dev.type != "cuda"
+    backends = args.backends or (["torch"] + (["triton"] if args.triton_on_cpu else []) if cpu else ["torch", "triton"])
+    if cpu and "triton" in backends and not args.triton_on_cpu:
+        sys.exit("the triton backend on CPU runs in Triton's interpreter (far too slow for a model): "
+                 "pass --triton-on-cpu together with tiny sizes to run it anyway")
+    methods, only_backends = None, None
+    if args.only:
+        methods, only_backends = [], []
+        for m in args.only:
+            name, _, be = m.partition(":")
+            if name not in METHODS:
+                sys.exit(f"unknown method {name!r}; choose from {METHODS}")
+            if name not in methods:
+                methods.append(name)
+            if be:
+                only_backends.append(be)
+        if only_backends:
+            backends = [b for b in backends if b in only_backends] or only_backends
+    for s in args.storage or []:
+        if s not in STORAGES:
+            sys.exit(f"unknown storage {s!r}; choose from {STORAGES}")
+    for s in args.precision or []:
+        if s not in PRECISIONS:
+            sys.exit(f"unknown precision {s!r}; choose from {PRECISIONS}")
+    if args.full:
+        main, variants = gpu_full(backends)
+        if cpu:
+            print("warning: --full on a CPU will take many hours", file=sys.stderr)
+    elif cpu:
+        main, variants = cpu_default(backends)
+    else:
+        main, variants = gpu_headline(backends)
+    axes = Axes(models=args.models, ns=args.n, batches=args.batch, precisions=args.precision,
+                storages=args.storage, partitions=args.partitions,
+                methods=[m for m in methods if m != "ceiling"] if methods is not None else None,
+                backends=backends)
+    with_ceiling = methods is None or "ceiling" in methods
+    return build_jobs(main, variants, axes, with_ceiling, variants_first=not cpu or args.full)
+
+
+def make_row(info: dict, job: Job, res: dict) -> dict:
+    row = dict(info)
+    row.update(job.as_dict())
+    row.setdefault("adapted_params", None)
+    for k in ("adapted_params", "step_ms", "step_ms_p20", "step_ms_p80", "peak_bytes", "oom"):
+        row[k] = res.get(k, row.get(k))
+    row["oom"] = bool(row["oom"])
+    if job.method == "ceiling":
+        for k in CEILING_FIELDS:
+            row[k] = res.get(k)
+    ordered = {k: row.get(k) for k in ROW_FIELDS}
+    if job.method == "ceiling":
+        ordered.update({k: row.get(k) for k in CEILING_FIELDS})
+    for k, v in res.items():
+        ordered.setdefault(k, v)
+    return ordered
+
+
+def run_subprocess(job: Job, settings: dict, timeout: float) -> dict:
+    from .worker import MARKER
+
+    spec = {"job": job.as_dict(), "settings": settings, "device": "cpu"}
+    child_env = os.environ.copy()
+    child_env["PYTHONPATH"] = str(env.REPO_ROOT) + os.pathsep + child_env.get("PYTHONPATH", "")
+    if job.backend == "triton":
+        child_env["TRITON_INTERPRET"] = "1"
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "bench.worker", json.dumps(spec)], capture_output=True,
+                              text=True, timeout=timeout, cwd=str(env.REPO_ROOT), env=child_env)
+    except subprocess.TimeoutExpired:
+        return {"oom": False, "error": f"timeout after {timeout:.0f} s", "wall_s": round(time.perf_counter() - t0, 2)}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(MARKER):
+            return json.loads(line[len(MARKER):])
+    tail = " | ".join(proc.stderr.strip().splitlines()[-3:])[-400:]
+    wall = round(time.perf_counter() - t0, 2)
+    if proc.returncode in (-9, 137):
+        return {"oom": True, "error": "worker killed by SIGKILL (likely the out-of-memory killer)", "wall_s": wall}
+    return {"oom": False, "error": f"worker exited {proc.returncode}: {tail}", "wall_s": wall}
+
+
+def _line(job: Job, res: dict) -> str:
+    if job.method == "ceiling" and res.get("copy_gbps"):
+        return f"copy {res['copy_gbps']:.1f} GB/s, matmul {res['matmul_tflops']:.2f} TFLOP/s"
+    if res.get("oom"):
+        return "OOM"
+    if res.get("error"):
+        return "error: " + res["error"][:200]
+    s = f"{res['step_ms']:.1f} ms [{res['step_ms_p20']:.1f}, {res['step_ms_p80']:.1f}], peak {res['peak_bytes'] / 1e9:.2f} GB"
+    if res.get("launches") is not None:
+        s += f", {res['launches']} launches"
+    return s
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    dev = env.device()
+    cpu = dev.type != "cuda"
+    if cpu and args.triton_on_cpu:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    jobs = plan(args, dev)
+    out = args.out or env.default_output(dev)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    existing = load_rows(out)
+    done = set()
+    if not args.no_resume:
+        done = {row_key(r) for r in existing if not (args.retry_errors and r.get("error") and not r.get("oom"))}
+    todo = [j for j in jobs if j.key() not in done]
+    print(f"device: {env.device_name(dev)} | output: {out} | {len(jobs)} jobs, {len(jobs) - len(todo)} already done", flush=True)
+    if args.dry_run:
+        for j in jobs:
+            print(("  done  " if j.key() in done else "  todo  ") + j.label())
+        return 0
+
+    from .workload import Session, Settings
+
+    settings = Settings(
+        warmup=args.warmup if args.warmup is not None else (2 if cpu else 3),
+        steps=args.steps, target_s=args.target_s, classes=args.classes, seed=args.seed,
+        profile=not args.no_profile, threads=args.threads,
+    )
+    use_sub = args.subprocess if args.subprocess is not None else cpu
+    if use_sub and not cpu:
+        sys.exit("--subprocess is for CPU runs (GPU peaks come from max_memory_allocated)")
+    session = None if use_sub else Session(dev, settings, cache_models=not cpu)
+    info = env.run_info(dev)
+    t_run = time.perf_counter()
+    longest = 0.0
+    stopped = False
+    for i, job in enumerate(todo):
+        elapsed = time.perf_counter() - t_run
+        if args.max_minutes is not None and elapsed + longest > args.max_minutes * 60:
+            print(f"budget of {args.max_minutes} min reached after {i} jobs; run the same command again to resume", flush=True)
+            stopped = True
+            break
+        print(f"[{i + 1}/{len(todo)}] {job.label()} ... ", end="", flush=True)
+        t0 = time.perf_counter()
+        res = run_subprocess(job, settings.as_dict(), args.timeout) if use_sub else session.run(job)
+        longest = max(longest, time.perf_counter() - t0)
+        row = make_row(info, job, res)
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(_line(job, res) + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    keys = {j.key() for j in jobs}
+    rows = [r for r in load_rows(out) if row_key(r) in keys or r.get("method") == "ceiling"]
+    print()
+    print(format_table(rows))
+    if not args.no_plot:
+        try:
+            from .plot import plot
+
+            png = plot(out)
+            print(f"\nplot: {png}")
+        except Exception as e:  # the rows are written; a plot failure must not lose them
+            print(f"\nplot failed: {type(e).__name__}: {e}", file=sys.stderr)
+    print(f"results: {out}")
+    if stopped:
+        print(f"{len(todo) - i} jobs remain")
+    return 0

@@ -1,0 +1,80 @@
+"""``python -m bench.report FILE.jsonl [--n 21] [--all]``: a markdown headline table for the README.
+
+Per model and batch (and precision, storage, partitions, backend where they differ): the atlas step
+time, its ratios to naive, merge_once and the floor (step time; below 1 means atlas is faster),
+(atlas - floor) / two_pass_time where a ceiling was measured (DESIGN section 3), and the peak
+memory of atlas, naive and the floor. By default only the headline N (21 when present, else every
+N in the file); ``--all`` for every row.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .summary import ceiling_row, fmt, gb, latest, load_rows, ratios
+
+
+def _x(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def markdown(path, n=None, all_rows=False) -> str:
+    rows = latest(load_rows(path))
+    rs = ratios(rows)
+    if not rs:
+        return f"_{path}: no successful atlas rows to report._\n"
+    ns = sorted({d["n_task_vectors"] for d in rs})
+    if n is not None:
+        rs = [d for d in rs if d["n_task_vectors"] == n]
+    elif not all_rows and 21 in ns:
+        rs = [d for d in rs if d["n_task_vectors"] == 21]
+    rs.sort(key=lambda d: (d["model"], d["batch"], d["n_task_vectors"], d["precision"], d["storage"],
+                           d["partitions"], d["backend"]))
+    meta = next(r for r in rows if r.get("method") == "atlas")
+    ceil = ceiling_row(rows)
+    lines = [
+        f"**{meta.get('device')}**, {meta.get('date')}, torch {meta.get('torch')}, triton {meta.get('triton')}, "
+        f"atlas_kernels {meta.get('atlas_kernels')}"
+        + (f"; copy {ceil['copy_gbps']:.0f} GB/s, matmul {ceil['matmul_tflops']:.3g} TFLOP/s "
+           f"({ceil.get('matmul_dtype', '')})" if ceil else "")
+        + ". One training step (forward, cross-entropy, backward, AdamW on the coefficients) of the "
+        "open_clip image tower; ratios are step-time ratios (below 1: atlas is faster).",
+        "",
+        "| model | batch | N | precision | storage | K | backend | atlas ms | atlas/naive | atlas/merge_once "
+        "| atlas/floor | (atlas-floor)/2-pass | peak atlas GB | peak naive GB | peak floor GB |",
+        "|---|---:|---:|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for d in rs:
+        naive_peak = "OOM" if d["naive_oom"] else gb(d["naive_peak"])
+        naive_ratio = "naive OOM" if d["naive_oom"] else _x(d["atlas/naive"])
+        merge_ratio = "merge OOM" if d["merge_oom"] else _x(d["atlas/merge_once"])
+        lines.append(
+            f"| {d['model']} | {d['batch']} | {d['n_task_vectors']} | {d['precision']} | {d['storage']} | "
+            f"{d['partitions']} | {d['backend']} | {fmt(d['atlas_ms'], 1)} | {naive_ratio} | {merge_ratio} | "
+            f"{_x(d['atlas/floor'])} | {_x(d['(atlas-floor)/two_pass'])} | {gb(d['atlas_peak'])} | "
+            f"{naive_peak} | {gb(d['floor_peak'])} |"
+        )
+    lines.append("")
+    kind = meta.get("peak_kind", "")
+    if kind == "ru_maxrss":
+        lines.append("Peak memory on CPU is the peak RSS of a fresh process per (configuration, method), "
+                     "so it includes the Python interpreter and torch (about 0.5 GB).")
+    elif kind:
+        lines.append("Peak memory is torch.cuda.max_memory_allocated over the timed steps "
+                     "(model, task vectors, optimizer state and activations included).")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.splitlines()[0])
+    p.add_argument("jsonl", type=Path)
+    p.add_argument("--n", type=int, default=None, help="only this N")
+    p.add_argument("--all", action="store_true", help="every N, not just the headline N=21")
+    a = p.parse_args(argv)
+    sys.stdout.write(markdown(a.jsonl, a.n, a.all))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
