@@ -94,7 +94,8 @@ def compose_values(theta0, tau, coef, partition: Optional[Partition], out_dtype,
         # Contiguous parts are slices: one slab product per piece, no index tensors.
         for s, e, p in _segments(n, numel, k, tau.device, not fast):
             t = tau2d[:, s:e] if fast else _widen(tau2d, s, e, scale, width, acc)
-            out[s:e] += c[:, p] @ t
+            # addmv on the transposed view: 2x faster than `c @ t` on CPU BLAS, no temporary
+            out[s:e].addmv_(t.t(), c[:, p])
         return out.reshape(theta0.shape).to(out_dtype)
     part = partition.index(numel, device=theta0.device)
     for s, e in _chunks(n, numel, tau.device, not fast):
@@ -118,7 +119,7 @@ def coef_grad_values(grad, tau, k: int, partition: Optional[Partition], scale=No
     if _contiguous(partition, k):
         for s, e, p in _segments(n, numel, k, tau.device, not fast):
             t = tau2d[:, s:e] if fast else _widen(tau2d, s, e, scale, width, acc)
-            out[:, p] += t @ g[s:e]
+            out[:, p].addmv_(t, g[s:e])
         return out
     part = partition.index(numel, device=grad.device)
     for s, e in _chunks(n, numel, tau.device, not fast):
