@@ -15,6 +15,7 @@ modules of the original classes, with the original parameter names and ``require
 from __future__ import annotations
 
 import json
+import warnings
 from collections import defaultdict
 from typing import Callable, Dict, Iterable, Union
 
@@ -78,8 +79,9 @@ def patch(module: nn.Module, task_vectors: TaskVectors, *, partitions: int = 1, 
                            "call atlas_kernels.unpatch(module) first")
 
     params = dict(module.named_parameters())
-    _check_blocks_exist(task_vectors, params)
-    chosen = _choose_blocks(task_vectors, params, blocks)
+    buffers = _buffers_named(task_vectors, module, params)
+    _check_blocks_exist(task_vectors, params, buffers)
+    chosen = [b for b in _choose_blocks(task_vectors, params, blocks) if b not in buffers]
     for name in chosen:
         _check_block(name, params[name], task_vectors)
 
@@ -200,8 +202,20 @@ def _contains_atlas(module: nn.Module) -> bool:
     return False
 
 
-def _check_blocks_exist(tvs: TaskVectors, params) -> None:
-    missing = [b for b in tvs.blocks if b not in params]
+def _buffers_named(tvs: TaskVectors, module: nn.Module, params) -> set:
+    """Blocks that are buffers of the module (a state dict holds BatchNorm running statistics
+    beside the parameters): not parameters, so not adapted; said once, then skipped."""
+    bufs = {k for k, _ in module.named_buffers()}
+    named = {b for b in tvs.blocks if b not in params and b in bufs}
+    if named:
+        warnings.warn(f"task vectors name {len(named)} buffer(s) of the module, e.g. {sorted(named)[:3]}; buffers "
+                      f"(such as BatchNorm running statistics) are not parameters and stay as they are",
+                      stacklevel=3)
+    return named
+
+
+def _check_blocks_exist(tvs: TaskVectors, params, buffers=frozenset()) -> None:
+    missing = [b for b in tvs.blocks if b not in params and b not in buffers]
     if missing:
         hint = ""
         sample = missing[0]
@@ -219,12 +233,12 @@ def _choose_blocks(tvs: TaskVectors, params, blocks: BlockFilter):
     if blocks is None or blocks == "all":
         return names
     if blocks == "weights":
-        return [b for b in names if params[b].dim() >= 2]
+        return [b for b in names if b in params and params[b].dim() >= 2]
     if isinstance(blocks, str):
         raise ValueError(f"blocks must be None, 'all', 'weights', a list of block names or a predicate, "
                          f"got {blocks!r}")
     if callable(blocks):
-        return [b for b in names if blocks(b, params[b])]
+        return [b for b in names if b in params and blocks(b, params[b])]
     wanted = list(blocks)
     unknown = [b for b in wanted if b not in tvs]
     if unknown:

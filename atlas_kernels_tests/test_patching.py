@@ -207,3 +207,16 @@ def test_training_moves_coefficients_only(vit):
     after = m.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.endswith("_coef") or ("parametrizations." in k and k.endswith(".coef")) for k in changed)
+
+
+def test_buffers_in_task_vectors_are_skipped_with_a_warning():
+    # State dicts of BatchNorm models hold running statistics beside the parameters.
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    pre = {k: v.clone() for k, v in model.state_dict().items()}
+    ft = {k: (v + 0.1 if v.is_floating_point() else v) for k, v in pre.items()}
+    tvs = ak.TaskVectors.from_state_dicts(pre, [ft])
+    assert "1.running_mean" in tvs.blocks and "1.num_batches_tracked" not in tvs.blocks
+    with pytest.warns(UserWarning, match=r"name 2 buffer\(s\).*1\.running_mean.*not parameters"):
+        ak.patch(model, tvs)
+    assert sorted(ak.coefficients(model)) == ["0.bias", "0.weight", "1.bias", "1.weight"]
+    model(torch.randn(2, 3, 5, 5))
