@@ -1,0 +1,97 @@
+"""Compile every Triton kernel for a GPU target with Triton's real compiler (no GPU needed).
+
+Run as a script (``python -m atlas_kernels_tests._compile_kernels``) with TRITON_INTERPRET unset:
+the interpreter checks numerics but not what the compiler rejects (types, layouts, constexpr
+use), so this compiles each kernel to PTX and cubin for sm_90 in the specializations the
+launchers use: storage dtypes, compute dtypes, K, partition modes, scales, bias, split-K.
+Prints one line per compiled specialization and exits non-zero on the first failure.
+"""
+import itertools
+import os
+import sys
+
+assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run with TRITON_INTERPRET unset"
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from atlas_kernels.kernels import _coef_grad, _compose, _linear  # noqa: E402
+
+TARGET = GPUTarget("cuda", int(os.environ.get("ATLAS_SM", "90")), 32)
+INTS_64 = {"key"}
+
+
+def signature(fn, ptr_types, consts):
+    sig = {}
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = ptr_types[name]
+        else:
+            sig[name] = "i64" if name in INTS_64 else "i32"
+    return sig
+
+
+def build(fn, ptr_types, consts):
+    src = ASTSource(fn, signature(fn, ptr_types, consts), dict(consts))
+    k = triton.compile(src, target=TARGET)
+    assert "cubin" in k.asm or "ptx" in k.asm
+    return k
+
+
+def main() -> int:
+    count = 0
+    storages = ["fp32", "bf16", "fp16", "i8", "fp8e4nv"]
+    computes = ["fp32", "bf16", "fp16"]
+    modes = [(1, 0), (3, 1), (4, 2)]  # (K, MODE): none, contiguous, hash
+    for st, out, (k, mode) in itertools.product(storages, computes, modes):
+        scaled = st in ("i8", "fp8e4nv")
+        name = f"{st}/{out}/K{k}M{mode}"
+        build(_compose._compose_kernel,
+              dict(theta0_ptr="*" + out, tau_ptr="*" + st, coef_ptr="*fp32", scale_ptr="*fp32", out_ptr="*" + out),
+              dict(K=k, MODE=mode, HAS_SCALE=scaled, BLOCK=1024))
+        build(_coef_grad._coef_grad_kernel,
+              dict(grad_ptr="*" + out, tau_ptr="*" + st, scale_ptr="*fp32", partial_ptr="*fp32"),
+              dict(K=k, MODE=mode, HAS_SCALE=scaled, BLOCK=1024))
+        # dot_precision(): "ieee" for fp32 operands with torch's TF32 switch off (its default),
+        # Triton's default "tf32" otherwise (it does not apply to 16-bit operands).
+        prec = "ieee" if out == "fp32" else "tf32"
+        for split in (1, 4):
+            build(_linear._fused_linear_kernel,
+                  dict(x_ptr="*" + out, w0_ptr="*" + out, tau_ptr="*" + st, coef_ptr="*fp32", scale_ptr="*fp32",
+                       bias_ptr="*" + out, out_ptr="*" + (out if split == 1 else "fp32")),
+                  dict(K=k, MODE=mode, HAS_SCALE=scaled, HAS_BIAS=True, SPLIT_K=split, UPCAST=False, PREC=prec,
+                       BLOCK_M=16, BLOCK_O=64, BLOCK_K=64))
+            build(_linear._fused_linear_dx_kernel,
+                  dict(dy_ptr="*" + out, w0_ptr="*" + out, tau_ptr="*" + st, coef_ptr="*fp32", scale_ptr="*fp32",
+                       out_ptr="*" + (out if split == 1 else "fp32")),
+                  dict(K=k, MODE=mode, HAS_SCALE=scaled, SPLIT_K=split, UPCAST=False, PREC=prec,
+                       BLOCK_M=16, BLOCK_I=64, BLOCK_K=64))
+        build(_linear._linear_coef_grad_kernel,
+              dict(x_ptr="*" + out, dy_ptr="*" + out, tau_ptr="*" + st, scale_ptr="*fp32", partial_ptr="*fp32"),
+              dict(K=k, MODE=mode, HAS_SCALE=scaled, UPCAST=False, PREC=prec, BLOCK_M=32, BLOCK_O=64, BLOCK_I=128))
+        count += 6
+        print("ok", name, flush=True)
+    for st, out in itertools.product(storages, computes):
+        scaled = st in ("i8", "fp8e4nv")
+        build(_compose._compose_packed_kernel,
+              dict(theta0_ptr="*" + out, tau_ptr="*" + st, coef_ptr="*fp32", scale_ptr="*fp32", out_ptr="*" + out,
+                   table_ptr="*i64", tile_map_ptr="*i32"),
+              dict(HAS_SCALE=scaled, BLOCK=1024))
+        build(_compose._coef_grad_packed_partial_kernel,
+              dict(grad_ptr="*" + out, tau_ptr="*" + st, scale_ptr="*fp32", partial_ptr="*fp32", table_ptr="*i64",
+                   tile_map_ptr="*i32"),
+              dict(KMAX=4, HAS_SCALE=scaled, BLOCK=1024))
+        count += 2
+        print("ok packed", st, out, flush=True)
+    build(_compose._coef_grad_packed_reduce_kernel,
+          dict(partial_ptr="*fp32", out_ptr="*fp32", table_ptr="*i64"), dict(KMAX=4, RBLOCK=128))
+    count += 1
+    print(f"compiled {count} kernel specializations for {TARGET}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
