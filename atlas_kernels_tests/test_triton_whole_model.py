@@ -20,6 +20,9 @@ from ._util import rel_err
 
 open_clip = pytest.importorskip("open_clip")
 
+# The Triton backend needs CUDA tensors on a GPU machine; without one, conftest runs the interpreter.
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 @pytest.fixture(scope="module")
 def tiny_vit():
@@ -28,7 +31,7 @@ def tiny_vit():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = open_clip.model.CLIP(embed_dim=32, vision_cfg=vision, text_cfg=text)
-    return model.visual.eval()
+    return model.visual.eval().to(DEV)
 
 
 @pytest.mark.parametrize("partitions,mode,fused_max_m", [(1, "contiguous", 64), (2, "hash", 0)])
@@ -39,13 +42,13 @@ def test_tiny_vit_triton_matches_float64_reference(tiny_vit, partitions, mode, f
     vit = tiny_vit
     n = 3
     g = torch.Generator().manual_seed(0)
-    tvs = ak.TaskVectors({k: torch.randn((n, *p.shape), generator=g) * 0.05 for k, p in vit.named_parameters()})
+    tvs = ak.TaskVectors({k: torch.randn((n, *p.shape), generator=g) * 0.05 for k, p in vit.named_parameters()}).to(DEV)
     patched = ak.patch(copy.deepcopy(vit), tvs, partitions=partitions, partition_mode=mode, seed=3, backend="triton")
     coefs = ak.coefficients(patched)
     with torch.no_grad():
         for c in coefs.values():
             c.copy_(torch.randn(c.shape, generator=g))
-    x = torch.randn(2, 3, 32, 32, generator=g)
+    x = torch.randn(2, 3, 32, 32, generator=g).to(DEV)
     out = patched(x)
 
     m64 = copy.deepcopy(vit).double()
@@ -54,7 +57,7 @@ def test_tiny_vit_triton_matches_float64_reference(tiny_vit, partitions, mode, f
               for k, p in m64.named_parameters()}
     ref = functional_call(m64, params, (x.double(),))
     assert rel_err(out, ref) < 1e-5, rel_err(out, ref)
-    w = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    w = torch.randn(ref.shape, generator=g, dtype=torch.float64).to(ref.device)
     (out * w.float()).sum().backward()
     (ref * w).sum().backward()
     errs = {k: rel_err(coefs[k].grad, c64[k].grad) for k in coefs}
@@ -67,13 +70,13 @@ def test_patched_vit_compiles_fullgraph(tiny_vit, backend):
     """torch.compile(patched, fullgraph=True) traces the whole patched tower without graph breaks
     (aot_eager here; inductor on a GPU) and gives the eager outputs and coefficient gradients."""
     g = torch.Generator().manual_seed(0)
-    tvs = ak.TaskVectors({k: torch.randn((2, *p.shape), generator=g) * 0.05 for k, p in tiny_vit.named_parameters()})
+    tvs = ak.TaskVectors({k: torch.randn((2, *p.shape), generator=g) * 0.05 for k, p in tiny_vit.named_parameters()}).to(DEV)
     m = ak.patch(copy.deepcopy(tiny_vit), tvs, partitions=2, partition_mode="hash", backend=backend)
     coefs = ak.coefficients(m)
     with torch.no_grad():
         for c in coefs.values():
             c.copy_(torch.randn(c.shape, generator=g))
-    x = torch.randn(2, 3, 32, 32, generator=g)
+    x = torch.randn(2, 3, 32, 32, generator=g).to(DEV)
     y = m(x)
     y.sum().backward()
     eager = {k: c.grad.clone() for k, c in coefs.items()}
