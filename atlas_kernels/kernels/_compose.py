@@ -235,30 +235,32 @@ def make_packed_layout(
 
 
 @triton.jit
+def _packed_tile(table_ptr, tile_map_ptr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's tile of the packed layout (one segment's elements ``local``):
+    ``(g, mask, col, part, srow)``: flat offsets into the packed buffers, the tail mask, the
+    segment's first coefficient column, each element's part, and (HAS_SCALE) its scale row."""
+    pid = tl.program_id(0)
+    seg = tl.load(tile_map_ptr + pid).to(tl.int64)
+    row = table_ptr + seg * 10  # SEG_COLUMNS
+    numel = tl.load(row + 1)
+    local = (pid - tl.load(row + 8)) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    mask = local < numel
+    part = _part_index_rt(local, numel, tl.load(row + 5), tl.load(row + 3), tl.load(row + 4))
+    srow = local
+    if HAS_SCALE:
+        srow = tl.load(row + 6) + local // tl.load(row + 7)
+    return tl.load(row + 0) + local, mask, tl.load(row + 2), part, srow
+
+
+@triton.jit
 def _compose_packed_kernel(
     theta0_ptr, tau_ptr, coef_ptr, scale_ptr, out_ptr, table_ptr, tile_map_ptr,
     P, N, total_cols, total_rows,
     HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    seg = tl.load(tile_map_ptr + pid).to(tl.int64)
-    row = table_ptr + seg * 10
-    start = tl.load(row + 0)
-    numel = tl.load(row + 1)
-    col = tl.load(row + 2)
-    k = tl.load(row + 3)
-    mode = tl.load(row + 4)
-    key = tl.load(row + 5)
-    row_off = tl.load(row + 6)
-    row_len = tl.load(row + 7)
-    tile0 = tl.load(row + 8)
-    local = (pid - tile0) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    mask = local < numel
-    g = start + local
+    g, mask, col, part, srow = _packed_tile(table_ptr, tile_map_ptr, HAS_SCALE, BLOCK)
     acc = tl.load(theta0_ptr + g, mask=mask, other=0.0).to(tl.float32)
-    cidx = col + _part_index_rt(local, numel, key, k, mode)
-    if HAS_SCALE:
-        srow = row_off + local // row_len
+    cidx = col + part
     tau_i = tau_ptr
     for i in range(N):
         t = tl.load(tau_i + g, mask=mask, other=0.0).to(tl.float32)
@@ -320,23 +322,8 @@ def _coef_grad_packed_partial_kernel(
     KMAX: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    seg = tl.load(tile_map_ptr + pid).to(tl.int64)
-    row = table_ptr + seg * 10
-    start = tl.load(row + 0)
-    numel = tl.load(row + 1)
-    k = tl.load(row + 3)
-    mode = tl.load(row + 4)
-    key = tl.load(row + 5)
-    row_off = tl.load(row + 6)
-    row_len = tl.load(row + 7)
-    tile0 = tl.load(row + 8)
-    local = (pid - tile0) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    mask = local < numel
-    g = start + local
+    g, mask, col, part, srow = _packed_tile(table_ptr, tile_map_ptr, HAS_SCALE, BLOCK)
     gr = tl.load(grad_ptr + g, mask=mask, other=0.0).to(tl.float32)
-    part = _part_index_rt(local, numel, key, k, mode)
-    if HAS_SCALE:
-        srow = row_off + local // row_len
     kk = tl.arange(0, KMAX)
     onehot = part[:, None] == kk[None, :]  # [BLOCK, KMAX]
     out_p = partial_ptr + pid.to(tl.int64) * N * KMAX + kk
