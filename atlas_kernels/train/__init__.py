@@ -7,8 +7,8 @@ The pieces are importable for use in notebooks and tests::
                              model="ViT-B-32", weights="pretrained.safetensors",
                              train=["data/train"], val=["data/val"], shots=16))
 """
-from .loop import (ConfigError, TrainConfig, evaluate, run, setup, train, validate_config,
-                   write_outputs)
+from .config import ConfigError, TrainConfig, validate_config
+from .loop import evaluate, run, setup, train, write_outputs
 from .objectives import OBJECTIVES, make_objective
 from .data import DataError
 from .heatmap import save_heatmap

@@ -5,7 +5,8 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from .loop import (PARTITION_MODES, PRECISIONS, SELECTS, TrainConfig, run)
+from .config import PARTITION_MODES, PRECISIONS, SELECTS, TrainConfig
+from .loop import run
 from .objectives import OBJECTIVES, TTA_LOSSES
 
 PROG = "python -m atlas_kernels.train"

@@ -1,4 +1,5 @@
-"""The training run: configuration, checks, setup, the loop, checkpoints and outputs.
+"""The training run: setup, the loop, evaluation and outputs (the configuration lives in
+:mod:`.config`, checkpoints and resume checks in :mod:`.state`, processes in :mod:`.distributed`).
 
 Every piece is an importable function; :func:`run` strings them together and is what
 ``python -m atlas_kernels.train`` calls.
@@ -21,16 +22,14 @@ task vectors, data); resuming with another run's checkpoint is refused before tr
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
-import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,139 +38,11 @@ from . import data as D
 from .heatmap import save_heatmap
 from .model import (build_model, get_templates, get_tokenizer, logit_scale, read_classnames,
                     register_model_config, zero_shot_head)
-from .objectives import OBJECTIVES, TTA_LOSSES, Objective, make_objective
-
-CHECKPOINT_FORMAT = "atlas_kernels.train/1"
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-PARTITION_MODES = ("contiguous", "hash")
-SELECTS = ("auto", "best", "last")
-
-
-class ConfigError(ValueError):
-    """A command line or configuration that cannot run; raised before any training."""
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run needs. Field names match the command-line options (``--batch-size`` ->
-    ``batch_size``)."""
-
-    task_vectors: str
-    out: str
-    objective: str = "fewshot"
-    train: List[str] = field(default_factory=list)
-    val: List[str] = field(default_factory=list)
-    control_train: Optional[str] = None
-    control_val: Optional[str] = None
-    names: Optional[List[str]] = None
-    classnames: Optional[List[str]] = None
-    model: Optional[str] = None
-    model_config: Optional[str] = None
-    weights: Optional[str] = None
-    templates: str = "openai"
-    shots: Optional[int] = None
-    augment: bool = False
-    tta_loss: str = "pseudo"
-    confidence: float = 0.95
-    control_threshold: float = 0.95
-    control_weight: float = 1.0
-    epochs: int = 10
-    batch_size: int = 32
-    eval_batch_size: Optional[int] = None
-    accum_steps: int = 1
-    lr: float = 1e-2
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    clip_grad: float = 1.0
-    precision: str = "auto"
-    partitions: int = 1
-    partition_mode: str = "contiguous"
-    backend: str = "auto"
-    blocks: Optional[List[str]] = None
-    select: str = "auto"
-    seed: int = 0
-    device: str = "auto"
-    workers: int = 2
-    resume: Optional[str] = None
-    save_every: int = 0
-    stop_after_steps: Optional[int] = None
-    log_every: int = 10
-    export_merged: Optional[str] = None
-    quiet: bool = False
-
-
-# fields that may differ between a run and its resumption (they do not change the result)
-_NOT_FINGERPRINTED = {"out", "resume", "save_every", "stop_after_steps", "log_every",
-                      "export_merged", "workers", "device", "eval_batch_size", "quiet", "backend",
-                      "train", "val", "control_train", "control_val", "weights", "task_vectors",
-                      "model_config"}
-
-
-# ----------------------------------------------------------------------------------------------
-# checks
-
-
-def validate_config(cfg: TrainConfig) -> None:
-    """Raise :class:`ConfigError` for an unusable configuration (no file is read here)."""
-    def bad(msg):
-        raise ConfigError(msg)
-
-    if cfg.objective not in OBJECTIVES:
-        bad(f"unknown objective {cfg.objective!r}; choose one of {', '.join(OBJECTIVES)}")
-    if not cfg.task_vectors:
-        bad("--task-vectors is required")
-    if not cfg.model and not cfg.model_config:
-        bad("give an open_clip model name with --model (or a config file with --model-config)")
-    nt, nv = len(cfg.train), len(cfg.val)
-    if cfg.objective in ("fewshot", "tta", "negation") and (nt != 1 or nv != 1):
-        bad(f"objective {cfg.objective!r} takes one --train and one --val folder "
-            f"(got {nt} and {nv})")
-    if cfg.objective == "addition" and (nt < 1 or nv != nt):
-        bad(f"objective 'addition' takes one --val folder per --train folder (got {nt} --train, "
-            f"{nv} --val)")
-    if cfg.objective == "negation":
-        if not cfg.control_train or not cfg.control_val:
-            bad("objective 'negation' needs --control-train and --control-val (the control set "
-                "whose accuracy is held)")
-    elif cfg.control_train or cfg.control_val:
-        bad("--control-train/--control-val are for objective 'negation' only")
-    n_tasks = nt + (1 if cfg.objective == "negation" else 0)
-    if cfg.names is not None and len(cfg.names) != n_tasks:
-        bad(f"--names has {len(cfg.names)} names for {n_tasks} dataset(s)")
-    if cfg.names is not None and len(set(cfg.names)) != len(cfg.names):
-        bad(f"--names must be distinct (got {cfg.names})")
-    if cfg.classnames is not None and len(cfg.classnames) != n_tasks:
-        bad(f"--classnames has {len(cfg.classnames)} files for {n_tasks} dataset(s)")
-    for k in ("epochs", "batch_size", "accum_steps", "partitions", "log_every"):
-        if int(getattr(cfg, k)) < 1:
-            bad(f"--{k.replace('_', '-')} must be at least 1 (got {getattr(cfg, k)})")
-    if cfg.eval_batch_size is not None and cfg.eval_batch_size < 1:
-        bad("--eval-batch-size must be at least 1")
-    for k in ("warmup_steps", "save_every", "workers"):
-        if int(getattr(cfg, k)) < 0:
-            bad(f"--{k.replace('_', '-')} must not be negative")
-    if cfg.shots is not None and cfg.shots < 0:
-        bad("--shots must not be negative")
-    if cfg.shots and cfg.objective == "tta":
-        bad("--shots is for labelled objectives; tta uses all of its unlabelled images")
-    if cfg.stop_after_steps is not None and cfg.stop_after_steps < 1:
-        bad("--stop-after-steps must be at least 1")
-    if not cfg.lr > 0:
-        bad("--lr must be positive")
-    if cfg.weight_decay < 0 or cfg.clip_grad < 0:
-        bad("--weight-decay and --clip-grad must not be negative")
-    if cfg.precision not in PRECISIONS:
-        bad(f"unknown precision {cfg.precision!r}; choose one of {PRECISIONS}")
-    if cfg.partition_mode not in PARTITION_MODES:
-        bad(f"unknown partition mode {cfg.partition_mode!r}; choose one of {PARTITION_MODES}")
-    if cfg.select not in SELECTS:
-        bad(f"unknown --select {cfg.select!r}; choose one of {SELECTS}")
-    if cfg.tta_loss not in TTA_LOSSES:
-        bad(f"unknown --tta-loss {cfg.tta_loss!r}; choose one of {TTA_LOSSES}")
-    if not 0.0 < cfg.confidence <= 1.0:
-        bad("--confidence must be in (0, 1]")
-    if not 0.0 <= cfg.control_threshold <= 1.0:
-        bad("--control-threshold must be in [0, 1] (a fraction of the zero-shot accuracy)")
+from .config import ConfigError, TrainConfig, validate_config
+from .distributed import Dist, _all_reduce, init_distributed, resolve_device, resolve_precision
+from .state import (CHECKPOINT_FORMAT, check_resume, fingerprint, get_rng_state, load_checkpoint,
+                    set_rng_state)
+from .objectives import Objective, make_objective
 
 
 @dataclass
@@ -231,122 +102,6 @@ def load_tasks(cfg: TrainConfig) -> List[TaskData]:
     return tasks
 
 
-def _hash_strings(xs: Sequence[str]) -> str:
-    h = hashlib.sha256()
-    for x in xs:
-        h.update(x.encode())
-        h.update(b"\0")
-    return h.hexdigest()[:16]
-
-
-def fingerprint(cfg: TrainConfig, tasks: Sequence[TaskData], tvs) -> Dict[str, Any]:
-    """What makes two runs the same run: hyper-parameters, task vectors and data (by content
-    summary, not by path, so a moved data folder still resumes)."""
-    fp = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_FINGERPRINTED}
-    fp["task_vectors"] = {"names": [str(n) for n in tvs.names], "blocks": _hash_strings(
-        [str(b) for b in tvs.blocks]), "nbytes": int(tvs.nbytes)}
-    w = Path(cfg.weights) if cfg.weights else None
-    fp["weights"] = (None if w is None else
-                     {"name": w.name, "size": w.stat().st_size if w.is_file() else None})
-    fp["data"] = [{"name": t.name, "classes": _hash_strings(t.classes), "n_train": len(t.train),
-                   "train": _hash_strings([Path(p).name for p, _ in t.train]),
-                   "n_val": len(t.val)} for t in tasks]
-    return json.loads(json.dumps(fp))
-
-
-def fingerprint_diff(a: Dict[str, Any], b: Dict[str, Any]) -> List[str]:
-    return [f"{k}: checkpoint {a.get(k)!r} != now {b.get(k)!r}"
-            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-
-
-def load_checkpoint(path) -> Dict[str, Any]:
-    """A training checkpoint, read with ``weights_only=True`` (never runs code from the file)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"resume file '{p}' does not exist")
-    try:
-        ckpt = torch.load(str(p), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ConfigError(f"resume file '{p}' is not a training checkpoint "
-                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ConfigError(f"resume file '{p}' is not an atlas_kernels.train checkpoint "
-                          f"(format {CHECKPOINT_FORMAT})")
-    return ckpt
-
-
-def check_resume(ckpt: Dict[str, Any], fp: Dict[str, Any], path) -> None:
-    diff = fingerprint_diff(ckpt["fingerprint"], fp)
-    if diff:
-        raise ConfigError(f"resume file '{path}' comes from another run; it differs in:\n  "
-                          + "\n  ".join(diff))
-
-
-# ----------------------------------------------------------------------------------------------
-# distributed
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    initialized_here: bool = False
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_kind: str) -> Dist:
-    """Join the process group that ``torchrun`` describes in the environment (nccl on GPUs,
-    gloo on CPUs); a single process without ``WORLD_SIZE`` > 1 gets a trivial :class:`Dist`."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    import torch.distributed as dist
-
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if dist.is_initialized():
-        return Dist(dist.get_rank(), dist.get_world_size(), local, False)
-    dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
-    return Dist(rank, world, local, True)
-
-
-def _all_reduce(t: torch.Tensor, d: Dist) -> torch.Tensor:
-    if d.world > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-def resolve_device(spec: str, d: Dist) -> torch.device:
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(spec)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("--device cuda was asked for, but no CUDA device is available")
-        if dev.index is None:
-            dev = torch.device("cuda", d.local_rank if d.world > 1 else torch.cuda.current_device())
-        torch.cuda.set_device(dev)
-    return dev
-
-
-def resolve_precision(spec: str, device: torch.device) -> str:
-    if spec != "auto":
-        return spec
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
-
-
-# ----------------------------------------------------------------------------------------------
-# schedule, RNG, logging
-
-
 def cosine_lambda(total_steps: int, warmup_steps: int):
     """Linear warm-up to 1, then cosine decay to 0 at ``total_steps`` (a LambdaLR factor)."""
     def f(step: int) -> float:
@@ -356,42 +111,6 @@ def cosine_lambda(total_steps: int, warmup_steps: int):
         t = min(1.0, (step - warmup_steps) / span)
         return 0.5 * (1.0 + math.cos(math.pi * t))
     return f
-
-
-def get_rng_state() -> Dict[str, Any]:
-    st = {"torch": torch.get_rng_state(), "python": _py_state_to_plain(random.getstate()),
-          "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-    try:
-        import numpy as np
-
-        name, keys, pos, has_gauss, cached = np.random.get_state()
-        st["numpy"] = {"name": name, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached": float(cached)}
-    except ImportError:  # pragma: no cover
-        st["numpy"] = None
-    return st
-
-
-def set_rng_state(st: Dict[str, Any]) -> None:
-    torch.set_rng_state(st["torch"])
-    random.setstate(_py_state_from_plain(st["python"]))
-    if st.get("cuda") is not None and torch.cuda.is_available() \
-            and len(st["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(st["cuda"])
-    if st.get("numpy") is not None:
-        import numpy as np
-
-        n = st["numpy"]
-        np.random.set_state((n["name"], n["keys"].numpy().astype("uint32"), n["pos"],
-                             n["has_gauss"], n["cached"]))
-
-
-def _py_state_to_plain(s):
-    return [s[0], list(s[1]), s[2]]
-
-
-def _py_state_from_plain(s):
-    return (s[0], tuple(s[1]), s[2])
 
 
 class Logger:
