@@ -34,9 +34,9 @@ def signature(fn, ptr_types, consts):
     return sig
 
 
-def build(fn, ptr_types, consts):
+def build(fn, ptr_types, consts, num_warps=4, num_stages=3):
     src = ASTSource(fn, signature(fn, ptr_types, consts), dict(consts))
-    k = triton.compile(src, target=TARGET)
+    k = triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
     assert "cubin" in k.asm or "ptx" in k.asm
     return k
 
@@ -93,5 +93,77 @@ def main() -> int:
     return 0
 
 
+def ptxas_spills(kernel) -> int:
+    """Bytes of register spill stores ptxas reports for a compiled kernel (its own ptxas, -v)."""
+    import re
+    import subprocess
+    import tempfile
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(kernel.asm["ptx"])
+        arch = f"sm_{TARGET.arch}a" if TARGET.arch == 90 else f"sm_{TARGET.arch}"
+        out = subprocess.run([ptxas, f"-arch={arch}", "-v", src, "-o", os.path.join(d, "k.cubin")],
+                             capture_output=True, text=True)
+    text = out.stdout + out.stderr
+    if out.returncode != 0:
+        raise RuntimeError(f"ptxas failed: {text[-2000:]}")
+    return sum(int(x) for x in re.findall(r"(\d+) bytes spill stores", text))
+
+
+def spills() -> int:
+    """Every autotune config that survives pruning, in representative specializations, must
+    compile without register spills on sm_90 (the launchers' configs, as the GPU would tune)."""
+    bad = []
+    checked = 0
+
+    def pruned(launcher, consts):
+        return launcher.early_config_prune(launcher.configs, {}, **consts)
+
+    for st, out, (k, mode) in itertools.product(["bf16", "i8"], ["bf16", "fp32"], [(1, 0), (4, 2)]):
+        scaled = st == "i8"
+        prec = "ieee" if out == "fp32" else "tf32"
+        base = dict(K=k, MODE=mode, HAS_SCALE=scaled, UPCAST=False, PREC=prec)
+        for bm in (16, 64):
+            consts = dict(base, HAS_BIAS=True, SPLIT_K=1, BLOCK_M=bm)
+            for cfg in pruned(_linear._fused_launch, consts):
+                c = dict(consts, **cfg.kwargs)
+                kern = build(_linear._fused_linear_kernel,
+                             dict(x_ptr="*" + out, w0_ptr="*" + out, tau_ptr="*" + st, coef_ptr="*fp32",
+                                  scale_ptr="*fp32", bias_ptr="*" + out, out_ptr="*" + out), c,
+                             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                checked += 1
+                if ptxas_spills(kern):
+                    bad.append(("fused_linear", st, out, k, bm, cfg.kwargs, cfg.num_warps))
+            consts = dict(base, SPLIT_K=1, BLOCK_M=bm)
+            for cfg in pruned(_linear._fused_dx_launch, consts):
+                c = dict(consts, **cfg.kwargs)
+                kern = build(_linear._fused_linear_dx_kernel,
+                             dict(dy_ptr="*" + out, w0_ptr="*" + out, tau_ptr="*" + st, coef_ptr="*fp32",
+                                  scale_ptr="*fp32", out_ptr="*" + out), c,
+                             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                checked += 1
+                if ptxas_spills(kern):
+                    bad.append(("fused_linear_dx", st, out, k, bm, cfg.kwargs, cfg.num_warps))
+        for m in (16, 64, 4096):
+            bm, bo, bi = _linear._lcg_tiles(m)
+            consts = dict(base, BLOCK_M=bm, BLOCK_O=bo, BLOCK_I=bi)
+            for cfg in pruned(_linear._lcg_launch, consts):
+                kern = build(_linear._linear_coef_grad_kernel,
+                             dict(x_ptr="*" + out, dy_ptr="*" + out, tau_ptr="*" + st, scale_ptr="*fp32",
+                                  partial_ptr="*fp32"), consts,
+                             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                checked += 1
+                if ptxas_spills(kern):
+                    bad.append(("linear_coef_grad", st, out, k, (bm, bo, bi), cfg.num_warps, cfg.num_stages))
+        print("spill check", st, out, k, mode, "done", flush=True)
+    for b in bad:
+        print("SPILLS:", b)
+    print(f"checked {checked} configs for spills: {len(bad)} spill")
+    return 1 if bad else 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(spills() if "--spills" in sys.argv else main())

@@ -207,6 +207,54 @@ def _linear_coef_grad_kernel(
 # ----------------------------------------------------------------------------------------------
 # launch configuration
 # ----------------------------------------------------------------------------------------------
+# Autotune configs: (BLOCK_O or BLOCK_I, BLOCK_K, num_warps) of the fused GEMMs. Chosen from a
+# ptxas sweep for sm_90 (every tile of 32..128 x 32..128 on 4 and 8 warps, BLOCK_M 16 and 64,
+# bf16/int8 storage, bf16/fp32 compute, K 1 and 4): the *_SAFE configs never spilled; the *_LIGHT
+# ones spill only where elements carry a part index or a scale (K > 1, int8/fp8), so they are
+# pruned there. `python -m atlas_kernels_tests._compile_kernels --spills` re-checks the survivors.
+FUSED_SAFE = [(32, 32, 4), (32, 64, 4), (32, 64, 8), (32, 128, 8), (64, 64, 8)]
+FUSED_LIGHT = [(64, 128, 8), (128, 64, 8), (128, 32, 4)]
+FUSED_DX_SAFE = [(32, 32, 8), (32, 128, 8), (64, 32, 8)]
+FUSED_DX_LIGHT = [(64, 64, 4), (32, 64, 4), (128, 32, 4), (128, 64, 8), (64, 128, 8)]
+# (num_warps, num_stages) of the coefficient gradient, whose tile is fixed by `_lcg_tiles`.
+LCG_CONFIGS = [(4, 3), (8, 3), (4, 4), (8, 2)]
+
+
+def _arg(named_args, kwargs, name, default=None):
+    return kwargs.get(name, named_args.get(name, default))
+
+
+def _heavy(named_args, kwargs) -> bool:
+    """Elements carry a part index (K > 1) or a dequantization scale: more live registers."""
+    return _arg(named_args, kwargs, "K", 1) > 1 or bool(_arg(named_args, kwargs, "HAS_SCALE", False))
+
+
+def _prune_fused(configs, named_args, **kwargs):
+    if not _heavy(named_args, kwargs):
+        return configs
+    kept = [c for c in configs if not getattr(c, "atlas_light", False)]
+    return kept or configs
+
+
+def _prune_lcg(configs, named_args, **kwargs):
+    """The fp32 G tile lives through the N-slab epilogue: large tiles, and 64 x 64 tiles whose
+    elements carry a part or scale, get 8 warps (ptxas, sm_90: 4 warps spilled 140-196 bytes)."""
+    tile = _arg(named_args, kwargs, "BLOCK_O", 64) * _arg(named_args, kwargs, "BLOCK_I", 64)
+    limit = 4096 if _heavy(named_args, kwargs) else 8192
+    kept = [c for c in configs if not (tile >= limit and c.num_warps < 8)]
+    return kept or configs
+
+
+def _fused_configs(safe, light, tile_name):
+    out = []
+    for group, is_light in ((safe, False), (light, True)):
+        for t, bk, w in group:
+            cfg = triton.Config({tile_name: t, "BLOCK_K": bk}, num_warps=w, num_stages=3)
+            cfg.atlas_light = is_light  # read by _prune_fused
+            out.append(cfg)
+    return out
+
+
 if INTERPRET:
     _fused_launch = _fused_linear_kernel
     _fused_dx_launch = _fused_linear_dx_kernel
@@ -216,26 +264,25 @@ if INTERPRET:
     _LCG_FIXED: dict = {}
 else:  # pragma: no cover - GPU only
     # Tile shapes of the fused GEMMs may be tuned freely: every config writes every output (or
-    # every split-K partial) element, and the split count is fixed by the launcher.
+    # every split-K partial) element, and the split count is fixed by the launcher. Configs that
+    # make ptxas spill registers for a specialization are pruned before tuning (see _prune_*);
+    # atlas_kernels_tests/_compile_kernels.py --spills checks every remaining config for sm_90.
     _fused_launch = triton.autotune(
-        configs=[
-            triton.Config({"BLOCK_O": bo, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bo, bk, w, s in [(32, 64, 4, 3), (64, 64, 4, 3), (32, 128, 4, 3), (64, 64, 8, 3), (64, 128, 8, 3)]
-        ],
+        configs=_fused_configs(FUSED_SAFE, FUSED_LIGHT, "BLOCK_O"),
         key=["M_BUCKET", "O", "I", "N", "K", "SPLIT_K"],
+        prune_configs_by={"early_config_prune": _prune_fused},
     )(_fused_linear_kernel)
     _fused_dx_launch = triton.autotune(
-        configs=[
-            triton.Config({"BLOCK_I": bi, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bi, bk, w, s in [(32, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 64, 8, 3), (128, 64, 8, 3)]
-        ],
+        configs=_fused_configs(FUSED_DX_SAFE, FUSED_DX_LIGHT, "BLOCK_I"),
         key=["M_BUCKET", "O", "I", "N", "K", "SPLIT_K"],
+        prune_configs_by={"early_config_prune": _prune_fused},
     )(_fused_linear_dx_kernel)
     # The coefficient-gradient tile shape sets the number of partial rows, so it is chosen by
     # `_lcg_tiles` (a function of the M bucket) and only warps/stages are tuned.
     _lcg_launch = triton.autotune(
-        configs=[triton.Config({}, num_warps=w, num_stages=s) for w, s in [(4, 3), (8, 3), (4, 4), (8, 2)]],
+        configs=[triton.Config({}, num_warps=w, num_stages=s) for w, s in LCG_CONFIGS],
         key=["M_BUCKET", "O", "I", "N", "K", "BLOCK_O", "BLOCK_I"],
+        prune_configs_by={"early_config_prune": _prune_lcg},
     )(_linear_coef_grad_kernel)
     _FUSED_FIXED = {}
     _FUSED_DX_FIXED = {}
