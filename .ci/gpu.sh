@@ -21,4 +21,8 @@ timeout "${TEST_SECONDS:-300}" python -m pytest atlas_kernels_tests -q -x -p no:
   --junitxml="$OUT/tests.xml" >"$OUT/tests.log" 2>&1
 echo "tests exit $?" | tee -a "$OUT/tests.log"
 tail -5 "$OUT/tests.log"
+# The fused-vs-compose crossover that FUSED_MAX_M should be set from (ops/triton_backend.py).
+timeout "${CROSSOVER_SECONDS:-150}" python -m bench.crossover >"$OUT/crossover.log" 2>&1
+tail -3 "$OUT/crossover.log"
+cp bench/results/*-crossover.jsonl "$OUT/" 2>/dev/null
 BENCH_MINUTES="${BENCH_MINUTES:-4}" bash bench/gpu_run.sh "$@"
