@@ -30,6 +30,19 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 Sample = Tuple[str, int]  # (path, label); label -1 for unlabelled images
 
 
+@dataclass
+class TaskData:
+    """One dataset of a run: its classes, the samples of each split and where they came from."""
+
+    name: str
+    classes: List[str]           # class folder names (sorted)
+    classnames: List[str]        # names used in prompts
+    train: List["Sample"]
+    val: List["Sample"]
+    train_path: str
+    val_path: str
+
+
 class DataError(ValueError):
     """A data folder that cannot be used (missing, empty, mismatched classes)."""
 

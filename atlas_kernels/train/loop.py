@@ -39,21 +39,11 @@ from .heatmap import save_heatmap
 from .model import (build_model, get_templates, get_tokenizer, logit_scale, read_classnames,
                     register_model_config, zero_shot_head)
 from .config import ConfigError, TrainConfig, validate_config
+from .data import TaskData
 from .distributed import Dist, _all_reduce, init_distributed, resolve_device, resolve_precision
 from .state import (CHECKPOINT_FORMAT, check_resume, fingerprint, get_rng_state, load_checkpoint,
                     set_rng_state)
 from .objectives import Objective, make_objective
-
-
-@dataclass
-class TaskData:
-    name: str
-    classes: List[str]           # class folder names (sorted)
-    classnames: List[str]        # names used in prompts
-    train: List[D.Sample]
-    val: List[D.Sample]
-    train_path: str
-    val_path: str
 
 
 def _default_name(path: str) -> str:

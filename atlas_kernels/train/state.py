@@ -8,14 +8,12 @@ import hashlib
 import json
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Sequence
+from typing import Any, Dict, List, Sequence
 
 import torch
 
 from .config import _NOT_FINGERPRINTED, ConfigError, TrainConfig
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .loop import TaskData
+from .data import TaskData
 
 CHECKPOINT_FORMAT = "atlas_kernels.train/1"
 
