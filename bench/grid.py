@@ -16,7 +16,9 @@ from typing import Iterable, List, Optional, Sequence
 
 METHODS = ("ceiling", "floor", "naive", "merge_once", "atlas")
 PRECISIONS = ("fp32", "bf16", "fp16")
-STORAGES = ("float32", "float16", "bfloat16", "int8", "float8_e4m3fn")
+# "lora-r16": LoRA task vectors of rank 16 (fp16 factors) on the attention and MLP matrices.
+LORA_STORAGES = ("lora-r16",)
+STORAGES = ("float32", "float16", "bfloat16", "int8", "float8_e4m3fn") + LORA_STORAGES
 FLOAT_STORAGES = ("float32", "float16", "bfloat16")
 BACKENDS = ("torch", "triton", "cuda")
 MODELS = ("ViT-B-32", "ViT-B-16", "ViT-L-14")
@@ -152,6 +154,10 @@ def gpu_full(backends: Sequence[str]) -> tuple:
         Sweep([hm], [hn], hb, ["fp16"], ["float16"], [1], ["floor", "naive", "merge_once", "atlas"], bk),
         Sweep([hm], [hn], hb, ["bf16"], ["bfloat16"], [1], ["naive", "merge_once", "atlas"], bk),
         Sweep([hm], [hn], hb, ["bf16"], ["float16"], [4], ["naive", "merge_once", "atlas"], bk),
+        # many task vectors on limited VRAM: ViT-L/14, N = 30, batch 32, int8 (and the paper's fp16)
+        Sweep(["ViT-L-14"], [30], [32], ["bf16"], ["int8", "float16"], [1], ["floor", "naive", "atlas"], bk),
+        # LoRA task vectors (rank 16, N = 21): against the floor
+        Sweep([hm], [hn], [16, 32, 128], ["bf16"], ["lora-r16"], [1], ["floor", "atlas"], bk),
     ]
     return main, variants
 

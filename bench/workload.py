@@ -25,6 +25,7 @@ import gc
 import logging
 import math
 import os
+import re
 import resource
 import time
 import zlib
@@ -229,6 +230,30 @@ def make_slabs(visual, n: int, storage: str, dev: torch.device, seed: int, tau_s
                 del row
         slabs[name] = slab
     return slabs
+
+
+_LORA_BLOCK = re.compile(r"(in_proj_weight|out_proj\.weight|mlp\.c_fc\.weight|mlp\.c_proj\.weight)$")
+
+
+def lora_rank(storage: str) -> Optional[int]:
+    """The rank of a ``lora-r<R>`` storage, else None."""
+    return int(storage[len("lora-r"):]) if storage and storage.startswith("lora-r") else None
+
+
+def make_lora_factors(visual, n: int, rank: int, dev: torch.device, seed: int, tau_scale: float):
+    """N random LoRA task vectors (fp16 factors) on the attention and MLP matrices: ``A [N, r, in]``,
+    ``B [N, out, r]``, scaled so that ``B A`` has about the dense task vectors' magnitude."""
+    gen = torch.Generator(device=dev).manual_seed(seed + 3)
+    out = {}
+    for name, p in adapted_blocks(visual).items():
+        if p.dim() != 2 or not _LORA_BLOCK.search(name):
+            continue
+        rms = float(p.detach().float().pow(2).mean().sqrt())
+        std = (tau_scale * max(rms, 1e-2) / math.sqrt(rank)) ** 0.5
+        a = torch.empty((n, rank, p.shape[1]), device=dev).normal_(0.0, std, generator=gen)
+        b = torch.empty((n, p.shape[0], rank), device=dev).normal_(0.0, std, generator=gen)
+        out[name] = (a.half(), b.half())
+    return out
 
 
 def coef_init(name: str, shape, seed: int, scale: float) -> torch.Tensor:
@@ -579,7 +604,13 @@ class Session:
         key = (job.model, job.n_task_vectors, job.storage)
         if self._tv_key != key:
             self.drop_task_vectors()
-            self._slabs = make_slabs(visual, job.n_task_vectors, job.storage, self.dev, self.s.seed, self.s.tau_scale)
+            rank = lora_rank(job.storage)
+            if rank:
+                self._slabs = make_lora_factors(visual, job.n_task_vectors, rank, self.dev, self.s.seed,
+                                                self.s.tau_scale)
+            else:
+                self._slabs = make_slabs(visual, job.n_task_vectors, job.storage, self.dev, self.s.seed,
+                                         self.s.tau_scale)
             self._tv_key = key
         return self._slabs
 
@@ -588,6 +619,10 @@ class Session:
         then taken from it, so naive/merge_once and atlas share one copy)."""
         import atlas_kernels as ak
 
+        if self._tvs is None and lora_rank(storage):
+            n = next(iter(self._slabs.values()))[0].shape[0]
+            self._tvs = ak.TaskVectors({}, lora=dict(self._slabs), n=n)
+            return self._tvs
         if self._tvs is None:
             tvs = ak.TaskVectors(dict(self._slabs))
             if storage not in FLOAT_STORAGES:  # built in bf16, quantized here (per-row scales)
@@ -637,7 +672,9 @@ class Session:
                 raise ValueError(f"{job.method} needs floating task vectors, not {job.storage}")
             slabs = self.slabs(job, visual)
             if job.method == "atlas":
-                self.task_vectors(job.storage)
+                tvs = self.task_vectors(job.storage)
+                if lora_rank(job.storage):
+                    res["adapted_params"] = tvs.numel  # the LoRA-adapted matrices only
             slabs = self._slabs
         if job.method in ("atlas", "floor"):  # the library's planner, read from the unpatched tower
             try:
