@@ -55,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="CPU: torch threads per job (default: torch's)")
     p.add_argument("--no-profile", action="store_true", help="skip the extra profiled step (launch / aten op counts)")
     p.add_argument("--out", type=Path, default=None, help="JSONL to append to (default bench/results/<date>-<device>.jsonl)")
+    p.add_argument("--resume", action="store_true",
+                   help="skip jobs whose rows are already in --out (on by default with --max-minutes)")
     p.add_argument("--no-resume", action="store_true", help="run jobs even when their rows are already in --out")
     p.add_argument("--retry-errors", action="store_true", help="rerun jobs whose rows hold an error (not OOM)")
     p.add_argument("--max-minutes", type=float, default=None, help="start no job that would end past this budget (run again to resume)")
@@ -174,7 +176,10 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     existing = load_rows(out)
     done = set()
-    if not args.no_resume:
+    # A plain run measures afresh (a newcomer's first command must run the benchmark, not replay the
+    # committed rows); chunked runs (--max-minutes, or --resume) skip what is already measured.
+    resume = (args.resume or args.max_minutes is not None) and not args.no_resume
+    if resume:
         done = {row_key(r) for r in existing if not (args.retry_errors and r.get("error") and not r.get("oom"))}
     todo = [j for j in jobs if j.key() not in done]
     print(f"device: {env.device_name(dev)} | output: {out} | {len(jobs)} jobs, {len(jobs) - len(todo)} already done", flush=True)
