@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from .partitions import Partition
 
 __all__ = [
+    "scale_rows",
     "dequantize",
     "compose",
     "coef_grad",
@@ -35,6 +36,11 @@ __all__ = [
     "linear_coef_grads",
     "naive_compose",
 ]
+
+
+def scale_rows(shape) -> int:
+    """Rows of a compact block's per-row scale: ``S[0]`` for blocks of 2 or more dims, 1 for 1-D."""
+    return int(shape[0]) if len(shape) >= 2 else 1
 
 
 def _coef2d(coef: torch.Tensor) -> torch.Tensor:
@@ -47,7 +53,7 @@ def dequantize(tau: torch.Tensor, scale: Optional[torch.Tensor] = None, dtype=to
     if scale is None:
         return t
     n = t.shape[0]
-    rows = t.shape[1] if t.dim() >= 3 else 1
+    rows = scale_rows(t.shape[1:])
     return (t.reshape(n, rows, -1) * scale.to(dtype).reshape(n, rows, 1)).reshape(t.shape)
 
 

@@ -25,6 +25,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import torch
 
 from .checkpoints import convert_checkpoint, load_state_dict_file
+from .reference import scale_rows
 
 __all__ = ["TaskVectors", "STORAGES", "load_state_dict_file", "convert_checkpoint"]
 
@@ -54,16 +55,12 @@ def _storage_name(storage) -> str:
     raise ValueError(f"storage must be one of {sorted(STORAGES)}, got {storage!r}")
 
 
-def _rows(shape) -> int:
-    return int(shape[0]) if len(shape) >= 2 else 1
-
-
 def quantize(t: torch.Tensor, storage: str):
     """One task vector's block (float) in ``storage``: ``(data, scale or None)``; scale is ``[R]``."""
     if storage not in _QMAX:
         return t.to(STORAGES[storage]), None
     t = t.float()
-    r = _rows(t.shape)
+    r = scale_rows(t.shape)
     rows = t.reshape(r, -1)
     amax = rows.abs().amax(dim=1)
     scale = torch.where(amax > 0, amax / _QMAX[storage], torch.ones_like(amax))
@@ -78,7 +75,7 @@ def dequantize_one(data: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.T
     t = data.float()
     if scale is None:
         return t
-    r = _rows(t.shape)
+    r = scale_rows(t.shape)
     return (t.reshape(r, -1) * scale.float()[:, None]).reshape(t.shape)
 
 
@@ -144,7 +141,7 @@ class TaskVectors:
                 raise ValueError(f"blocks on several devices: {first!r} on {dev0}, {name!r} on {slab.device}")
             sc = scales.get(name)
             if st in _QMAX:
-                want = (slab.shape[0], _rows(slab.shape[1:]))
+                want = (slab.shape[0], scale_rows(slab.shape[1:]))
                 if sc is None or tuple(sc.shape) != want or sc.dtype != torch.float32:
                     got = "none" if sc is None else f"{tuple(sc.shape)} {sc.dtype}"
                     raise ValueError(f"block {name!r}: {st} storage needs float32 scales of shape {want}, "

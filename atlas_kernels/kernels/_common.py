@@ -21,6 +21,7 @@ import triton.language as tl
 
 from .._env import is_interpreter
 from ..partitions import MODES, Partition
+from ..reference import scale_rows  # noqa: F401  (the scale layout's one definition; used by the launchers)
 
 INTERPRET = is_interpreter()
 
@@ -66,11 +67,6 @@ def scratch(shape, device, dtype=torch.float32) -> torch.Tensor:
     if POISON_SCRATCH:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
-
-
-def scale_rows(shape) -> int:
-    """Rows of the per-row scale for a block of ``shape``: ``S[0]`` for >= 2 dims, else 1."""
-    return int(shape[0]) if len(shape) >= 2 else 1
 
 
 def check_scale(scale, n: int, shape, device):

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..partitions import Partition
+from ..reference import scale_rows
 
 # Widen at most this many slab elements to fp32 at once. On a GPU, 64 MiB of fp32 temporaries
 # (few, large launches). On a CPU, 2 MiB, so the widened chunk stays in cache for the product:
@@ -31,13 +32,8 @@ def _as2d(coef: torch.Tensor) -> torch.Tensor:
 
 
 def _row_width(shape) -> int:
-    """Elements per scale row: blocks of >= 2 dims have one scale per row (dim 0), 1-D blocks one."""
-    if len(shape) >= 2:
-        n = 1
-        for s in shape[1:]:
-            n *= s
-        return n
-    return max(1, int(torch.Size(shape).numel()))
+    """Elements per scale row (the layout of :func:`atlas_kernels.reference.scale_rows`)."""
+    return max(1, torch.Size(shape).numel() // scale_rows(shape))
 
 
 def acc_dtype(*dtypes) -> torch.dtype:

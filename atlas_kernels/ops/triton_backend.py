@@ -37,6 +37,7 @@ from .. import kernels as K
 from ..kernels._common import as_partition
 from ..kernels._compose import PackedLayout
 from ..partitions import Partition
+from .torch_backend import compute_dtype
 
 __all__ = ["compose", "linear", "compose_packed", "compute_dtype", "FUSED_MAX_M", "USE_CUSTOM_OPS"]
 
@@ -50,13 +51,6 @@ FUSED_MAX_M = 64
 # "auto": custom ops only while torch.compile traces; True: always; False: never.
 USE_CUSTOM_OPS = "auto"
 
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The autocast dtype where autocast is on for x's device, else x's dtype."""
-    dev = x.device.type
-    if dev in ("cuda", "cpu", "xpu") and torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    return x.dtype
 
 
 def _use_ops() -> bool:
