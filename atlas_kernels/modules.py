@@ -240,11 +240,6 @@ class AtlasMultiheadAttention(AtlasModule):
                 and mha.bias_v is None and not mha.add_zero_attn
                 and type(mha.out_proj).forward is nn.Linear.forward)
 
-    def _in_proj(self, x: torch.Tensor, lo: int, hi: int, dtype) -> torch.Tensor:
-        w = self.composed("in_proj_weight", dtype)[lo:hi]
-        b = self.composed("in_proj_bias", dtype)
-        return F.linear(x.to(dtype), w, None if b is None else b[lo:hi])
-
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
         if self.batch_first:
@@ -257,9 +252,11 @@ class AtlasMultiheadAttention(AtlasModule):
             q, k, v = self._linear(q_in, "in_proj_weight", "in_proj_bias").chunk(3, dim=-1)
         else:
             dtype = ops.compute_dtype(q_in)
-            q = self._in_proj(q_in, 0, e, dtype)
-            k = self._in_proj(k_in, e, 2 * e, dtype)
-            v = self._in_proj(v_in, 2 * e, 3 * e, dtype)
+            # Different inputs: compose the packed in-projection once, then one matmul per slice.
+            w = self.composed("in_proj_weight", dtype)
+            b = self.composed("in_proj_bias", dtype)
+            q, k, v = (F.linear(t.to(dtype), w[i * e:(i + 1) * e], None if b is None else b[i * e:(i + 1) * e])
+                       for i, t in enumerate((q_in, k_in, v_in)))
         h, d = self.num_heads, self.head_dim
         q = q.reshape(bsz, tgt_len, h, d).transpose(1, 2)
         k = k.reshape(bsz, src_len, h, d).transpose(1, 2)
