@@ -354,8 +354,8 @@ class SmallBlockGroup(nn.Module):
     Holds (non-persistent buffers: never in a ``state_dict``; they follow ``.to()``) the members'
     task vectors packed as ``tau_flat [N, P]`` in their storage dtype, ``scale_flat [N, R]`` for
     int8/fp8 storage, and the :class:`~atlas_kernels.kernels.PackedLayout` table. ``theta0_flat`` is
-    gathered from the members' ``parametrizations.<name>.original`` at each composition (one small
-    copy), so a ``load_state_dict`` into the patched module is always seen. The coefficients stay
+    packed from the members' ``parametrizations.<name>.original`` and repacked only when one of them
+    changes (version or storage), so a ``load_state_dict`` into the patched module is always seen. The coefficients stay
     the members' own ``coef`` parameters; ``coef_flat`` is one differentiable ``torch.cat`` of them.
     Members are referenced as plain attributes (not submodules): nothing here shows up in
     :func:`~atlas_kernels.coefficients`, ``parameters()`` or the state dict.
@@ -397,6 +397,7 @@ class SmallBlockGroup(nn.Module):
         self._members = list(members)  # a plain list: the members are not submodules of the group
         self._depth = 0
         self._cache = {}
+        self._theta0 = (None, None)  # (the members' theta0 (version, data_ptr) keys, packed copy)
         for j, p in enumerate(params):
             # Plain attributes (object.__setattr__): not a submodule of every member.
             object.__setattr__(p, "_atlas_group", self)
@@ -488,8 +489,11 @@ class SmallBlockGroup(nn.Module):
         except RuntimeError:
             return None
         n = self.tau_flat.shape[0]
-        with torch.no_grad():
-            theta0_flat = torch.cat([t.reshape(-1) for t in thetas])
+        theta_keys = [k[:2] for k in keys]
+        if self._theta0[0] != theta_keys:  # theta0 is frozen: repack only when one of them changed
+            with torch.no_grad():
+                self._theta0 = (theta_keys, torch.cat([t.reshape(-1) for t in thetas]))
+        theta0_flat = self._theta0[1]
         coef_flat = torch.cat([c.reshape(n, -1) for c in coefs], dim=1)
         layout = self.layout()
         flat = ops._module("triton").compose_packed(theta0_flat, self.tau_flat, coef_flat, layout, dtype,

@@ -226,3 +226,19 @@ def test_float64_model_on_the_triton_backend_falls_back_to_float64_math(tiny_vit
         y64 = m(x.double())
     assert y64.dtype == torch.float64
     assert rel_err(y32, y64) < 1e-5
+
+
+def test_theta0_is_packed_once_and_repacked_when_loaded(tiny_vit, tvs):
+    m = _patched(tiny_vit, tvs)
+    group = m._atlas_small_blocks
+    x = torch.randn(1, 3, 32, 32).to(DEV)
+    with torch.no_grad():
+        m(x)
+        packed = group._theta0[1]
+        m(x)
+        assert group._theta0[1] is packed  # frozen theta0: not copied again on the next step
+        before = m(x)
+        m.ln_post.parametrizations.weight.original.mul_(2.0)  # what load_state_dict does: in place
+        after = m(x)
+    assert group._theta0[1] is not packed
+    assert not torch.allclose(before, after)
