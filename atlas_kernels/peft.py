@@ -258,6 +258,17 @@ def read_peft_adapter(path, *, module_prefix: Optional[str] = None) -> Factors:
 
 
 # ----------------------------------------------------------------------------------------- writing
+def lora_pair(ab, where: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)`` checked as LoRA factors: two 2-D tensors, ``A (r, in)`` and ``B (out, r)``.
+    ``where`` names them in the error (e.g. ``factors[0]['c_fc.weight']``)."""
+    if not (isinstance(ab, (tuple, list)) and len(ab) == 2 and all(isinstance(t, torch.Tensor) for t in ab)):
+        raise TypeError(f"{where} must be a pair of tensors (A, B)")
+    a, b = ab
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+        raise ValueError(f"{where}: need A (r, in) and B (out, r), got A {tuple(a.shape)}, B {tuple(b.shape)}")
+    return a, b
+
+
 def write_peft_adapter(directory, factors: Mapping, *, r: int, lora_alpha: float, target_modules,
                        prefix: str = PEFT_PREFIX, use_rslora: bool = False,
                        rank_pattern: Optional[Mapping] = None, alpha_pattern: Optional[Mapping] = None,
@@ -290,12 +301,7 @@ def write_peft_adapter(directory, factors: Mapping, *, r: int, lora_alpha: float
     mha = {b[: -len(".in_proj_weight")] for b in factors if b.endswith(".in_proj_weight")}
     tensors = {}
     for block, ab in factors.items():
-        if not (isinstance(ab, (tuple, list)) and len(ab) == 2 and all(isinstance(t, torch.Tensor) for t in ab)):
-            raise TypeError(f"factors[{block!r}] must be a pair of tensors (A, B)")
-        a, b = ab
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-            raise ValueError(f"factors[{block!r}]: need A (r, in) and B (out, r), got A {tuple(a.shape)}, "
-                             f"B {tuple(b.shape)}")
+        a, b = lora_pair(ab, f"factors[{block!r}]")
         if block.endswith(".in_proj_weight"):
             module = block[: -len(".in_proj_weight")]
         elif block.endswith(".weight"):

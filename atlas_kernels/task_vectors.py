@@ -25,6 +25,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import torch
 
 from .checkpoints import convert_checkpoint, load_state_dict_file
+from .peft import lora_pair, read_peft_adapter
 from .reference import scale_rows
 
 __all__ = ["TaskVectors", "STORAGES", "load_state_dict_file", "convert_checkpoint"]
@@ -417,12 +418,7 @@ class TaskVectors:
             if not isinstance(f, Mapping):
                 raise TypeError(f"factors[{i}] must map block names to (A, B), got {type(f).__name__}")
             for b, ab in f.items():
-                if not (isinstance(ab, (tuple, list)) and len(ab) == 2 and all(isinstance(t, torch.Tensor) for t in ab)):
-                    raise TypeError(f"factors[{i}][{b!r}] must be a pair of tensors (A, B)")
-                a, bb = ab
-                if a.dim() != 2 or bb.dim() != 2 or a.shape[0] != bb.shape[1]:
-                    raise ValueError(f"factors[{i}][{b!r}]: need A (r, in) and B (out, r), got A {tuple(a.shape)}, "
-                                     f"B {tuple(bb.shape)}")
+                a, bb = lora_pair(ab, f"factors[{i}][{b!r}]")
                 if not (a.is_floating_point() and bb.is_floating_point()):
                     raise TypeError(f"factors[{i}][{b!r}]: LoRA factors must be floating, got {a.dtype}, {bb.dtype}")
                 shape = (bb.shape[0], a.shape[1])
@@ -453,8 +449,6 @@ class TaskVectors:
         ``adapter_config.json``), with PEFT's ``lora_alpha / r`` scaling folded into ``B``.
         ``module_prefix`` (e.g. ``"visual."``) is stripped from the adapters' module names so they
         match the module you patch. ``names`` defaults to the adapter folders' names."""
-        from .peft import read_peft_adapter
-
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
         paths = list(paths)
