@@ -1,5 +1,22 @@
 """Shared test helpers."""
+import warnings
+
 import torch
+
+# The Triton backend needs CUDA tensors on a GPU machine; without one, conftest runs the interpreter.
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_tiny_vit(device=DEV):
+    """A 2-layer, width-64 open_clip image tower on 32 x 32 images (random weights), in eval mode."""
+    import open_clip
+
+    vision = {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8}
+    text = {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = open_clip.model.CLIP(embed_dim=32, vision_cfg=vision, text_cfg=text)
+    return model.visual.eval().to(device)
 
 
 def assert_close(out, ref, *, rtol, atol=0.0, what="output"):

@@ -16,6 +16,15 @@ def _seed():
     yield
 
 
+@pytest.fixture(scope="module")
+def tiny_vit():
+    """A tiny open_clip image tower (see _util.make_tiny_vit), on the GPU where there is one."""
+    pytest.importorskip("open_clip")
+    from ._util import make_tiny_vit
+
+    return make_tiny_vit()
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "slow: whole-model tests")

@@ -5,7 +5,6 @@ float64 reference, as in test_triton_whole_model.py, with the LayerNorms, embedd
 convolution and projection grouped.
 """
 import copy
-import warnings
 
 import pytest
 import torch
@@ -16,24 +15,11 @@ from atlas_kernels import modules, reference
 from atlas_kernels.modules import SmallBlockGroup
 from atlas_kernels.ops import triton_backend
 
-from ._util import rel_err
+from ._util import DEV, make_tiny_vit, rel_err
 
 open_clip = pytest.importorskip("open_clip")
 
-# The Triton backend needs CUDA tensors on a GPU machine; without one, conftest runs the interpreter.
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-
 N = 3
-
-
-@pytest.fixture(scope="module")
-def tiny_vit():
-    vision = {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8}
-    text = {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = open_clip.model.CLIP(embed_dim=32, vision_cfg=vision, text_cfg=text)
-    return model.visual.eval().to(DEV)
 
 
 @pytest.fixture(scope="module")
@@ -175,13 +161,7 @@ def test_group_off_and_torch_backend(tiny_vit, tvs, monkeypatch):
 def test_grouping_with_open_clip_non_reentrant_checkpointing():
     """open_clip's set_grad_checkpointing uses checkpoint(use_reentrant=False): the recomputation
     must see the same saved tensors, and the coefficient gradients must match a run without it."""
-    import open_clip
-
-    vision = {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8}
-    text = {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        vit = open_clip.model.CLIP(embed_dim=32, vision_cfg=vision, text_cfg=text).visual.eval().to(DEV)
+    vit = make_tiny_vit()
     g = torch.Generator().manual_seed(0)
     tvs = ak.TaskVectors({k: torch.randn((2, *p.shape), generator=g) * 0.05 for k, p in vit.named_parameters()}).to(DEV)
     x = torch.randn(2, 3, 32, 32, generator=g).to(DEV)

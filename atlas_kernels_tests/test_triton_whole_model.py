@@ -6,7 +6,6 @@ the final projection through the compose kernel; attention and MLP linears throu
 compose-then-matmul linear paths; coefficient gradients through the tile-wise kernels.
 """
 import copy
-import warnings
 
 import pytest
 import torch
@@ -16,22 +15,9 @@ import atlas_kernels as ak
 from atlas_kernels import reference
 from atlas_kernels.ops import triton_backend
 
-from ._util import rel_err
+from ._util import DEV, rel_err
 
 open_clip = pytest.importorskip("open_clip")
-
-# The Triton backend needs CUDA tensors on a GPU machine; without one, conftest runs the interpreter.
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture(scope="module")
-def tiny_vit():
-    vision = {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8}
-    text = {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = open_clip.model.CLIP(embed_dim=32, vision_cfg=vision, text_cfg=text)
-    return model.visual.eval().to(DEV)
 
 
 @pytest.mark.parametrize("partitions,mode,fused_max_m", [(1, "contiguous", 64), (2, "hash", 0)])
