@@ -351,7 +351,7 @@ def _own_class(m: nn.Module) -> None:
 def save_coefficients(module: nn.Module, path) -> None:
     """Write the coefficients to a safetensors file with metadata (N, K, partition layout, block
     list, task-vector names). Refuses NaN or inf."""
-    from safetensors.torch import save_file
+    from ._io import atomic_save_safetensors
 
     state = _state(module)
     coefs = coefficients(module)
@@ -365,7 +365,7 @@ def save_coefficients(module: nn.Module, path) -> None:
         "partition_mode": state["partition_mode"], "seed": str(state["seed"]),
         "names": json.dumps(state["names"]), "blocks": json.dumps(sorted(coefs)),
     }
-    save_file(tensors, str(path), metadata=meta)
+    atomic_save_safetensors(tensors, str(path), metadata=meta)
 
 
 @torch.no_grad()

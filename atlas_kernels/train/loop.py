@@ -34,6 +34,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from .._io import atomic_save_safetensors, atomic_torch_save, atomic_write_json, clean_leftovers
 from . import data as D
 from .heatmap import save_heatmap
 from .model import (build_model, get_templates, get_tokenizer, logit_scale, read_classnames,
@@ -273,10 +274,7 @@ def save_checkpoint(path, s: Setup, state: Dict[str, Any], opt, sched, scaler) -
         "train_time_s": state["train_time_s"],
         "epoch_loss": state["epoch_loss"], "epoch_groups": state["epoch_groups"],
     }
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(ckpt, str(tmp))
-    os.replace(tmp, path)
+    atomic_torch_save(ckpt, str(path))
 
 
 def _fmt_metrics(m) -> str:
@@ -475,8 +473,7 @@ def write_outputs(s: Setup, state: Dict[str, Any]) -> Dict[str, Any]:
     if cfg.export_merged:
         export_merged(s, cfg.export_merged)
         result["outputs"]["merged"] = cfg.export_merged
-    with open(out / "metrics.json", "w") as f:
-        json.dump(result, f, indent=2)
+    atomic_write_json(out / "metrics.json", result)
     s.log(f"selected epoch {best['epoch']}: {_fmt_metrics(best['metrics'])}; wrote {out}")
     return result
 
@@ -484,7 +481,6 @@ def write_outputs(s: Setup, state: Dict[str, Any]) -> Dict[str, Any]:
 def export_merged(s: Setup, path) -> None:
     """Merge the coefficients into plain weights and write the whole model's state dict."""
     import atlas_kernels as ak
-    from safetensors.torch import save_file
 
     s.model.visual = ak.unpatch(s.model.visual)
     sd, seen = {}, {}
@@ -494,7 +490,7 @@ def export_merged(s: Setup, path) -> None:
         sd[k] = v.clone() if key in seen and v.numel() else v
         seen[key] = k
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(path), metadata={"format": "pt", "model": str(s.fingerprint.get("model")),
+    atomic_save_safetensors(sd, str(path), metadata={"format": "pt", "model": str(s.fingerprint.get("model")),
                                        "producer": "atlas_kernels.train"})
 
 
