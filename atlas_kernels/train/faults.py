@@ -2,9 +2,9 @@
 GradScaler skip report, and the checks that refuse non-finite inputs before the first step.
 
 The per-step check costs one host synchronisation, which the loop needs anyway to log the loss:
-the loss, the gradient norm and the coefficients' total norm are stacked into one small tensor
-and read back with a single ``tolist()``. A norm is finite exactly when every element is (NaN and
-inf propagate), so three numbers say whether any coefficient went non-finite.
+the loss, the gradient norm and the number of non-finite coefficients are stacked into one small
+tensor and read back with a single ``tolist()``. (A count, not a norm: the norm of large but finite
+coefficients overflows float32.)
 """
 from __future__ import annotations
 
@@ -26,20 +26,14 @@ class DivergedError(RuntimeError):
     after the last finite checkpoint."""
 
 
-def _total_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    tensors = [t.detach() for t in tensors]
-    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
-    if get_total_norm is not None:  # torch >= 2.6: foreach kernels, one launch per device and dtype
-        return get_total_norm(tensors)
-    return torch.linalg.vector_norm(torch.stack([t.float().norm() for t in tensors]))  # pragma: no cover
-
-
-def step_values(loss: torch.Tensor, gnorm: torch.Tensor, params: Sequence[torch.Tensor]) -> Tuple[float, float, float]:
-    """``(loss, grad norm, coefficient norm)`` as Python floats, read back in one synchronisation."""
+def step_values(loss: torch.Tensor, gnorm: torch.Tensor, params: Sequence[torch.Tensor]) -> Tuple[float, float, int]:
+    """``(loss, grad norm, number of non-finite coefficients)``, read back in one synchronisation
+    (the coefficients are small: one concatenation and one comparison)."""
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
     vals = torch.stack([loss.detach().float().reshape(()), gnorm.detach().float().reshape(()),
-                        _total_norm(params).float().reshape(())])
+                        (~torch.isfinite(flat)).sum().float()])
     out = vals.tolist()
-    return out[0], out[1], out[2]
+    return out[0], out[1], int(out[2])
 
 
 def diverged_message(*, step: int, epoch: int, quantity: str, value: float, lr: float, precision: str,
