@@ -25,6 +25,7 @@ from .modules import AtlasLinear, AtlasMultiheadAttention, AtlasParameter
 from .partitions import Partition
 from .patching import coefficients, is_patched, load_coefficients, patch, save_coefficients, unpatch
 from .checkpoints import convert_checkpoint, load_state_dict_file
+from .state_dicts import load_plain_state_dict
 from .task_vectors import STORAGES, TaskVectors
 
 __version__ = "0.1.0"
@@ -34,5 +35,5 @@ __all__ = [
     "patch", "unpatch", "is_patched", "coefficients", "save_coefficients", "load_coefficients",
     "AtlasLinear", "AtlasMultiheadAttention", "AtlasParameter", "Partition", "__version__",
     "select_task_vectors", "budget_report", "estimate_memory", "MemoryEstimate",
-    "read_peft_adapter", "write_peft_adapter", "match_blocks",
+    "read_peft_adapter", "write_peft_adapter", "match_blocks", "load_plain_state_dict",
 ]

@@ -14,8 +14,8 @@ import os
 import tempfile
 from typing import Dict, Iterator, Optional
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "atomic_save_safetensors",
-           "atomic_append_line", "clean_leftovers", "TMP_MARK"]
+__all__ = ["atomic_write", "atomic_path", "atomic_write_text", "atomic_write_json", "atomic_save_safetensors",
+           "atomic_torch_save", "atomic_append_line", "atomic_replace_dir", "clean_leftovers", "TMP_MARK"]
 
 TMP_MARK = ".atlas-tmp-"
 
@@ -53,6 +53,30 @@ def atomic_write(path, mode: str = "wb", encoding: Optional[str] = None) -> Iter
         raise
 
 
+@contextlib.contextmanager
+def atomic_path(path) -> Iterator[str]:
+    """Context manager yielding a temporary path beside ``path`` for a writer that wants a file
+    name (``safetensors.torch.save_file``, ``torch.save``); on a clean exit the file is fsynced and
+    renamed over ``path``. On an exception it is removed and ``path`` is untouched."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + TMP_MARK, dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        _fsync_dir(folder)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def atomic_write_text(path, text: str) -> None:
     with atomic_write(path, "w", encoding="utf-8") as fh:
         fh.write(text)
@@ -64,12 +88,20 @@ def atomic_write_json(path, obj, **kwargs) -> None:
 
 
 def atomic_save_safetensors(tensors: Dict, path, metadata: Optional[Dict[str, str]] = None) -> None:
-    """``safetensors.torch.save_file`` made atomic (serialised in memory, then written atomically)."""
-    from safetensors.torch import save
+    """``safetensors.torch.save_file`` made atomic: written to a temporary file beside ``path``,
+    fsynced, then renamed over it (whatever the safetensors version does on its own)."""
+    from safetensors.torch import save_file
 
-    data = save(tensors, metadata=metadata)
-    with atomic_write(path, "wb") as fh:
-        fh.write(data)
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
+
+
+def atomic_torch_save(obj, path) -> None:
+    """``torch.save`` made atomic (temporary file, fsync, rename)."""
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def atomic_append_line(path, line: str) -> None:
@@ -86,6 +118,63 @@ def atomic_append_line(path, line: str) -> None:
         fh.write(old + line.rstrip("\n").encode("utf-8") + b"\n")
 
 
+def _rename_exchange(a: str, b: str) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    platform or file system cannot."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    return fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0
+
+
+def atomic_replace_dir(directory, files: Dict[str, bytes]) -> None:
+    """Write a several-file artefact (a PEFT adapter: weights and config) so that a reader of
+    ``directory`` sees the old set of files or the new one, never a mix.
+
+    The new files (and copies of any other files already in ``directory``) go into a fresh
+    sibling folder, fsynced; the two folders are then swapped in one atomic rename
+    (``renameat2(RENAME_EXCHANGE)``), or, where that is unavailable, by two renames (between which
+    the folder is briefly absent, never mixed). The old folder is removed afterwards."""
+    import shutil
+
+    directory = os.path.abspath(os.fspath(directory))
+    parent, base = os.path.split(directory)
+    os.makedirs(parent, exist_ok=True)
+    new = tempfile.mkdtemp(prefix="." + base + TMP_MARK, dir=parent)
+    try:
+        if os.path.isdir(directory):
+            for name in os.listdir(directory):
+                src = os.path.join(directory, name)
+                if name in files or TMP_MARK in name or not os.path.isfile(src):
+                    continue
+                shutil.copy2(src, os.path.join(new, name))
+        for name, data in files.items():
+            with open(os.path.join(new, name), "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        _fsync_dir(new)
+        if not os.path.exists(directory):
+            os.rename(new, directory)
+        elif _rename_exchange(new, directory):
+            shutil.rmtree(new, ignore_errors=True)  # ``new`` now holds the old files
+        else:  # pragma: no cover - non-Linux fallback
+            old = tempfile.mkdtemp(prefix="." + base + TMP_MARK, dir=parent)
+            os.rmdir(old)
+            os.rename(directory, old)
+            os.rename(new, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        _fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+
+
 def clean_leftovers(folder) -> int:
     """Remove temporary files a crashed atomic write left in ``folder``; returns how many."""
     n = 0
@@ -94,7 +183,13 @@ def clean_leftovers(folder) -> int:
         return 0
     for name in os.listdir(folder):
         if TMP_MARK in name and name.startswith("."):
+            full = os.path.join(folder, name)
             with contextlib.suppress(OSError):
-                os.unlink(os.path.join(folder, name))
+                if os.path.isdir(full) and not os.path.islink(full):
+                    import shutil
+
+                    shutil.rmtree(full)
+                else:
+                    os.unlink(full)
                 n += 1
     return n

@@ -77,8 +77,8 @@ def convert_checkpoint(src, dst, *, trust_pickle: bool = False) -> Dict[str, tor
         if isinstance(obj, torch.nn.Module):
             obj = obj.state_dict()
         sd = _unwrap(obj, src)
-    from safetensors.torch import save_file
+    from ._io import atomic_save_safetensors
 
     sd = {k: v.detach().clone().contiguous() for k, v in sd.items()}
-    save_file(sd, str(dst))
+    atomic_save_safetensors(sd, str(dst))
     return sd

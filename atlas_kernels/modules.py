@@ -100,6 +100,42 @@ def _held_coef(owner, prefix):
     return coef if index is None else coef.index_select(0, index)
 
 
+# Tensors a dtype conversion of the model must not touch: coefficients stay float32 (AdamW on
+# fp16 coefficients turns them into NaN, bf16 rounds small updates away), and the task vectors
+# keep their storage dtype with its float32 scales (an fp16 copy of a bf16 slab can overflow).
+_KEEP_DTYPE = ("coef", "tau", "scale", "lora_a", "lora_b", "index", "tau_flat", "scale_flat")
+
+
+def _apply_keeping(module: nn.Module, names, fn, recurse: bool):
+    """``nn.Module._apply`` in which the tensors ``names`` follow device moves but keep their
+    dtype (``model.half()``, ``.to(torch.bfloat16)``); everything else (theta0) converts."""
+    keep = set()
+    for n in names:
+        t = module._parameters.get(n)
+        if t is None:
+            t = module._buffers.get(n)
+        if t is not None:
+            keep.add(id(t))
+
+    def fn_keep(t):
+        out = fn(t)
+        if id(t) in keep and out.dtype != t.dtype:
+            out = t.to(device=out.device)
+        return out
+
+    return nn.Module._apply(module, fn_keep, recurse)
+
+
+def _check_frozen(theta0: torch.Tensor, block) -> None:
+    if theta0.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(
+            f"the frozen pre-trained value (theta0, shape {tuple(theta0.shape)}) of a parametrized block with "
+            f"coefficients {tuple(block.coef.shape)} requires grad (after model.requires_grad_(True)?); "
+            f"atlas_kernels trains only the coefficients, and theta0 would get no gradient. Freeze it again with "
+            f"model.requires_grad_(False), then enable the coefficients: "
+            f"for p in atlas_kernels.coefficients(model).values(): p.requires_grad_(True)")
+
+
 @torch.no_grad()
 def _block_merged(theta0, owner, prefix, partition, what):
     coef = getattr(owner, prefix + "coef")
@@ -123,6 +159,10 @@ class _BlockHolder(nn.Module):
         super().__init__()
         self.backend = ops.check_backend(backend)
         self._partitions: Dict[str, Partition] = {}
+
+    def _apply(self, fn, recurse=True):
+        names = [n + "_" + s for n in self._partitions for s in _KEEP_DTYPE]
+        return _apply_keeping(self, names, fn, recurse)
 
     def _add_block(self, name: str, theta0: Optional[torch.Tensor], spec: Optional[BlockSpec]):
         if theta0 is None:
@@ -318,7 +358,11 @@ class AtlasParameter(nn.Module):
         spec.register(self, "")
         self.partition = spec.partition
 
+    def _apply(self, fn, recurse=True):
+        return _apply_keeping(self, _KEEP_DTYPE, fn, recurse)
+
     def forward(self, theta0: torch.Tensor) -> torch.Tensor:
+        _check_frozen(theta0, self)
         # Grouped (see SmallBlockGroup): this block's view of the group's one packed composition
         # for the current forward of the patched module. Not while torch.compile traces: the
         # group's cache is Python state mutated by hooks, which tracing would bake in or guard on,
@@ -402,6 +446,9 @@ class SmallBlockGroup(nn.Module):
             # Plain attributes (object.__setattr__): not a submodule of every member.
             object.__setattr__(p, "_atlas_group", self)
             object.__setattr__(p, "_atlas_slot", j)
+
+    def _apply(self, fn, recurse=True):
+        return _apply_keeping(self, ("tau_flat", "scale_flat"), fn, recurse)
 
     def layout(self):
         from .kernels._compose import PackedLayout

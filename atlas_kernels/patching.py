@@ -27,6 +27,7 @@ from . import ops
 from .modules import (SMALL_BLOCK_NUMEL, AtlasLinear, AtlasModule, AtlasMultiheadAttention, AtlasParameter,
                       BlockSpec, SmallBlockGroup)
 from .partitions import MODES, Partition
+from .state_dicts import attach_guard, detach_guard
 from .task_vectors import TaskVectors
 
 __all__ = ["patch", "unpatch", "is_patched", "coefficients", "save_coefficients", "load_coefficients"]
@@ -119,6 +120,7 @@ def patch(module: nn.Module, task_vectors: TaskVectors, *, partitions: int = 1, 
             p.requires_grad_(False)
     if group_small_blocks and backend in ("auto", "triton"):
         _group_small_blocks(module)
+    attach_guard(module)  # load_state_dict checks every key and shape before copying anything
     setattr(module, _STATE, {
         "n": len(task_vectors), "names": task_vectors.names, "blocks": list(chosen), "partitions": partitions,
         "partition_mode": partition_mode, "seed": seed, "backend": backend, "requires_grad": requires_grad,
@@ -258,11 +260,28 @@ def _check_block(name: str, p: torch.Tensor, tvs: TaskVectors) -> None:
                          f"move them with task_vectors.to({str(p.device)!r})")
 
 
+def _unwrap(module):
+    """The module inside ``torch.compile`` (``_orig_mod``), ``DistributedDataParallel`` and
+    ``nn.DataParallel`` wrappers (``.module``), so coefficient names are the same for all of them."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    for _ in range(16):
+        inner = module.__dict__.get("_modules", {}).get("_orig_mod")
+        if isinstance(inner, nn.Module) and type(module).__name__ == "OptimizedModule":
+            module = inner
+        elif isinstance(module, (DataParallel, DistributedDataParallel)):
+            module = module.module
+        else:
+            break
+    return module
+
+
 def is_patched(module: nn.Module) -> bool:
-    return hasattr(module, _STATE)
+    return hasattr(_unwrap(module), _STATE)
 
 
 def _state(module: nn.Module) -> dict:
+    module = _unwrap(module)
     if not is_patched(module):
         raise RuntimeError("this module was not patched by atlas_kernels.patch (nothing to do)")
     return getattr(module, _STATE)
@@ -270,7 +289,10 @@ def _state(module: nn.Module) -> dict:
 
 # ------------------------------------------------------------------- coefficients
 def coefficients(module: nn.Module, _check: bool = True) -> Dict[str, nn.Parameter]:
-    """Original parameter name -> its coefficients ``nn.Parameter`` (``(N,)`` or ``(N, K)``)."""
+    """Original parameter name -> its coefficients ``nn.Parameter`` (``(N,)`` or ``(N, K)``).
+    A ``torch.compile``, ``DistributedDataParallel`` or ``nn.DataParallel`` wrapper gives the same
+    names as the module it wraps."""
+    module = _unwrap(module)
     if _check:
         _state(module)
     out: Dict[str, nn.Parameter] = {}
@@ -331,6 +353,7 @@ def unpatch(module: nn.Module) -> nn.Module:
     for name, p in module.named_parameters():
         if name in requires_grad:
             p.requires_grad_(requires_grad[name])
+    detach_guard(module)
     delattr(module, _STATE)
     return module
 
@@ -351,7 +374,7 @@ def _own_class(m: nn.Module) -> None:
 def save_coefficients(module: nn.Module, path) -> None:
     """Write the coefficients to a safetensors file with metadata (N, K, partition layout, block
     list, task-vector names). Refuses NaN or inf."""
-    from safetensors.torch import save_file
+    from ._io import atomic_save_safetensors
 
     state = _state(module)
     coefs = coefficients(module)
@@ -365,14 +388,46 @@ def save_coefficients(module: nn.Module, path) -> None:
         "partition_mode": state["partition_mode"], "seed": str(state["seed"]),
         "names": json.dumps(state["names"]), "blocks": json.dumps(sorted(coefs)),
     }
-    save_file(tensors, str(path), metadata=meta)
+    atomic_save_safetensors(tensors, str(path), metadata=meta)
+
+
+def _names_diff(meta, names, strict: bool):
+    """What differs between the file's task-vector names and the module's (see load_coefficients)."""
+    raw = meta.get("names")
+    try:
+        got = json.loads(raw) if raw is not None else None
+    except ValueError:
+        return [f"its metadata 'names' is not JSON ({raw[:60]!r})"]
+    if got is None:
+        return ["it names no task vectors (metadata 'names' is missing)"] if strict else []
+    if not isinstance(got, list):
+        return [f"its metadata 'names' is not a list ({type(got).__name__})"]
+    got = [str(n) for n in got]
+    if got == names:
+        return []
+    if len(got) == len(names) and sorted(got) == sorted(names):
+        return [f"the task vectors are in another order: file {got}, model {names} (coefficient i belongs to "
+                f"task vector i; patch with the file's order, or save again)"]
+    if strict:
+        return [f"task-vector names differ: file {got}, model {names} (load_coefficients(..., strict=False) "
+                f"accepts renamed task vectors, if the order is the same)"]
+    if set(got) & set(names) and len(got) == len(names):
+        moved = [n for i, n in enumerate(got) if n in names and names.index(n) != i]
+        if moved:
+            return [f"task vectors {moved} are at other positions: file {got}, model {names}"]
+    return []
 
 
 @torch.no_grad()
-def load_coefficients(module: nn.Module, path) -> nn.Module:
+def load_coefficients(module: nn.Module, path, *, strict: bool = True) -> nn.Module:
     """Load coefficients written by :func:`save_coefficients`. A file for other blocks, another N or
-    K, another partition layout, or holding non-finite values is refused before anything is
-    written: nothing is half-loaded."""
+    K, another partition layout, other task vectors, or holding non-finite values is refused before
+    anything is written: nothing is half-loaded.
+
+    The file's task-vector names must equal the patched module's, in the same order (coefficient
+    ``i`` belongs to task vector ``i``). ``strict=False`` accepts other names (a renamed task
+    vector), never the same names in another order: that would load every coefficient onto the
+    wrong task vector."""
     from safetensors import safe_open
 
     state = _state(module)
@@ -402,6 +457,7 @@ def load_coefficients(module: nn.Module, path) -> nn.Module:
         diffs.append(f"the file lacks {len(missing)} block(s) the model has, e.g. {missing[:3]}")
     if extra:
         diffs.append(f"the file has {len(extra)} block(s) the model lacks, e.g. {extra[:3]}")
+    diffs += _names_diff(meta, [str(n) for n in state["names"]], strict)
     if diffs:
         raise ValueError(f"{path!r} does not match this patched module: " + "; ".join(diffs))
     for name, c in coefs.items():

@@ -29,6 +29,7 @@ DoRA (``use_dora``), convolution or embedding LoRA, trained biases and ``modules
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -44,6 +45,8 @@ __all__ = ["read_peft_adapter", "write_peft_adapter", "match_blocks", "lora_scal
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 PEFT_PREFIX = "base_model.model."
+# safetensors metadata key: sha256 of the adapter_config.json written together with the weights
+_CONFIG_HASH = "atlas_kernels.config_sha256"
 
 # <path>.lora_A.weight or <path>.lora_A.<adapter>.weight
 _KEY = re.compile(r"^(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
@@ -137,6 +140,32 @@ def _load_weights(weights: str) -> Dict[str, torch.Tensor]:
                          f"runs code. Details: {exc}") from None
 
 
+def _check_pair(weights: str, config_path: str) -> None:
+    """Weights written by :func:`write_peft_adapter` name the config written with them; warn about
+    a pair that does not belong together (a hand-edited config is legitimate, but so is the
+    warning: new factors under an old lora_alpha load with the wrong scaling)."""
+    if not weights.endswith(".safetensors"):
+        return
+    try:
+        from safetensors import safe_open
+
+        with safe_open(weights, framework="pt", device="cpu") as f:
+            want = (f.metadata() or {}).get(_CONFIG_HASH)
+    except Exception:  # unreadable headers were reported by _load_weights already
+        return
+    if want is None:
+        return
+    with open(config_path, "rb") as fh:
+        got = hashlib.sha256(fh.read()).hexdigest()
+    if got != want:
+        import warnings
+
+        warnings.warn(f"{weights!r} was written together with another {CONFIG_NAME} than the one beside it "
+                      f"(config sha256 {got[:12]}..., the weights expect {want[:12]}...): if the config was not "
+                      f"edited on purpose, the folder mixes two versions and lora_alpha / r may not belong to "
+                      f"these factors", stacklevel=3)
+
+
 def _bad_key(weights: str, key: str) -> ValueError:
     if ".lora_embedding_" in key:
         why = "LoRA on an embedding layer (lora_embedding_A/B) is not supported"
@@ -182,6 +211,7 @@ def read_peft_adapter(path, *, module_prefix: Optional[str] = None) -> Factors:
     _, weights, config_path = _locate(path)
     cfg = _read_config(config_path)
     sd = _load_weights(weights)
+    _check_pair(weights, config_path)
 
     pairs: Dict[str, Dict[str, Tuple[str, torch.Tensor]]] = {}
     adapters = set()
@@ -283,7 +313,9 @@ def write_peft_adapter(directory, factors: Mapping, *, r: int, lora_alpha: float
     its ``P.out_proj.weight`` then goes to ``P.base_layer.out_proj.lora_*``). ``dtype`` casts the
     factors (default: kept as given).
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from ._io import atomic_replace_dir
 
     if not isinstance(factors, Mapping) or not factors:
         raise ValueError("factors must be a non-empty mapping from block names to (A, B)")
@@ -318,10 +350,13 @@ def write_peft_adapter(directory, factors: Mapping, *, r: int, lora_alpha: float
         for ab_name, t in (("A", a), ("B", b)):
             t = t.detach().cpu()
             tensors[f"{prefix}{module}.lora_{ab_name}.weight"] = (t if dtype is None else t.to(dtype)).contiguous()
-    os.makedirs(os.fspath(directory), exist_ok=True)
-    save_file(tensors, os.path.join(os.fspath(directory), WEIGHTS_NAMES[0]), metadata={"format": "pt"})
-    with open(os.path.join(os.fspath(directory), CONFIG_NAME), "w", encoding="utf-8") as fh:
-        json.dump(cfg, fh, indent=2)
+    config_bytes = (json.dumps(cfg, indent=2) + "\n").encode("utf-8")
+    # The weights name the config they were written with, so a pair mixed by another tool (or a
+    # copy interrupted half-way) is detected by read_peft_adapter rather than loaded silently.
+    weights = save(tensors, metadata={"format": "pt", _CONFIG_HASH: hashlib.sha256(config_bytes).hexdigest()})
+    # Both files are swapped in together: a reader sees the old pair or the new one, never new
+    # factors under the old lora_alpha.
+    atomic_replace_dir(directory, {WEIGHTS_NAMES[0]: weights, CONFIG_NAME: config_bytes})
     return os.fspath(directory)
 
 

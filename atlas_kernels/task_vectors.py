@@ -498,7 +498,7 @@ class TaskVectors:
     def save(self, path) -> None:
         """Write a safetensors file: ``tau/<block>`` slabs, ``scale/<block>`` scales, and metadata
         (format, version, names, blocks, shapes, storage, and a CRC32 per tensor)."""
-        from safetensors.torch import save_file
+        from ._io import atomic_save_safetensors
 
         tensors = {}
         for b, s in self._slabs.items():
@@ -520,7 +520,7 @@ class TaskVectors:
             "storage": self._storage,
             "crc32": json.dumps({k: _crc(v) for k, v in tensors.items()}),
         }
-        save_file(tensors, str(path), metadata=meta)
+        atomic_save_safetensors(tensors, str(path), metadata=meta)
 
     @classmethod
     def load(cls, path, device=None, *, verify: bool = True) -> "TaskVectors":

@@ -12,6 +12,8 @@ from typing import List
 
 import torch
 
+from atlas_kernels._io import atomic_append_line
+
 from . import env
 from .grid import (BACKENDS, METHODS, MODELS, PRECISIONS, STORAGES, Axes, Job, build_jobs, cpu_default,
                    gpu_full, gpu_headline, row_key)
@@ -214,8 +216,7 @@ def main(argv=None) -> int:
         res = run_subprocess(job, settings.as_dict(), args.timeout) if use_sub else session.run(job)
         longest = max(longest, time.perf_counter() - t0)
         row = make_row(info, job, res)
-        with out.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        atomic_append_line(out, json.dumps(row))
         print(_line(job, res) + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     keys = {j.key() for j in jobs}

@@ -25,6 +25,8 @@ import statistics
 import sys
 import time
 
+from atlas_kernels._io import atomic_append_line
+
 
 def _parse_shapes(text):
     out = []
@@ -84,34 +86,34 @@ def main(argv=None) -> int:
 
     g = torch.Generator(device="cpu").manual_seed(0)
     best = {}
-    with open(out, "a") as fh:
-        for o, i in shapes:
-            w0 = (torch.randn(o, i, generator=g) * 0.02).to(dev, dtype)
-            tau = (torch.randn(args.n, o, i, generator=g) * 1e-3).to(dev, sdtype)
-            b0 = torch.zeros(o, device=dev, dtype=dtype)
-            coef = torch.full((args.n,), 0.1, device=dev, requires_grad=True)
-            last_fused_win = 0
-            for m in ms:
-                x = torch.randn(m, i, generator=g).to(dev, dtype).requires_grad_(True)
-                dy = torch.randn(m, o, generator=g).to(dev, dtype)
-                row = {}
-                for path, thr in (("fused", 1 << 30), ("compose", 0)):
-                    def step(thr=thr):
-                        y = tb.linear(x, w0, tau, coef, None, b0, None, None, None, fused_max_m=thr)
-                        y.backward(dy)
-                    row[path] = timed(step)
-                win = row["fused"] < row["compose"]
-                if win:
-                    last_fused_win = m
-                rec = {"date": env.today(), "device": name, "torch": torch.__version__,
-                       "triton": env.triton_version(), "atlas_kernels": env.git_commit(),
-                       "shape": [o, i], "n_task_vectors": args.n, "m": m, "dtype": args.dtype,
-                       "storage": args.storage, "fused_ms": row["fused"], "compose_ms": row["compose"],
-                       "fused_wins": win}
-                fh.write(json.dumps(rec) + "\n")
-                print(f"{o:5d}x{i:<5d} N={args.n} M={m:5d}: fused {row['fused']:8.3f} ms, "
-                      f"compose {row['compose']:8.3f} ms -> {'fused' if win else 'compose'}", flush=True)
-            best[(o, i)] = last_fused_win
+    # rows are appended one by one, atomically (a killed run never leaves half a line)
+    for o, i in shapes:
+        w0 = (torch.randn(o, i, generator=g) * 0.02).to(dev, dtype)
+        tau = (torch.randn(args.n, o, i, generator=g) * 1e-3).to(dev, sdtype)
+        b0 = torch.zeros(o, device=dev, dtype=dtype)
+        coef = torch.full((args.n,), 0.1, device=dev, requires_grad=True)
+        last_fused_win = 0
+        for m in ms:
+            x = torch.randn(m, i, generator=g).to(dev, dtype).requires_grad_(True)
+            dy = torch.randn(m, o, generator=g).to(dev, dtype)
+            row = {}
+            for path, thr in (("fused", 1 << 30), ("compose", 0)):
+                def step(thr=thr):
+                    y = tb.linear(x, w0, tau, coef, None, b0, None, None, None, fused_max_m=thr)
+                    y.backward(dy)
+                row[path] = timed(step)
+            win = row["fused"] < row["compose"]
+            if win:
+                last_fused_win = m
+            rec = {"date": env.today(), "device": name, "torch": torch.__version__,
+                   "triton": env.triton_version(), "atlas_kernels": env.git_commit(),
+                   "shape": [o, i], "n_task_vectors": args.n, "m": m, "dtype": args.dtype,
+                   "storage": args.storage, "fused_ms": row["fused"], "compose_ms": row["compose"],
+                   "fused_wins": win}
+            atomic_append_line(out, json.dumps(rec))
+            print(f"{o:5d}x{i:<5d} N={args.n} M={m:5d}: fused {row['fused']:8.3f} ms, "
+                  f"compose {row['compose']:8.3f} ms -> {'fused' if win else 'compose'}", flush=True)
+        best[(o, i)] = last_fused_win
     print("largest M where fused wins, per shape:", {f"{o}x{i}": m for (o, i), m in best.items()})
     print(f"suggested FUSED_MAX_M = {min(best.values())} (now {tb.FUSED_MAX_M}); rows: {out}")
     return 0

@@ -188,7 +188,14 @@ def plot(path, out=None) -> Path:
                    ncol=min(per_row, len(handles)), fontsize=9, frameon=False)
         bottom = (0.25 + 0.22 * ((len(handles) + per_row - 1) // per_row)) / h_in
     fig.tight_layout(rect=(0, bottom, 1, 1 - 0.55 / h_in))
-    fig.savefig(out, dpi=110)
+    import io
+
+    from atlas_kernels._io import atomic_write
+
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, format=str(out).rsplit(".", 1)[-1] if "." in str(out) else "png")
+    with atomic_write(out, "wb") as fh:
+        fh.write(buf.getvalue())
     plt.close(fig)
     return out
 

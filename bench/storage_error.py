@@ -32,6 +32,7 @@ import time
 
 import torch
 
+from atlas_kernels._io import atomic_write_json
 from atlas_kernels.task_vectors import TaskVectors, dequantize_one, quantize
 
 SHAPES = [  # (out, in): ViT-B/32 attention out_proj, c_fc, c_proj; ViT-L/14 c_fc
@@ -186,9 +187,8 @@ def main(argv=None) -> int:
     print(markdown(results, nb, towers))
     print(f"\n(torch {torch.__version__}, seed {args.seed}, {time.time() - t0:.0f} s on the CPU)")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"errors": results, "nbytes": nb, "towers": towers, "torch": torch.__version__,
-                       "seed": args.seed}, fh, indent=1)
+        atomic_write_json(args.json, {"errors": results, "nbytes": nb, "towers": towers, "torch": torch.__version__,
+                                       "seed": args.seed}, indent=1)
     return 0
 
 

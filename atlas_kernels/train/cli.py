@@ -6,6 +6,7 @@ import sys
 from typing import Optional, Sequence
 
 from .config import PARTITION_MODES, PRECISIONS, SELECTS, TrainConfig
+from .faults import DivergedError
 from .loop import run
 from .objectives import OBJECTIVES, TTA_LOSSES
 
@@ -122,13 +123,26 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the CLI; returns the exit status (0 ok, also after --stop-after-steps; 2 input error)."""
+    """Run the CLI; returns the exit status (0 ok, also after --stop-after-steps; 2 input error;
+    3 the run diverged: a non-finite loss, gradient or coefficient)."""
     parser = build_parser()
     args = parser.parse_args(None if argv is None else list(argv))
     cfg = config_from_args(args)
     try:
         run(cfg)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+    except DivergedError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 3
+    except (ValueError, OSError) as e:
+        # Input errors (ConfigError, DataError, files that are not what they should be): one line,
+        # no traceback.
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e) or type(e).__name__
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        msg = f"{e.filename}: {e.strerror}"
+    return msg

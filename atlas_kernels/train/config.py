@@ -121,6 +121,10 @@ def validate_config(cfg: TrainConfig) -> None:
         bad("--shots is for labelled objectives; tta uses all of its unlabelled images")
     if cfg.stop_after_steps is not None and cfg.stop_after_steps < 1:
         bad("--stop-after-steps must be at least 1")
+    for k in ("lr", "weight_decay", "clip_grad", "confidence", "control_threshold", "control_weight"):
+        v = getattr(cfg, k)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")):
+            bad(f"--{k.replace('_', '-')} must be a finite number (got {v!r})")
     if not cfg.lr > 0:
         bad("--lr must be positive")
     if cfg.weight_decay < 0 or cfg.clip_grad < 0:

@@ -1,10 +1,13 @@
 """A heatmap of learned coefficients: one row per block, one column per task vector."""
 from __future__ import annotations
 
+import io
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from .._io import atomic_write
 
 
 def coefficient_matrix(coefs: Dict[str, torch.Tensor]) -> Tuple[List[str], torch.Tensor]:
@@ -54,5 +57,8 @@ def save_heatmap(coefs: Dict[str, torch.Tensor], path, names: Optional[Sequence[
     ax.set_title(title or "learned coefficients", fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.04)
     fig.tight_layout()
-    fig.savefig(str(path))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    with atomic_write(path, "wb") as fh:
+        fh.write(buf.getvalue())
     return str(path)

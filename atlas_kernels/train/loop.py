@@ -22,9 +22,7 @@ task vectors, data); resuming with another run's checkpoint is refused before tr
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -34,6 +32,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from .._io import atomic_save_safetensors, atomic_torch_save, atomic_write_json, clean_leftovers
 from . import data as D
 from .heatmap import save_heatmap
 from .model import (build_model, get_templates, get_tokenizer, logit_scale, read_classnames,
@@ -43,6 +42,7 @@ from .data import TaskData
 from .distributed import Dist, _all_reduce, init_distributed, resolve_device, resolve_precision
 from .state import (CHECKPOINT_FORMAT, check_resume, fingerprint, get_rng_state, load_checkpoint,
                     set_rng_state)
+from .faults import DivergedError, check_finite_tensors, diverged_message, nonfinite_blocks, skip_report, step_values
 from .objectives import Objective, make_objective
 
 
@@ -143,6 +143,8 @@ def setup(cfg: TrainConfig) -> Setup:
     import atlas_kernels as ak
 
     validate_config(cfg)
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise ConfigError(f"--out '{cfg.out}' exists and is not a folder; give a new or existing output folder")
     d = init_distributed("cuda" if (cfg.device == "auto" and torch.cuda.is_available())
                          or cfg.device.startswith("cuda") else "cpu")
     log = Logger(d.main and not cfg.quiet)
@@ -177,6 +179,11 @@ def setup(cfg: TrainConfig) -> Setup:
                                control_weight=cfg.control_weight)
 
     model = build_model(model_name, cfg.weights, seed=cfg.seed)
+    if cfg.weights:
+        try:
+            check_finite_tensors(model.state_dict(), f"--weights '{cfg.weights}'")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     model.requires_grad_(False)
     model.to(device)
     visual_params = dict(model.visual.named_parameters())
@@ -272,11 +279,16 @@ def save_checkpoint(path, s: Setup, state: Dict[str, Any], opt, sched, scaler) -
         "best": state["best"], "history": state["history"], "zero_shot": state["zero_shot"],
         "train_time_s": state["train_time_s"],
         "epoch_loss": state["epoch_loss"], "epoch_groups": state["epoch_groups"],
+        "skipped_steps": state.get("skipped_steps", 0),
     }
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(ckpt, str(tmp))
-    os.replace(tmp, path)
+    # Never write a non-finite coefficient (the loop stops before, this is the last guard).
+    for what, coefs in [("coefficients", ckpt["coefficients"])] + (
+            [("best coefficients", state["best"]["coefficients"])] if state.get("best") else []):
+        bad = nonfinite_blocks(coefs)
+        if bad:
+            raise DivergedError(f"refusing to write checkpoint {path}: the {what} of block(s) {bad[:3]} hold "
+                                f"NaN/inf; the previous checkpoint is kept")
+    atomic_torch_save(ckpt, str(path))
 
 
 def _fmt_metrics(m) -> str:
@@ -301,9 +313,11 @@ def train(s: Setup) -> Dict[str, Any]:
     forward = make_forward(s)
     select = s.objective.default_select if cfg.select == "auto" else cfg.select
 
+    if d.main:
+        clean_leftovers(out)  # temporary files of an interrupted write
     state: Dict[str, Any] = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best": None,
                              "history": [], "zero_shot": None, "train_time_s": 0.0,
-                             "epoch_loss": 0.0, "epoch_groups": 0, "stopped": False}
+                             "epoch_loss": 0.0, "epoch_groups": 0, "stopped": False, "skipped_steps": 0}
     if s.ckpt is not None:
         ck = s.ckpt
         with torch.no_grad():
@@ -317,6 +331,7 @@ def train(s: Setup) -> Dict[str, Any]:
         for k in ("epoch", "step_in_epoch", "global_step", "best", "history", "zero_shot",
                   "train_time_s", "epoch_loss", "epoch_groups"):
             state[k] = ck[k]
+        state["skipped_steps"] = int(ck.get("skipped_steps", 0))
         log(f"resumed from {cfg.resume} at epoch {state['epoch'] + 1}, step "
             f"{state['step_in_epoch']}/{M} (optimizer step {state['global_step']}/{total})")
 
@@ -335,6 +350,7 @@ def train(s: Setup) -> Dict[str, Any]:
                              "coefficients": _coef_snapshot(s.coefs)}
 
     ckpt_path = out / "checkpoint.pt"
+    resumed_at = state["global_step"] if s.ckpt is not None else None
 
     def save(epoch, step_in_epoch):
         state["epoch"], state["step_in_epoch"] = epoch, step_in_epoch
@@ -376,20 +392,34 @@ def train(s: Setup) -> Dict[str, Any]:
                     n = p.numel()
                     p.grad = flat[off:off + n].view_as(p).clone()
                     off += n
-                loss_val = float(flat[-1])
+                loss_t = flat[-1]
             else:
-                loss_val = float(loss_sum)
+                loss_t = loss_sum
             scaler.unscale_(opt)
             if cfg.clip_grad > 0:
-                gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad))
+                gnorm_t = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
             else:
-                gnorm = float(torch.linalg.vector_norm(torch.stack(
-                    [p.grad.norm() for p in params if p.grad is not None])))
+                gnorm_t = torch.linalg.vector_norm(torch.stack(
+                    [p.grad.norm() for p in params if p.grad is not None]))
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
             sched.step()
             state["global_step"] += 1
+            # One synchronisation per step (the loss is logged anyway): loss, gradient norm and
+            # the coefficients' norm after the step, checked together.
+            loss_val, gnorm, n_bad = step_values(loss_t, gnorm_t, params)
+            if not math.isfinite(gnorm) and fp16 and math.isfinite(loss_val) and not n_bad:
+                state["skipped_steps"] += 1  # GradScaler skipped this step and lowered its scale
+            else:
+                bad = next(((q, v) for q, v in (("loss", loss_val), ("gradient norm", gnorm),
+                                                ("number of NaN/inf coefficients", n_bad if n_bad else 0.0))
+                            if not math.isfinite(v) or (q.startswith("number") and v)), None)
+                if bad is not None:
+                    raise DivergedError(diverged_message(
+                        step=state["global_step"], epoch=epoch + 1, quantity=bad[0], value=bad[1], lr=cfg.lr,
+                        precision=s.precision, resumed_at=resumed_at,
+                        checkpoint=str(ckpt_path) if ckpt_path.is_file() else None))
             state["epoch_loss"] += loss_val
             state["epoch_groups"] += 1
             n_log += a * images_per_step_task * len(s.train_sets)
@@ -462,6 +492,12 @@ def write_outputs(s: Setup, state: Dict[str, Any]) -> Dict[str, Any]:
                      else s.objective.default_select, "metrics": best["metrics"]},
         "config": dataclasses.asdict(cfg),
     }
+    if s.precision == "fp16":
+        rep = skip_report(state.get("skipped_steps", 0), state["global_step"])
+        result["grad_scaler"] = rep or {"skipped_steps": state.get("skipped_steps", 0),
+                                        "steps": state["global_step"]}
+        if rep and s.dist.main:
+            print(f"[atlas_kernels.train] {rep['warning']}", file=sys.stderr, flush=True)
     if not s.dist.main:
         return result
     out.mkdir(parents=True, exist_ok=True)
@@ -475,8 +511,7 @@ def write_outputs(s: Setup, state: Dict[str, Any]) -> Dict[str, Any]:
     if cfg.export_merged:
         export_merged(s, cfg.export_merged)
         result["outputs"]["merged"] = cfg.export_merged
-    with open(out / "metrics.json", "w") as f:
-        json.dump(result, f, indent=2)
+    atomic_write_json(out / "metrics.json", result)
     s.log(f"selected epoch {best['epoch']}: {_fmt_metrics(best['metrics'])}; wrote {out}")
     return result
 
@@ -484,7 +519,6 @@ def write_outputs(s: Setup, state: Dict[str, Any]) -> Dict[str, Any]:
 def export_merged(s: Setup, path) -> None:
     """Merge the coefficients into plain weights and write the whole model's state dict."""
     import atlas_kernels as ak
-    from safetensors.torch import save_file
 
     s.model.visual = ak.unpatch(s.model.visual)
     sd, seen = {}, {}
@@ -494,7 +528,7 @@ def export_merged(s: Setup, path) -> None:
         sd[k] = v.clone() if key in seen and v.numel() else v
         seen[key] = k
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(path), metadata={"format": "pt", "model": str(s.fingerprint.get("model")),
+    atomic_save_safetensors(sd, str(path), metadata={"format": "pt", "model": str(s.fingerprint.get("model")),
                                        "producer": "atlas_kernels.train"})
 
 

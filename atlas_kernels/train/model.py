@@ -29,8 +29,46 @@ def register_model_config(path) -> str:
     if missing:
         raise ValueError(f"model config file '{p}' lacks {missing} (an open_clip model config "
                          "has embed_dim, vision_cfg and text_cfg)")
+    _check_config_values(cfg, p)
     open_clip.add_model_config(p)
     return p.stem
+
+
+# Integer fields of an open_clip config and the largest value a real model uses, with margin: a
+# value past the bound would try to allocate an absurd model rather than fail cleanly.
+_INT_FIELDS = {"embed_dim": 1 << 15, "width": 1 << 15, "layers": 1024, "heads": 1024, "head_width": 1 << 13,
+               "patch_size": 1024, "image_size": 1 << 14, "context_length": 1 << 14, "vocab_size": 1 << 22}
+
+
+def _check_config_values(cfg: dict, p: Path) -> None:
+    """Types and ranges of the numeric fields open_clip builds from (a string width, a zero patch
+    size or an absurd width would otherwise fail deep inside open_clip, or exhaust memory)."""
+    def check(key, v, where):
+        bound = _INT_FIELDS[key]
+        vals = v if key == "image_size" and isinstance(v, (list, tuple)) else [v]
+        for x in vals:
+            if isinstance(x, bool) or not isinstance(x, int) or not 1 <= x <= bound:
+                raise ValueError(f"model config file '{p}': {where}{key} must be an integer in [1, {bound}], "
+                                 f"got {x!r}")
+
+    if "embed_dim" in cfg:
+        check("embed_dim", cfg["embed_dim"], "")
+    for tower in ("vision_cfg", "text_cfg"):
+        sub = cfg.get(tower)
+        if not isinstance(sub, dict):
+            raise ValueError(f"model config file '{p}': {tower} must be a JSON object, got {type(sub).__name__}")
+        for key, v in sub.items():
+            if key in _INT_FIELDS:
+                check(key, v, f"{tower}.")
+        if "mlp_ratio" in sub:
+            v = sub["mlp_ratio"]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 64:
+                raise ValueError(f"model config file '{p}': {tower}.mlp_ratio must be a number in (0, 64], got {v!r}")
+    vis = cfg["vision_cfg"]
+    ps, size = vis.get("patch_size"), vis.get("image_size")
+    if isinstance(ps, int) and isinstance(size, int) and size % ps:
+        raise ValueError(f"model config file '{p}': vision_cfg.image_size {size} is not a multiple of "
+                         f"patch_size {ps}")
 
 
 def _check_model_name(name: str) -> None:
@@ -72,10 +110,21 @@ def build_model(name: str, weights: Optional[str] = None, *, seed: int = 0):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = open_clip.create_model(name, pretrained=None)
+    except (TypeError, ValueError, ZeroDivisionError, RuntimeError, AssertionError) as e:
+        raise ValueError(f"open_clip could not build model {name!r} from its config: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     finally:
         logging.disable(level)
     if weights:
         sd = load_state_dict_file(weights)
+        shapes = model.state_dict()
+        wrong = [(k, tuple(v.shape), tuple(shapes[k].shape)) for k, v in sd.items()
+                 if k in shapes and tuple(v.shape) != tuple(shapes[k].shape)]
+        if wrong:
+            k, got, want = wrong[0]
+            raise ValueError(f"weights '{weights}' do not fit open_clip model {name!r}: {len(wrong)} tensor(s) "
+                             f"of another shape, e.g. {k!r} is {got} in the file, {want} in the model "
+                             f"(weights of another model?)")
         missing, unexpected = model.load_state_dict(sd, strict=False)
         # buffers such as attn_mask are not persistent; anything else is a real mismatch
         if missing or unexpected:

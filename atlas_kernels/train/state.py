@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import random
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
@@ -26,15 +27,59 @@ def _hash_strings(xs: Sequence[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def _cache_file() -> Path:
+    root = os.environ.get("ATLAS_KERNELS_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "atlas_kernels")
+    return Path(root) / "digests.json"
+
+
+def file_digest(path) -> str:
+    """SHA-256 of a file's content, streamed in 4 MiB chunks, cached by (real path, size,
+    mtime_ns) in a small JSON file (``$ATLAS_KERNELS_CACHE``, default ``~/.cache/atlas_kernels``)
+    so a resume does not re-read gigabytes; a rewritten file has another size or mtime."""
+    p = os.path.realpath(os.fspath(path))
+    st = os.stat(p)
+    key = f"{p}|{st.st_size}|{st.st_mtime_ns}"
+    cache_path = _cache_file()
+    cache: Dict[str, str] = {}
+    try:
+        cache = json.loads(cache_path.read_text())
+        if not isinstance(cache, dict):
+            cache = {}
+    except (OSError, ValueError):
+        cache = {}
+    if isinstance(cache.get(key), str):
+        return cache[key]
+    h = hashlib.sha256()
+    with open(p, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    digest = h.hexdigest()
+    cache = {k: v for k, v in cache.items() if not k.startswith(p + "|")}
+    cache[key] = digest
+    try:
+        from .._io import atomic_write_json
+
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(cache_path, dict(list(cache.items())[-256:]))
+    except OSError:  # a read-only home: hashing again next time is only slower
+        pass
+    return digest
+
+
 def fingerprint(cfg: TrainConfig, tasks: Sequence[TaskData], tvs) -> Dict[str, Any]:
-    """What makes two runs the same run: hyper-parameters, task vectors and data (by content
-    summary, not by path, so a moved data folder still resumes)."""
+    """What makes two runs the same run: hyper-parameters, task vectors and weights (by content:
+    a SHA-256 of each file, which covers every tensor) and data (by content summary, not by path,
+    so a moved data folder still resumes)."""
     fp = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_FINGERPRINTED}
+    tv_path = Path(cfg.task_vectors)
     fp["task_vectors"] = {"names": [str(n) for n in tvs.names], "blocks": _hash_strings(
-        [str(b) for b in tvs.blocks]), "nbytes": int(tvs.nbytes)}
+        [str(b) for b in tvs.blocks]), "nbytes": int(tvs.nbytes),
+        "sha256": file_digest(tv_path) if tv_path.is_file() else None}
     w = Path(cfg.weights) if cfg.weights else None
     fp["weights"] = (None if w is None else
-                     {"name": w.name, "size": w.stat().st_size if w.is_file() else None})
+                     {"name": w.name, "size": w.stat().st_size if w.is_file() else None,
+                      "sha256": file_digest(w) if w.is_file() else None})
     fp["data"] = [{"name": t.name, "classes": _hash_strings(t.classes), "n_train": len(t.train),
                    "train": _hash_strings([Path(p).name for p, _ in t.train]),
                    "n_val": len(t.val)} for t in tasks]
@@ -59,6 +104,17 @@ def load_checkpoint(path) -> Dict[str, Any]:
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ConfigError(f"resume file '{p}' is not an atlas_kernels.train checkpoint "
                           f"(format {CHECKPOINT_FORMAT})")
+    from .faults import check_finite_tensors
+
+    coefs = [("coefficients", ckpt.get("coefficients") or {})]
+    if isinstance(ckpt.get("best"), dict):
+        coefs.append(("best coefficients", ckpt["best"].get("coefficients") or {}))
+    for what, c in coefs:
+        try:
+            check_finite_tensors(c, f"resume file '{p}' ({what})")
+        except ValueError as e:
+            raise ConfigError(f"{e}; it was written by a diverged run or corrupted, resume from an "
+                              f"earlier checkpoint or start afresh") from None
     return ckpt
 
 

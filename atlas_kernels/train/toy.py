@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
+
+from .._io import atomic_write_json
 import sys
 from pathlib import Path
 from typing import Dict, Sequence, Tuple
@@ -46,7 +48,7 @@ DATASETS = {"shapes": SHAPES, "colours": COLOURS}
 def write_model_config(directory) -> Path:
     p = Path(directory) / f"{MODEL_NAME}.json"
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(TINY_CONFIG, indent=2))
+    atomic_write_json(p, TINY_CONFIG)
     return p
 
 
@@ -143,9 +145,9 @@ def finetune_visual(model, train_dir, *, steps: int = 40, lr: float = 2e-3, batc
 
 
 def _save(model, path) -> Path:
-    from safetensors.torch import save_file
+    from .._io import atomic_save_safetensors
 
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path))
+    atomic_save_safetensors({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path))
     return Path(path)
 
 
