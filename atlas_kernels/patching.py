@@ -304,7 +304,7 @@ def unpatch(module: nn.Module) -> nn.Module:
     for path, m in sorted(atlas, key=lambda pm: -pm[0].count(".")):
         orig = m._atlas_original
         for name in m.block_names:
-            theta0 = getattr(m, name)
+            theta0 = m._theta0(name)
             if theta0 is None:
                 continue
             value = m.merged(name)
