@@ -177,10 +177,15 @@ class _BlockHolder(nn.Module):
     def _is_lora(self, name: str) -> bool:
         return name in self._partitions and getattr(self, name + "_lora_a") is not None
 
+    def _theta0(self, name: str) -> Optional[torch.Tensor]:
+        """The frozen ``theta0`` buffer of block ``name`` (the attribute ``name`` itself reads the
+        composed value on :class:`AtlasModule`; see :func:`_composed_attribute`)."""
+        return self._buffers[name]
+
     def _args(self, name: str):
         """``(theta0, tau, coef, partition, scale)`` of a dense block (tau etc. None when frozen);
         ``coef`` holds the coefficients of the task vectors the slab holds."""
-        theta0 = getattr(self, name)
+        theta0 = self._theta0(name)
         if name not in self._partitions:
             return theta0, None, None, None, None
         return (theta0, getattr(self, name + "_tau"), _held_coef(self, name + "_"),
@@ -188,7 +193,7 @@ class _BlockHolder(nn.Module):
 
     def composed(self, name: str, dtype: torch.dtype) -> Optional[torch.Tensor]:
         """The block's current value in ``dtype`` (differentiable in its coefficients)."""
-        theta0 = getattr(self, name)
+        theta0 = self._theta0(name)
         if theta0 is None or name not in self._partitions:
             return None if theta0 is None else theta0.to(dtype)
         return _block_compose(theta0, self, name + "_", self._partitions[name], dtype, self.backend)
@@ -198,7 +203,7 @@ class _BlockHolder(nn.Module):
         factored LoRA op)."""
         if self._is_lora(wname):
             bias = self.composed(bname, ops.compute_dtype(x))
-            return ops.lora_linear(x, getattr(self, wname), getattr(self, wname + "_lora_a"),
+            return ops.lora_linear(x, self._theta0(wname), getattr(self, wname + "_lora_a"),
                                    getattr(self, wname + "_lora_b"), _held_coef(self, wname + "_"),
                                    self._partitions[wname], bias)
         w, b = self._args(wname), self._args(bname)
@@ -210,18 +215,55 @@ class _BlockHolder(nn.Module):
 
     def merged(self, name: str) -> torch.Tensor:
         """``theta0 + sum_i lam_i tau_i`` computed in float32, in theta0's dtype."""
-        theta0 = getattr(self, name)
+        theta0 = self._theta0(name)
         if name not in self._partitions:
             return theta0.detach().clone()
         return _block_merged(theta0, self, name + "_", self._partitions[name], name)
 
 
+class _ComposedAttribute:
+    """``module.<name>`` on an :class:`AtlasModule` reads the block's composed value
+    ``theta0 + sum_i lam_i tau_i`` (in theta0's dtype, differentiable in the coefficients), exactly
+    what the original module's attribute would hold with the merged weights.
+
+    Why: code outside the module's own ``forward`` reads parameters directly. open_clip's
+    ``AttentionPool2d`` (the RN50/RN101 towers) passes ``q_proj.weight``, ``k_proj.bias``,
+    ``c_proj.weight``... straight to ``F.multi_head_attention_forward`` and never calls the
+    projections; custom heads do the same. Reading the frozen ``theta0`` there would be a silent
+    wrong answer. The module's own ``forward`` does not read the attribute: it hands ``theta0``
+    (``_buffers[name]``) and the slab to the fused op. The state-dict key stays ``<name>`` (the
+    buffer holds ``theta0``); a direct read composes afresh each time (one compose op per read).
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return self
+        buffers = obj.__dict__.get("_buffers")
+        if buffers is None or self.name not in buffers:
+            raise AttributeError(self.name)
+        theta0 = buffers[self.name]
+        return None if theta0 is None else obj.composed(self.name, theta0.dtype)
+
+
 class AtlasModule(_BlockHolder):
     """Base of the swapped-in modules. ``_atlas_original`` is the original module, stripped of the
     tensors that moved here, kept (hidden from ``.modules()``) so that ``unpatch`` can hand it back
-    with merged parameters and every other attribute, hook and subclass intact."""
+    with merged parameters and every other attribute, hook and subclass intact.
+
+    Each block in ``block_names`` reads as its composed value (see :class:`_ComposedAttribute`):
+    ``atlas_linear.weight`` is ``theta0 + sum_i lam_i tau_i``, wherever it is read; the frozen value
+    is ``atlas_linear._theta0("weight")``.
+    """
 
     block_names: tuple = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for name in cls.__dict__.get("block_names", ()):
+            setattr(cls, name, _ComposedAttribute(name))
 
     def _keep_original(self, module: nn.Module):
         object.__setattr__(self, "_atlas_original", module)

@@ -41,7 +41,7 @@ BlockFilter = Union[None, str, Iterable[str], Callable[[str, torch.Tensor], bool
 # ----------------------------------------------------------------------------- patch
 def patch(module: nn.Module, task_vectors: TaskVectors, *, partitions: int = 1, partition_mode: str = "contiguous",
           seed: int = 0, backend: str = "auto", blocks: BlockFilter = None,
-          group_small_blocks: bool = True) -> nn.Module:
+          group_small_blocks: bool = True, batchnorm: str = "frozen", verify=False) -> nn.Module:
     """Swap atlas modules into ``module`` (in place) and return it.
 
     Args:
@@ -64,7 +64,27 @@ def patch(module: nn.Module, task_vectors: TaskVectors, *, partitions: int = 1, 
             ``"triton"`` (see :class:`~atlas_kernels.modules.SmallBlockGroup`). The group is
             registered as ``module._atlas_small_blocks`` (on its first member when ``module`` is a
             container such as ``nn.Sequential``; no parameters, nothing in the state dict).
-            False: one launch per block.
+            False: one launch per block. Never built where ``"auto"`` resolves to the torch
+            backend (a module on the CPU).
+        batchnorm: BatchNorm running statistics are buffers, which task vectors do not adapt.
+            ``"frozen"`` (default): every BatchNorm layer with running statistics normalizes with
+            theta0's statistics, in train mode too, and never updates them (``.train()`` leaves
+            those layers in eval mode until ``unpatch``); coefficient training then sees the same
+            function that ``unpatch`` merges. ``"train"``: BatchNorm behaves as usual: batch
+            statistics in train mode, running statistics overwritten in place (they persist after
+            ``unpatch``).
+        verify: ``False`` (default), ``True``, or an example input (a tensor or a tuple of
+            positional arguments). When set, one forward of the patched module at random
+            coefficients is checked against ``torch.func.functional_call`` of the unpatched module
+            with ``theta0 + sum lam tau`` (see :mod:`atlas_kernels._verify`); a mismatch raises.
+            ``True`` builds a random image from the module's config (open_clip, Hugging Face and
+            timm image towers). Costs three forwards at batch 1 and one composed copy of the
+            adapted parameters while it runs (ViT-B/32 on a 2-core CPU: about 1 s).
+
+    Tied parameters (one tensor reachable under two names) are adapted once: every owner reads
+    the same composed value through one shared :class:`~atlas_kernels.modules.AtlasParameter`
+    (one set of coefficients, listed under the first name). Task vectors may name either name, or
+    both when they agree.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
@@ -79,23 +99,48 @@ def patch(module: nn.Module, task_vectors: TaskVectors, *, partitions: int = 1, 
         raise RuntimeError("this module is already patched by atlas_kernels (patching twice would compose twice); "
                            "call atlas_kernels.unpatch(module) first")
 
-    params = dict(module.named_parameters())
-    buffers = _buffers_named(task_vectors, module, params)
-    _check_blocks_exist(task_vectors, params, buffers)
-    chosen = [b for b in _choose_blocks(task_vectors, params, blocks) if b not in buffers]
-    for name in chosen:
-        _check_block(name, params[name], task_vectors)
+    _check_backend_device(module, backend)
+    if batchnorm not in ("frozen", "train"):
+        raise ValueError(f"batchnorm must be 'frozen' or 'train', got {batchnorm!r}")
+    reference = None
+    if verify is not False and verify is not None:
+        from . import _verify
 
-    specs = {name: _spec(task_vectors, name, Partition.for_block(name, partitions, partition_mode, seed))
+        probe = _verify.probe_input(module, verify)
+        reference = _verify.snapshot(module)
+    params = dict(module.named_parameters())
+    # Tied parameters (one tensor under several names, e.g. GPT-2's lm_head.weight and
+    # transformer.wte.weight): named_parameters() lists the first name only; the others are aliases.
+    aliases = _tied_aliases(module)
+    buffers = _buffers_named(task_vectors, module, params)
+    _check_blocks_exist(task_vectors, {**params, **{a: params[c] for a, c in aliases.items()}}, buffers)
+    _check_tied_agree(task_vectors, aliases)
+    tv_name: Dict[str, str] = {}  # canonical parameter name -> the task vectors' name for it
+    for b in _choose_blocks(task_vectors, {**params, **{a: params[c] for a, c in aliases.items()}}, blocks):
+        if b not in buffers:
+            tv_name.setdefault(aliases.get(b, b), b)
+    chosen = list(tv_name)
+    for name in chosen:
+        _check_block(tv_name[name], params[name], task_vectors)
+
+    specs = {name: _spec(task_vectors, tv_name[name], Partition.for_block(name, partitions, partition_mode, seed))
              for name in chosen}
     requires_grad = {name: p.requires_grad for name, p in params.items()}
 
-    # Group the blocks by owning module, then swap module by module.
+    # Group the blocks by owning module, then swap module by module. A tied block is seen by every
+    # owner: each takes the generic path with one shared AtlasParameter (one set of coefficients,
+    # the same composed value for every user).
     by_owner: Dict[str, Dict[str, BlockSpec]] = defaultdict(dict)
+    tied_owners = set()
     for name, spec in specs.items():
         owner, _, local = name.rpartition(".")
         by_owner[owner][local] = spec
+        for alias in (a for a, c in aliases.items() if c == name):
+            a_owner, _, a_local = alias.rpartition(".")
+            by_owner[a_owner][a_local] = spec
+            tied_owners.update((owner, a_owner))
     _promote_out_proj(module, by_owner)
+    shared: Dict[int, AtlasParameter] = {}
 
     for owner_path in sorted(by_owner, key=lambda p: p.count(".") if p else -1):
         owned = by_owner[owner_path]
@@ -104,28 +149,126 @@ def patch(module: nn.Module, task_vectors: TaskVectors, *, partitions: int = 1, 
             continue  # an out_proj, swapped together with its AtlasMultiheadAttention parent
         parent_path = owner_path.rpartition(".")[0]
         parent = (module.get_submodule(parent_path) if parent_path else module) if owner_path else None
-        if owner_path and isinstance(owner, nn.MultiheadAttention) and AtlasMultiheadAttention.supports(owner):
+        if owner_path in tied_owners:
+            pass  # generic path below
+        elif owner_path and isinstance(owner, nn.MultiheadAttention) and AtlasMultiheadAttention.supports(owner):
             out_specs = by_owner.get(_join(owner_path, "out_proj"), {})
             _replace(module, owner_path, AtlasMultiheadAttention(owner, owned, out_specs, backend))
+            continue
         elif owner_path and _plain_linear(owner) and not isinstance(parent, nn.MultiheadAttention):
             _replace(module, owner_path, AtlasLinear(owner, owned, backend))
-        else:
-            # Generic path; also an unsupported MHA's out_proj, whose weight the MHA reads directly.
-            for local, spec in owned.items():
-                parametrize.register_parametrization(owner, local, AtlasParameter(spec, backend), unsafe=True)
+            continue
+        # Generic path; also an unsupported MHA's out_proj, whose weight the MHA reads directly.
+        for local, spec in owned.items():
+            atlas_p = shared.get(id(spec)) or shared.setdefault(id(spec), AtlasParameter(spec, backend))
+            parametrize.register_parametrization(owner, local, atlas_p, unsafe=True)
 
     coef_ids = {id(c) for c in coefficients(module, _check=False).values()}
     for p in module.parameters():
         if id(p) not in coef_ids:
             p.requires_grad_(False)
-    if group_small_blocks and backend in ("auto", "triton"):
+    # "auto" resolves to the torch backend on the CPU, which never uses a group: build none there
+    # (a module moved to CUDA after patching then composes block by block: correct, more launches).
+    on_cuda = any(p.device.type == "cuda" for p in module.parameters())
+    if group_small_blocks and (backend == "triton" or (backend == "auto" and on_cuda)):
         _group_small_blocks(module)
     attach_guard(module)  # load_state_dict checks every key and shape before copying anything
+    frozen_bn = _freeze_batchnorm(module) if batchnorm == "frozen" else []
     setattr(module, _STATE, {
         "n": len(task_vectors), "names": task_vectors.names, "blocks": list(chosen), "partitions": partitions,
         "partition_mode": partition_mode, "seed": seed, "backend": backend, "requires_grad": requires_grad,
+        "frozen_bn": frozen_bn,
     })
+    if reference is not None:
+        from . import _verify
+
+        try:
+            _verify.check(module, reference, {n: params[n] for n in chosen}, task_vectors, tv_name,
+                          coefficients(module, _check=False), {n: specs[n].partition for n in chosen}, probe)
+        except Exception:
+            unpatch(module)
+            raise
     return module
+
+
+def _frozen_train(self, mode: bool = True):
+    """``train()`` of a BatchNorm layer under ``patch(batchnorm="frozen")``: stays in eval mode
+    (theta0's running statistics, never updated)."""
+    self.training = False
+    return self
+
+
+def _freeze_batchnorm(module: nn.Module) -> list:
+    """Pin every BatchNorm layer with running statistics to eval mode (see ``batchnorm=``); returns
+    them with their previous mode, for unpatch."""
+    frozen = []
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            frozen.append((m, m.training))
+            object.__setattr__(m, "train", _frozen_train.__get__(m))
+            m.training = False
+    return frozen
+
+
+def _unfreeze_batchnorm(module: nn.Module, frozen) -> None:
+    for m, _ in frozen:
+        m.__dict__.pop("train", None)
+    for m in module.modules():
+        if any(m is f for f, _ in frozen):
+            m.training = module.training
+
+
+def _tied_aliases(module: nn.Module) -> Dict[str, str]:
+    """Every name of a parameter that is also reachable under an earlier name (tensor identity) ->
+    that first name (the one ``named_parameters()`` lists)."""
+    first: Dict[int, str] = {}
+    aliases: Dict[str, str] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
+
+
+def _check_tied_agree(tvs: TaskVectors, aliases: Dict[str, str]) -> None:
+    """Task vectors naming two names of one tied tensor must hold the same update for both."""
+    for alias, canonical in aliases.items():
+        if alias not in tvs or canonical not in tvs:
+            continue
+        why = None
+        if tvs.is_lora(alias) != tvs.is_lora(canonical) or tvs.shape(alias) != tvs.shape(canonical):
+            why = "they differ in kind or shape"
+        else:
+            ia, ic = tvs.index(alias), tvs.index(canonical)
+            if (ia is None) != (ic is None) or (ia is not None and not torch.equal(ia, ic)):
+                why = "they hold different task-vector subsets"
+            else:
+                for i in range(tvs[alias].shape[0] if not tvs.is_lora(alias) else tvs.lora(alias)[0].shape[0]):
+                    if not torch.equal(tvs.dense(alias, i), tvs.dense(canonical, i)):
+                        why = f"task vector {i} ({tvs.names[i]!r}) differs between them"
+                        break
+        if why:
+            raise ValueError(f"{canonical!r} and {alias!r} are one tied tensor of the module, and the task vectors "
+                             f"name both with different updates ({why}); a tied tensor has one value: drop one "
+                             f"of the two names (e.g. task_vectors.subset(...)) or make them equal")
+
+
+def _check_backend_device(module: nn.Module, backend: str) -> None:
+    """``backend="triton"`` needs CUDA tensors (or Triton's CPU interpreter): refuse it here rather
+    than at the first forward, deep inside Triton."""
+    if backend != "triton":
+        return
+    from ._env import is_interpreter
+
+    if is_interpreter():
+        return
+    cpu = next((n for n, p in module.named_parameters() if p.device.type != "cuda"), None)
+    if cpu is not None:
+        dev = module.get_parameter(cpu).device
+        raise ValueError(f"backend='triton' needs the module on a CUDA device, but {cpu!r} is on {dev}; "
+                         f"use backend='torch' (or 'auto') on the CPU, move the module with .cuda(), or set "
+                         f"TRITON_INTERPRET=1 before importing for tiny tests on the CPU (very slow)")
 
 
 def _group_small_blocks(module: nn.Module) -> None:
@@ -133,6 +276,7 @@ def _group_small_blocks(module: nn.Module) -> None:
     largest set sharing device, storage dtype, theta0 dtype and scaled-or-not; the rest, if any,
     stay per block)."""
     sets = defaultdict(list)
+    seen = set()
     for _, m in module.named_modules():
         plist = getattr(m, "parametrizations", None)
         if not isinstance(plist, nn.ModuleDict):
@@ -141,6 +285,9 @@ def _group_small_blocks(module: nn.Module) -> None:
             for p in chain:
                 if not isinstance(p, AtlasParameter) or p.lora_a is not None or p.index is not None:
                     continue
+                if id(p) in seen:
+                    continue  # a tied block: one member, whichever owner reads it
+                seen.add(id(p))
                 theta0 = chain.original
                 if p.tau is None or theta0.numel() > SMALL_BLOCK_NUMEL or theta0.device != p.tau.device:
                     continue
@@ -221,9 +368,20 @@ def _check_blocks_exist(tvs: TaskVectors, params, buffers=frozenset()) -> None:
     if missing:
         hint = ""
         sample = missing[0]
-        for p in ("visual.", "module.", "model."):
-            if sample.startswith(p) and sample[len(p):] in params:
-                hint = f" (the task vectors carry a {p!r} prefix: build them with prefix={p!r})"
+        # Look at every missing name, not the first one (which sorts to a text-tower key of a
+        # whole-CLIP state dict): a prefix that maps many of them onto the module's names is the hint.
+        for p in ("visual.", "module.", "model.", "vision_model.", "model.visual."):
+            fits = [b for b in missing if b.startswith(p) and b[len(p):] in params]
+            if fits:
+                whole = any(not b.startswith(p) for b in missing)
+                what = "these look like whole-model task vectors; " if whole else ""
+                hint = (f" ({what}{len(fits)} of them are the module's names behind a {p!r} prefix: build the task "
+                        f"vectors with prefix={p!r}, or patch the whole model)")
+                break
+        dotted = [b for b in missing if b.startswith(".") and b[1:] in params]
+        if not hint and dotted:
+            hint = (f" (names such as {dotted[0]!r} start with a dot: the prefix given when building them lacked its "
+                    f"trailing dot; pass e.g. prefix='visual.' rather than prefix='visual')")
         if not hint and any(_join("visual", sample) == k or k.endswith("." + sample) for k in params):
             hint = " (the model holds it under a longer path: patch the submodule, e.g. model.visual)"
         raise ValueError(f"task vectors name {len(missing)} block(s) the model does not have, e.g. "
@@ -283,6 +441,12 @@ def is_patched(module: nn.Module) -> bool:
 def _state(module: nn.Module) -> dict:
     module = _unwrap(module)
     if not is_patched(module):
+        inside = [path for path, m in module.named_modules() if path and is_patched(m)]
+        if inside:
+            shown = ", ".join(f"module.{p}" for p in inside[:3])
+            raise RuntimeError(f"this module was not patched by atlas_kernels.patch, but {len(inside)} of its "
+                               f"submodules were: {shown}; pass that submodule (e.g. "
+                               f"atlas_kernels.coefficients(model.{inside[0]}))")
         raise RuntimeError("this module was not patched by atlas_kernels.patch (nothing to do)")
     return getattr(module, _STATE)
 
@@ -296,6 +460,7 @@ def coefficients(module: nn.Module, _check: bool = True) -> Dict[str, nn.Paramet
     if _check:
         _state(module)
     out: Dict[str, nn.Parameter] = {}
+    seen = set()  # a tied block is listed once, under its first name (as named_parameters() does)
     for path, m in module.named_modules():
         if isinstance(m, AtlasModule):
             for local, c in m.adapted_blocks().items():
@@ -304,7 +469,8 @@ def coefficients(module: nn.Module, _check: bool = True) -> Dict[str, nn.Paramet
         if isinstance(plist, nn.ModuleDict):
             for local, chain in plist.items():
                 for p in chain:
-                    if isinstance(p, AtlasParameter):
+                    if isinstance(p, AtlasParameter) and id(p.coef) not in seen:
+                        seen.add(id(p.coef))
                         out[_join(path, local)] = p.coef
     return out
 
@@ -326,7 +492,7 @@ def unpatch(module: nn.Module) -> nn.Module:
     for path, m in sorted(atlas, key=lambda pm: -pm[0].count(".")):
         orig = m._atlas_original
         for name in m.block_names:
-            theta0 = getattr(m, name)
+            theta0 = m._theta0(name)
             if theta0 is None:
                 continue
             value = m.merged(name)
@@ -335,6 +501,7 @@ def unpatch(module: nn.Module) -> nn.Module:
         if isinstance(orig, nn.MultiheadAttention):
             orig.out_proj = m.out_proj._atlas_original if isinstance(m.out_proj, AtlasModule) else m.out_proj
         _replace(module, path, orig)
+    merged = {}
     for path, m in list(module.named_modules()):
         plist = getattr(m, "parametrizations", None)
         if not isinstance(plist, nn.ModuleDict):
@@ -344,16 +511,22 @@ def unpatch(module: nn.Module) -> nn.Module:
             atlas_p = [p for p in chain if isinstance(p, AtlasParameter)]
             if not atlas_p:
                 continue
-            value = atlas_p[0].merged_from(chain.original, _join(path, local))
             _own_class(m)
+            if id(atlas_p[0]) in merged:  # a tied block, merged already through its first owner
+                parametrize.remove_parametrizations(m, local, leave_parametrized=False)
+                setattr(m, local, merged[id(atlas_p[0])])
+                continue
+            value = atlas_p[0].merged_from(chain.original, _join(path, local))
             parametrize.remove_parametrizations(m, local, leave_parametrized=False)
             param = getattr(m, local)
             param.data = value
+            merged[id(atlas_p[0])] = param
             param.requires_grad_(requires_grad.get(_join(path, local), True))
     for name, p in module.named_parameters():
         if name in requires_grad:
             p.requires_grad_(requires_grad[name])
     detach_guard(module)
+    _unfreeze_batchnorm(module, state.get("frozen_bn", ()))
     delattr(module, _STATE)
     return module
 
