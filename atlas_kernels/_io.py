@@ -143,6 +143,8 @@ def atomic_replace_dir(directory, files: Dict[str, bytes]) -> None:
     import shutil
 
     directory = os.path.abspath(os.fspath(directory))
+    if os.path.lexists(directory) and not os.path.isdir(directory):
+        raise NotADirectoryError(f"{directory!r} exists and is not a folder; a several-file artefact needs a folder")
     parent, base = os.path.split(directory)
     os.makedirs(parent, exist_ok=True)
     new = tempfile.mkdtemp(prefix="." + base + TMP_MARK, dir=parent)

@@ -6,6 +6,7 @@ converts it, and :func:`convert_checkpoint` converts one only with ``trust_pickl
 """
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 from collections.abc import Mapping
@@ -16,14 +17,38 @@ import torch
 __all__ = ["load_state_dict_file", "convert_checkpoint"]
 
 
+class PickledObjectError(ValueError):
+    """The file pickles Python objects (loading it would run code)."""
+
+
+def check_file(path, what: str = "checkpoint") -> None:
+    """A clear error for a path that is not a readable, non-empty file: missing, a directory, a
+    broken symlink or a symlink loop, or empty."""
+    if os.path.islink(path) and not os.path.exists(path):
+        try:
+            os.stat(path)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise ValueError(f"{what} {path!r} is a symbolic link loop (it points back to itself)") from None
+        raise FileNotFoundError(f"{what} {path!r} is a broken symbolic link (to {os.readlink(path)!r}, "
+                                f"which does not exist)")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} {path!r} does not exist")
+    if os.path.isdir(path):
+        raise ValueError(f"{what} {path!r} is a directory, not a file")
+    if not os.path.isfile(path):
+        raise ValueError(f"{what} {path!r} is not a regular file")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{what} {path!r} is empty (0 bytes): an interrupted download or copy?")
+
+
 def load_state_dict_file(path) -> Dict[str, torch.Tensor]:
     """A state dict from a safetensors file or a ``torch.save``'d dict, without running code.
 
     Accepts ``{"state_dict": {...}}`` wrappers. A pickled whole module is refused with the command
     that converts it."""
     path = str(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    check_file(path)
     with open(path, "rb") as fh:
         head = fh.read(16)
     if path.endswith(".safetensors") or (len(head) >= 9 and head[8:9] == b"{"):
@@ -36,7 +61,7 @@ def load_state_dict_file(path) -> Dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise ValueError(
+        raise PickledObjectError(
             f"{path!r} is not a plain state dict: it pickles Python objects (the paper's released checkpoints "
             f"are whole pickled modules), and loading it would run code from the file. If you trust it, "
             f"convert it once with `python -m atlas_kernels.task_vectors convert {path} OUT.safetensors "
@@ -69,7 +94,7 @@ def convert_checkpoint(src, dst, *, trust_pickle: bool = False) -> Dict[str, tor
     src = str(src)
     try:
         sd = load_state_dict_file(src)
-    except ValueError:
+    except PickledObjectError:
         if not trust_pickle:
             raise ValueError(f"{src!r} is a pickled object, not a state dict; loading it runs code from the file. "
                              f"Pass trust_pickle=True (CLI: --trust-pickle) only for files you trust.") from None

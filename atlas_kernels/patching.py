@@ -603,9 +603,12 @@ def load_coefficients(module: nn.Module, path, *, strict: bool = True) -> nn.Mod
     wrong task vector."""
     from safetensors import safe_open
 
+    from .checkpoints import check_file
+
     state = _state(module)
     coefs = coefficients(module)
     path = str(path)
+    check_file(path, "coefficient file")
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             meta = f.metadata() or {}

@@ -11,7 +11,8 @@ module at path ``P`` the weights file holds
 ``delta W = scaling * B @ A`` with ``scaling = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with
 ``use_rslora``), where ``r`` and ``lora_alpha`` may be overridden per module by ``rank_pattern`` and
 ``alpha_pattern`` (matched like PEFT's ``get_pattern_key``: the first pattern ``p``, in the config's
-order, for which ``re.match(rf"(.*\\.)?({p})$", P)`` holds).
+order, for which ``re.match(rf"(.*\\.)?({p})$", P)`` holds; decided without unbounded
+backtracking, see :mod:`atlas_kernels._peft_config`).
 
 :func:`read_peft_adapter` folds ``scaling`` into ``B`` (in float32) and names each update by the
 block it changes, ``P.weight``, so ``tau = B @ A`` is exactly PEFT's delta. Two layouts are mapped
@@ -39,6 +40,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
+
+from ._peft_config import check_values, pattern_value, read_config
 
 __all__ = ["read_peft_adapter", "write_peft_adapter", "match_blocks", "lora_scaling"]
 
@@ -76,45 +79,8 @@ def _locate(path) -> Tuple[str, str, str]:
     return directory, weights, config
 
 
-def _read_config(config: str) -> dict:
-    try:
-        with open(config, encoding="utf-8") as fh:
-            cfg = json.load(fh)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{config!r} is not readable JSON: {exc}") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{config!r}: expected a JSON object, got {type(cfg).__name__}")
-    peft_type = cfg.get("peft_type")
-    if str(peft_type).upper() != "LORA":
-        raise ValueError(f"{config!r}: key 'peft_type' is {peft_type!r}; only LoRA adapters (peft_type 'LORA') "
-                         f"are pure low-rank updates B @ A that can serve as task vectors")
-    if cfg.get("use_dora"):
-        raise ValueError(f"{config!r}: key 'use_dora' is true; DoRA rescales the weight's columns (a "
-                         f"magnitude vector), so its update is not B @ A and cannot be read as a LoRA task vector")
-    for key in ("r", "lora_alpha"):
-        v = cfg.get(key)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise ValueError(f"{config!r}: key {key!r} must be a positive number, got {v!r}")
-    for key in ("rank_pattern", "alpha_pattern"):
-        v = cfg.get(key) or {}
-        if not isinstance(v, dict):
-            raise ValueError(f"{config!r}: key {key!r} must map module patterns to numbers, got {type(v).__name__}")
-        for pat, num in v.items():
-            if isinstance(num, bool) or not isinstance(num, (int, float)) or not math.isfinite(num) or num <= 0:
-                raise ValueError(f"{config!r}: {key}[{pat!r}] must be a positive number, got {num!r}")
-            try:
-                re.compile(pat)
-            except re.error as exc:
-                raise ValueError(f"{config!r}: {key} pattern {pat!r} is not a regular expression: {exc}") from None
-    return cfg
-
-
-def _pattern_value(patterns: Mapping, module_path: str, default):
-    """PEFT's ``get_pattern_key``: the first pattern (in order) matching the end of the module path."""
-    for pat, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pat})$", module_path):
-            return value
-    return default
+_read_config = read_config
+_pattern_value = pattern_value
 
 
 def lora_scaling(config: Mapping, module_path: str) -> Tuple[int, float]:
@@ -123,7 +89,7 @@ def lora_scaling(config: Mapping, module_path: str) -> Tuple[int, float]:
     ``r`` / ``lora_alpha``; ``scaling = alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora``."""
     r = _pattern_value(config.get("rank_pattern"), module_path, config["r"])
     alpha = _pattern_value(config.get("alpha_pattern"), module_path, config["lora_alpha"])
-    scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    scaling = alpha / math.sqrt(r) if config.get("use_rslora") is True else alpha / r
     return int(r), float(scaling)
 
 
@@ -244,7 +210,7 @@ def read_peft_adapter(path, *, module_prefix: Optional[str] = None) -> Factors:
     # PEFT's nn.MultiheadAttention LoRA: P.lora_* is the in-projection, P.base_layer.out_proj.lora_* the out one.
     mha_paths = {p[: -len(".base_layer.out_proj")] for p in pairs if p.endswith(".base_layer.out_proj")}
     mha_paths &= set(pairs)
-    fan_in_fan_out = bool(cfg.get("fan_in_fan_out"))
+    fan_in_fan_out = cfg.get("fan_in_fan_out") is True
 
     out: Factors = {}
     for path_, slot in pairs.items():
@@ -274,6 +240,10 @@ def read_peft_adapter(path, *, module_prefix: Optional[str] = None) -> Factors:
             module_path = module_path[len(module_prefix):]
         a32 = a.detach().to(torch.float32)
         b32 = b.detach().to(torch.float32) * scaling
+        if not bool(torch.isfinite(b32).all()):
+            raise ValueError(f"{config_path!r}: the scaling lora_alpha / r = {scaling:.6g} of module {config_path_!r} "
+                             f"makes {kb!r} overflow float32 (its factor B is finite; check 'lora_alpha' / "
+                             f"'alpha_pattern' and 'r')")
         if fan_in_fan_out:
             a32, b32 = b32.t().contiguous(), a32.t().contiguous()
         block = module_path + (".in_proj_weight" if is_mha else ".weight")
@@ -323,6 +293,8 @@ def write_peft_adapter(directory, factors: Mapping, *, r: int, lora_alpha: float
         target = target_modules
     else:
         target = sorted(set(target_modules))
+    if isinstance(r, bool) or not isinstance(r, int):
+        raise TypeError(f"r must be an integer, got {r!r}")
     cfg = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "revision": None,
         "inference_mode": True, "r": int(r), "lora_alpha": lora_alpha, "lora_dropout": 0.0,
@@ -330,6 +302,7 @@ def write_peft_adapter(directory, factors: Mapping, *, r: int, lora_alpha: float
         "use_dora": False, "modules_to_save": None, "init_lora_weights": True, "layers_to_transform": None,
         "layers_pattern": None, "rank_pattern": dict(rank_pattern or {}), "alpha_pattern": dict(alpha_pattern or {}),
     }
+    check_values(cfg, "write_peft_adapter")
     mha = {b[: -len(".in_proj_weight")] for b in factors if b.endswith(".in_proj_weight")}
     tensors = {}
     for block, ab in factors.items():

@@ -56,10 +56,19 @@ def _storage_name(storage) -> str:
     raise ValueError(f"storage must be one of {sorted(STORAGES)}, got {storage!r}")
 
 
-def quantize(t: torch.Tensor, storage: str):
-    """One task vector's block (float) in ``storage``: ``(data, scale or None)``; scale is ``[R]``."""
+def quantize(t: torch.Tensor, storage: str, what: str = "a task vector"):
+    """One task vector's block (float) in ``storage``: ``(data, scale or None)``; scale is ``[R]``.
+    A finite value that overflows a float storage (|x| > 65504 in float16) is refused, naming the
+    storage and the largest value."""
     if storage not in _QMAX:
-        return t.to(STORAGES[storage]), None
+        out = t.to(STORAGES[storage])
+        if out.is_floating_point() and t.device.type != "meta" and out.numel() and not bool(torch.isfinite(out).all()) \
+                and bool(torch.isfinite(t).all()):
+            big = float(t.abs().max())
+            raise ValueError(f"{what} overflows {storage} storage: its largest magnitude is {big:.6g}, above "
+                             f"{storage}'s largest finite value {torch.finfo(STORAGES[storage]).max:.6g}; use "
+                             f"storage='bfloat16', 'float32' or 'int8' (scaled) for it")
+        return out, None
     t = t.float()
     r = scale_rows(t.shape)
     rows = t.reshape(r, -1)
@@ -306,7 +315,8 @@ class TaskVectors:
             return self
         slabs, scales = {}, {}
         for b, slab in self._slabs.items():
-            parts = [quantize(dequantize_one(slab[i], self._scales[b][i] if b in self._scales else None), storage)
+            parts = [quantize(dequantize_one(slab[i], self._scales[b][i] if b in self._scales else None), storage,
+                              f"block {b!r} of task vector {self._names[i]!r}")
                      for i in range(slab.shape[0])]
             slabs[b] = torch.stack([p[0] for p in parts])
             if parts[0][1] is not None:
@@ -484,7 +494,7 @@ class TaskVectors:
                                      f"state dict has {tuple(p.shape)}")
                 tau = f.float() - p.float()
                 _check_finite(tau, f"block {k!r} of {label} (fine-tuned minus pre-trained)")
-                q, sc = quantize(tau, storage)
+                q, sc = quantize(tau, storage, f"block {k!r} of {label} (fine-tuned minus pre-trained)")
                 if k not in slabs:
                     slabs[k] = torch.empty((n, *p.shape), dtype=q.dtype, device=q.device)
                     if sc is not None:
@@ -520,6 +530,7 @@ class TaskVectors:
             "storage": self._storage,
             "crc32": json.dumps({k: _crc(v) for k, v in tensors.items()}),
         }
+        meta[_META_CRC] = str(_meta_crc(meta))  # the metadata is checked too, not only the tensors
         atomic_save_safetensors(tensors, str(path), metadata=meta)
 
     @classmethod
@@ -528,8 +539,9 @@ class TaskVectors:
         from safetensors import safe_open
 
         path = str(path)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"task-vector file {path!r} does not exist")
+        from .checkpoints import check_file
+
+        check_file(path, "task-vector file")
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
                 meta = f.metadata() or {}
@@ -539,11 +551,23 @@ class TaskVectors:
                 if meta.get("version") != _VERSION:
                     raise ValueError(f"{path!r}: task-vector file version {meta.get('version')!r} is not "
                                      f"supported (expected {_VERSION!r})")
-                names = json.loads(meta["names"])
-                blocks = json.loads(meta["blocks"])
-                shapes = json.loads(meta["shapes"])
-                crcs = json.loads(meta.get("crc32", "{}"))
+                if verify and _META_CRC in meta and meta[_META_CRC] != str(_meta_crc(meta)):
+                    raise ValueError(f"{path!r}: the metadata fails its CRC32 check (names, blocks, shapes, "
+                                     f"storage or the tensor checksums were changed): the file is corrupted")
+                names = _meta_json(meta, "names", list, path)
+                blocks = _meta_json(meta, "blocks", list, path)
+                shapes = _meta_json(meta, "shapes", dict, path)
+                crcs = _meta_json(meta, "crc32", dict, path, default="{}")
                 keys = set(f.keys())
+                listed = {p + b for b in blocks for p in ("tau/", "scale/", "lora_a/", "lora_b/", "index/")}
+                unlisted = sorted(keys - listed)
+                if unlisted:
+                    raise ValueError(f"{path!r} holds {len(unlisted)} tensor(s) for blocks its metadata 'blocks' "
+                                     f"does not list, e.g. {unlisted[:3]}: refusing to drop them silently "
+                                     f"(the file is corrupted or was edited)")
+                missing_shape = [b for b in blocks if b not in shapes]
+                if missing_shape:
+                    raise ValueError(f"{path!r}: metadata 'shapes' has no entry for block(s) {missing_shape[:3]}")
                 slabs, scales = {}, {}
                 lora, index = {}, {}
                 for b in blocks:
@@ -578,7 +602,11 @@ class TaskVectors:
             for key, t in checks:
                 if key not in crcs or _crc(t) != crcs[key]:
                     raise ValueError(f"{path!r}: tensor {key!r} fails its CRC32 check: the file is corrupted")
-        tv = cls(slabs, names, scales, lora=lora, index=index, n=int(meta.get("n", len(names))))
+        try:
+            n_meta = int(meta.get("n", len(names)))
+        except ValueError:
+            raise ValueError(f"{path!r}: metadata key 'n' must be an integer, got {meta.get('n')!r}") from None
+        tv = cls(slabs, names, scales, lora=lora, index=index, n=n_meta)
         tv._order = list(blocks)
         if meta.get("storage") != tv.storage:
             raise ValueError(f"{path!r}: metadata says storage {meta.get('storage')!r}, tensors are {tv.storage}")
@@ -586,6 +614,31 @@ class TaskVectors:
 
 
 # --------------------------------------------------------------------------- helpers
+_META_CRC = "metadata_crc32"
+
+
+def _meta_crc(meta: Mapping[str, str]) -> int:
+    """CRC32 of every metadata entry but itself, in a fixed order."""
+    body = json.dumps({k: v for k, v in meta.items() if k != _META_CRC}, sort_keys=True)
+    return zlib.crc32(body.encode("utf-8")) & 0xFFFFFFFF
+
+
+def _meta_json(meta: Mapping[str, str], key: str, kind, path: str, default=None):
+    """Metadata entry ``key`` parsed as JSON of type ``kind``; errors name the file and the key."""
+    raw = meta.get(key, default)
+    if raw is None:
+        raise ValueError(f"{path!r}: task-vector metadata lacks key {key!r}")
+    try:
+        val = json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"{path!r}: task-vector metadata key {key!r} is not valid JSON ({exc}): "
+                         f"{raw[:80]!r}") from None
+    if not isinstance(val, kind):
+        raise ValueError(f"{path!r}: task-vector metadata key {key!r} must be a JSON {kind.__name__}, "
+                         f"got {type(val).__name__}")
+    return val
+
+
 def _crc(t: torch.Tensor) -> int:
     return zlib.crc32(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()) & 0xFFFFFFFF
 

@@ -8,7 +8,6 @@ coefficients overflows float32.)
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -78,10 +77,6 @@ def skip_report(skipped: int, steps: int) -> Optional[Dict[str, object]]:
            f"{SKIP_WARN_FRACTION:.0%}) because the gradients overflowed at the current loss scale; the "
            f"coefficients trained on few or no steps. Use --precision bf16 or fp32, or a lower --lr.")
     return {"skipped_steps": skipped, "steps": steps, "fraction": frac, "warning": msg}
-
-
-def is_finite(x: float) -> bool:
-    return math.isfinite(x)
 
 
 def nonfinite_blocks(coefs: Mapping[str, torch.Tensor]) -> List[str]:
