@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Dict, NamedTuple, Optional, Tuple
 
@@ -33,7 +34,9 @@ log = logging.getLogger("atlas_kernels")
 def _read_object(path: str):
     """``torch.load(weights_only=True)`` first; the restricted reader for what it refuses."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about protocols of plain pickles it then refuses
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as first:  # pickled modules, plain pickle.dump files, legacy files with modules
         try:
             return safe_pickle.restricted_load(path)
