@@ -171,8 +171,13 @@ def report(tvs, out) -> None:
     for b in tvs.blocks:
         slab = tvs[b]
         sc = tvs.scale(b)
+        if sc is None:
+            x = slab.reshape(n, -1).float()
+            rows = (x * x).sum(dim=1, dtype=torch.float64).tolist()
+        else:
+            rows = [float(tvs.dense(b, i).double().pow(2).sum()) for i in range(n)]
         for i in range(n):
-            sq[i] += float(tvs.dense(b, i).double().pow(2).sum())
+            sq[i] += rows[i]
             size[i] += slab[i].numel() * slab.element_size() + (0 if sc is None else sc[i].numel() * 4)
     for i, name in enumerate(tvs.names):
         print(f"  {name:<16} |tau| = {sq[i] ** 0.5:.6g}   {size[i] / 2**20:.1f} MiB ({tvs.storage})", file=out)

@@ -174,7 +174,7 @@ class _Rebuilders:
             raise RefusedPickle(f"tensor of size {size} views {numel:,} elements of a storage of "
                                 f"{flat.numel():,} (refused: it would expand past the file's data)")
         self.reader.budget.take()
-        return flat.as_strided(size, stride, offset)
+        return flat.as_strided(size, stride, flat.storage_offset() + offset)  # offsets count from the storage
 
     def tensor_v1(self, storage, offset, size, stride):
         return self.tensor(storage, offset, size, stride)
@@ -360,6 +360,7 @@ class _Reader:
     def __init__(self, fh, size: int, *, budget: Optional[_Budget] = None, nested: int = 0):
         self.fh, self.size, self.nested = fh, size, nested
         self.budget = budget or _Budget()
+        self._arena, self._used = None, 0
         self.globals: Dict[tuple, Any] = {}
         rb = _Rebuilders(self)
         self._impl = {
@@ -402,6 +403,19 @@ class _Reader:
             return self._impl.get((func.module, func.qualname))
         return None
 
+    def _alloc(self, nbytes: int) -> torch.Tensor:
+        """Storage bytes carved from one buffer sized by the file: one large allocation per file,
+        returned to the system when the file's tensors go (many separate storage-sized allocations
+        fragment the heap, and a long import then holds several checkpoints' worth of freed memory)."""
+        start = -(-self._used // 64) * 64
+        if self._arena is None or start + nbytes > self._arena.numel():
+            return torch.empty(nbytes, dtype=torch.uint8)  # beyond the file's size: on its own
+        self._used = start + nbytes
+        return self._arena[start:start + nbytes]
+
+    def _make_arena(self, nbytes: int) -> None:
+        self._arena, self._used = torch.empty(nbytes, dtype=torch.uint8), 0
+
     # ------------------------------------------------------------------ formats
     def _unpickle(self, fh, persistent_load=None):
         return _Unpickler(fh, self, persistent_load).load()
@@ -421,6 +435,7 @@ class _Reader:
         if info.file_size > MAX_PICKLE_BYTES:
             raise RefusedPickle(f"data.pkl is {info.file_size:,} bytes (limit {MAX_PICKLE_BYTES:,})")
         storages: Dict[str, _Storage] = {}
+        self._make_arena(sum(i.file_size + 64 for i in zf.infolist() if i.filename.startswith(root + "data/")))
 
         def persistent_load(pid):
             if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] in ("storage", b"storage")):
@@ -439,10 +454,16 @@ class _Reader:
             if ri.compress_type != zipfile.ZIP_STORED or ri.file_size != nbytes:
                 raise RefusedPickle(f"storage record {rec!r} holds {ri.file_size} bytes "
                                     f"(compression {ri.compress_type}); its reference says {nbytes}")
-            data = torch.empty(nbytes, dtype=torch.uint8)
-            with zf.open(ri) as fh:
-                if nbytes and fh.readinto(memoryview(data.numpy())) != nbytes:
-                    raise RefusedPickle(f"storage record {rec!r} is short (truncated file?)")
+            data = self._alloc(nbytes)
+            # a stored (uncompressed) record is read in place: past its local header, one copy
+            self.fh.seek(ri.header_offset)
+            local = self.fh.read(30)
+            if len(local) != 30 or local[:4] != b"PK\x03\x04":
+                raise RefusedPickle(f"storage record {rec!r} has a broken header (corrupted file?)")
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+            self.fh.seek(ri.header_offset + 30 + name_len + extra_len)
+            if nbytes and self.fh.readinto(memoryview(data.numpy())) != nbytes:
+                raise RefusedPickle(f"storage record {rec!r} is short (truncated file?)")
             storages[key] = _Storage(stype.dtype, data)
             return storages[key]
 
@@ -460,6 +481,7 @@ class _Reader:
             raise RefusedPickle("big-endian checkpoints are not supported")
         storages: Dict[Any, _Storage] = {}
         declared = [0]
+        self._make_arena(self.size + 64 * 1024)
 
         def persistent_load(pid):
             if not isinstance(pid, tuple) or not pid:
@@ -480,7 +502,7 @@ class _Reader:
                 if declared[0] > self.size:
                     raise RefusedPickle(f"storages declare {declared[0]:,} bytes, more than the file's "
                                         f"{self.size:,} (truncated or hostile file)")
-                storages[key] = _Storage(stype.dtype, torch.empty(nbytes, dtype=torch.uint8))
+                storages[key] = _Storage(stype.dtype, self._alloc(nbytes))
             return storages[key]
 
         result = self._unpickle(self.fh, persistent_load)
