@@ -238,3 +238,58 @@ def test_import_linearised_files(published, tmp_path, capsys, monkeypatch):
     assert main(args + ["--prefix", "model.visual."]) == 0
     assert seen and (tmp_path / "t.linear.safetensors").is_file()
     assert ak.TaskVectors.load(str(tmp_path / "t.linear.safetensors")).names == ["DTD"]
+
+
+def test_train_with_published_weights_and_head(published, tmp_path, capsys):
+    """--weights zeroshot.pt (an ImageEncoder without its text transformer) and --head head_Cars.pt:
+    training runs, and the zero-shot accuracy it reports is the head's own on the validation set."""
+    from PIL import Image
+
+    from atlas_kernels._tv_cli import main as tv_main
+    from atlas_kernels.train.cli import main as train_main
+    from atlas_kernels.train.model import build_model, head_logits, load_task_heads
+
+    d, tv = published["dir"], published["tv"]
+    cfg = str(d / "tiny-vit.json")
+    assert tv_main(["import", str(tv), "--model-config", cfg, "--out", str(tmp_path / "tvs.safetensors"),
+                    "--datasets", "Cars", "DTD"]) == 0
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        for j, c in enumerate(("a", "b", "c")):  # head_Cars has 3 classes
+            (data / split / c).mkdir(parents=True)
+            for k in range(2):
+                Image.new("RGB", (32, 32), (80 * j + 20 * k, 90, 200 - 60 * j)).save(data / split / c / f"{k}.png")
+    base = ["--model-config", cfg, "--weights", str(tv / "zeroshot.pt"), "--task-vectors",
+            str(tmp_path / "tvs.safetensors"), "--objective", "fewshot", "--train", str(data / "train"),
+            "--val", str(data / "val"), "--epochs", "1", "--batch-size", "3", "--workers", "0", "--quiet",
+            "--precision", "fp32"]
+    # without --head the missing text tower is an error, not random zero-shot heads
+    assert train_main(base + ["--out", str(tmp_path / "r0")]) == 2
+    assert "no text tower" in capsys.readouterr().err
+    assert train_main(base + ["--head", str(tv / "head_DTD.pt"), "--out", str(tmp_path / "r1")]) == 2
+    assert "4 classes" in capsys.readouterr().err
+    assert train_main(base + ["--head", str(tv / "head_Cars.pt"), "--out", str(tmp_path / "r2")]) == 0
+    metrics = json.loads((tmp_path / "r2" / "metrics.json").read_text())
+    zs = metrics["zero_shot"] if "zero_shot" in metrics else metrics["history"][0]
+
+    # the same accuracy by hand: the published weights' image tower and the head, no text tower
+    model = build_model("tiny-vit", str(tv / "zeroshot.pt"), text_tower=False)
+    from atlas_kernels.train import data as D
+
+    pre = D.model_preprocess(model)
+    _, samples = D.scan_image_folder(str(data / "val"), "val")
+
+    class T:
+        classnames, name = ["a", "b", "c"], "val"
+    head = load_task_heads([str(tv / "head_Cars.pt")], [T], model, "cpu")[0]
+    x = torch.stack([pre.eval(Image.open(p).convert("RGB")) for p, _ in samples])
+    y = torch.tensor([lab for _, lab in samples])
+    with torch.no_grad():
+        logits = head_logits(head, model.visual(x), 1.0)
+        ref = model.visual(x).float()
+        ref = (ref / ref.norm(dim=-1, keepdim=True)) @ head.weight.T + head.bias
+    assert torch.allclose(logits, ref, atol=1e-5)
+    got = list(zs.values())[0]
+    assert round(got["acc"] * len(y)) == int((logits.argmax(-1) == y).sum()), (got, logits)
+    loss = float(torch.nn.functional.cross_entropy(logits, y))
+    assert abs(got["loss"] - loss) < 1e-4 * max(1.0, loss), (got, loss)
