@@ -7,11 +7,12 @@ classes of the version that wrote them), from the restricted reader in
 the file. A file from which no state dict can be recovered is refused, naming what it holds.
 
 Image towers: :func:`select_tower` keeps the keys under a prefix (``"model.visual."`` for an
-``ImageEncoder``, ``"visual."`` for an open_clip CLIP); ``prefix="auto"`` finds it. Parameter names
-of open_clip's image towers (ViT and ModifiedResNet) are the same in every open_clip release from
-0.2 to 3.x (checked in its history: only activation and dropout modules, which hold no tensors, were
-renamed), so names need no mapping; the task-vector import checks every name and shape against the
-open_clip model it targets.
+``ImageEncoder``, ``"visual."`` for an open_clip CLIP); ``prefix="auto"`` finds it. The names of the
+tensors of open_clip's image towers (ViT and ModifiedResNet) are the same in open_clip 0.2.1, 1.3.0,
+2.0.2, 2.10.1, 2.20.0 and 3.3.0 (checked in its history: only activation and dropout modules,
+which hold no tensors, were renamed, e.g. ``relu`` -> ``act1``), so no key mapping is needed; the
+task-vector import checks every name and shape against the open_clip model it targets, so a
+future rename fails loudly instead of mismatching.
 """
 from __future__ import annotations
 

@@ -163,6 +163,18 @@ def test_recovered_state_dict_matches_and_skips_non_persistent(published):
     assert {"model.token_embedding.weight", "model.logit_scale", "model.text_projection"} <= set(sd)
     pre = ak.load_state_dict_file(published["tv"] / "zeroshot.pt")
     assert set(pre) == {"model." + k for k in published["pre"]}
+    # the transforms, the enum and the plain function were recorded as stand-ins, never resolved
+    from atlas_kernels import safe_pickle
+
+    enc = safe_pickle.restricted_load(published["tv"] / "zeroshot.pt")
+    assert enc.cls.name == "src.modeling.ImageEncoder"
+    compose = enc.state["train_preprocess"]
+    assert compose.cls.name == "torchvision.transforms.transforms.Compose"
+    steps = compose.state["transforms"]
+    assert steps[2].name == "open_clip.transform._convert_to_rgb"
+    mode = steps[0].state["interpolation"]
+    assert mode.how == "call" and mode.cls.name == "torchvision.transforms.functional.InterpolationMode"
+    assert enc.state["_modules"]["model"].state["_modules"]["visual"].cls.name == "open_clip.model.VisualTransformer"
     assert all(torch.equal(pre["model." + k], v) for k, v in published["pre"].items())
 
 

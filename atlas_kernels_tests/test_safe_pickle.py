@@ -194,3 +194,20 @@ def test_limits_against_hostile_sizes(tmp_path):
     torch.save(os.path.join, tmp_path / "fn.pt")
     with pytest.raises(ValueError, match=r"posixpath\.join \(a class or function"):
         ak.load_state_dict_file(tmp_path / "fn.pt")
+
+
+def test_find_tower_prefix():
+    from atlas_kernels.checkpoints import find_tower_prefix, select_tower
+
+    t = torch.zeros(1)
+    assert find_tower_prefix({"visual.conv1.weight": t, "token_embedding.weight": t}) == "visual."
+    assert find_tower_prefix({"model.visual.proj": t, "model.logit_scale": t}) == "model.visual."
+    assert find_tower_prefix({"module.model.visual.proj": t}) == "module.model.visual."
+    assert find_tower_prefix({"conv1.weight": t, "class_embedding": t}) == ""
+    assert find_tower_prefix({"avisual.x": t, "conv1.weight": t}) == ""  # 'visual.' must start a key part
+    with pytest.raises(ValueError, match="several image towers"):
+        find_tower_prefix({"a.visual.x": t, "b.visual.x": t})
+    with pytest.raises(ValueError, match="no image tower"):
+        find_tower_prefix({"encoder.layer.0.weight": t})
+    kept, dropped, used = select_tower({"model.visual.proj": t, "model.logit_scale": t}, "auto")
+    assert used == "model.visual." and list(kept) == ["proj"] and list(dropped) == ["model.logit_scale"]
