@@ -24,14 +24,14 @@ from .planner import MemoryEstimate, estimate_memory
 from .modules import AtlasLinear, AtlasMultiheadAttention, AtlasParameter
 from .partitions import Partition
 from .patching import coefficients, is_patched, load_coefficients, patch, save_coefficients, unpatch
-from .checkpoints import convert_checkpoint, load_state_dict_file
+from .checkpoints import Head, convert_checkpoint, load_head, load_state_dict_file
 from .state_dicts import load_plain_state_dict
 from .task_vectors import STORAGES, TaskVectors
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "TaskVectors", "STORAGES", "convert_checkpoint", "load_state_dict_file",
+    "TaskVectors", "STORAGES", "convert_checkpoint", "load_state_dict_file", "load_head", "Head",
     "patch", "unpatch", "is_patched", "coefficients", "save_coefficients", "load_coefficients",
     "AtlasLinear", "AtlasMultiheadAttention", "AtlasParameter", "Partition", "__version__",
     "select_task_vectors", "budget_report", "estimate_memory", "MemoryEstimate",

@@ -2,15 +2,16 @@
 
 Subcommands::
 
+    import   ROOT --model ViT-B-32 --out tvs.safetensors [--datasets Cars DTD ...]
+             [--storage float16] [--heads DIR] [--prefix auto]
     build    --pretrained P --finetuned F1 F2 ... --out tvs.safetensors
-             [--storage float32|bfloat16|float16] [--prefix visual.] [--names A B ...]
-    convert  OLD.pt NEW.safetensors [--trust-pickle]
+             [--storage float32|bfloat16|float16] [--prefix visual.|auto] [--names A B ...]
+    convert  OLD.pt NEW.safetensors [--prefix auto]
     info     tvs.safetensors
 
-``build`` reads state dicts only (safetensors, or ``torch.load(weights_only=True)``); a checkpoint
-that is a pickled whole module is refused with a message pointing at ``convert``. ``convert`` is the
-one place that unpickles, and only with ``--trust-pickle``: unpickling runs code from the file, so
-use it only on files you trust (for example the task-vector papers' released checkpoints).
+Every command reads checkpoints without running code from them: safetensors, torch files read
+with ``weights_only=True``, and pickled whole modules (the task-vector papers' released
+checkpoints) through a restricted reader that imports and calls nothing from the file.
 
 Exit status: 0 on success, 2 on a usage or input error (the message says what to fix).
 """
@@ -34,11 +35,34 @@ def _fmt_bytes(n: int) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
-        description="Build task-vector files from state-dict checkpoints, or convert the pickled "
-        "whole-module checkpoints of the task-vector papers into safetensors state dicts.",
+        description="Build task-vector files from checkpoints (state dicts, or the pickled "
+        "whole-module checkpoints of the task-vector papers, read without running code).",
     )
-    sub = p.add_subparsers(dest="command", metavar="{build,convert,info}")
+    sub = p.add_subparsers(dest="command", metavar="{import,build,convert,info}")
     sub.required = True
+
+    m = sub.add_parser(
+        "import",
+        help="a folder of published checkpoints -> one task-vector file",
+        description="Import a folder of published checkpoints: ROOT/zeroshot.pt with "
+        "ROOT/<Dataset>/finetuned.pt (task_vectors), or ROOT/<Dataset>Val/{zeroshot,finetuned}.pt "
+        "(the aTLAS code). Checks every image tower against --model, prints each task vector's "
+        "norm and size, warns about identical task vectors. Nothing in the files is run.",
+    )
+    m.add_argument("root", metavar="ROOT", help="checkpoint folder (one backbone)")
+    m.add_argument("--model", default=None, help="open_clip model name the checkpoints belong to, e.g. ViT-B-32")
+    m.add_argument("--model-config", default=None, metavar="JSON",
+                   help="an open_clip model config file to register (its stem is the model name)")
+    m.add_argument("--out", required=True, metavar="OUT", help="output task-vector file (.safetensors)")
+    m.add_argument("--datasets", nargs="+", default=None, metavar="NAME",
+                   help="only these datasets, in this order (default: every folder, sorted)")
+    m.add_argument("--storage", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="dtype the task vectors are stored in (default float32)")
+    m.add_argument("--heads", default=None, metavar="DIR",
+                   help="also write each dataset's classification head as DIR/head_<Dataset>.safetensors "
+                   "(for the training CLI's --head)")
+    m.add_argument("--prefix", default="auto",
+                   help="image-tower prefix in the checkpoints (default auto: visual., model.visual. ...)")
 
     b = sub.add_parser(
         "build",
@@ -55,21 +79,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype the task vectors are stored in (default: the library's default)")
     b.add_argument("--prefix", default=None,
                    help="keep only keys starting with this prefix and strip it, e.g. 'visual.' for "
-                   "an open_clip image tower (default: the library's default)")
+                   "an open_clip image tower, 'model.visual.' for the papers' ImageEncoder files, or "
+                   "'auto' to find the image tower (default: every key)")
     b.add_argument("--names", nargs="+", default=None, metavar="NAME",
                    help="one name per fine-tuned checkpoint (default: derived from file names)")
 
     c = sub.add_parser(
         "convert",
-        help="pickled whole-module checkpoint -> safetensors state dict (needs --trust-pickle)",
-        description="Convert a checkpoint saved with torch.save(module) (as the task-vector papers "
-        "released them) into a safetensors state dict. Loading such a file unpickles it, which runs "
-        "code from the file: this happens only with --trust-pickle. Use it only on files you trust.",
+        help="any checkpoint (also a pickled whole module) -> safetensors state dict",
+        description="Convert a checkpoint (a state dict, or a module saved with torch.save(module) "
+        "as the task-vector papers released them) into a safetensors state dict. The file is read "
+        "by a restricted reader: nothing in it is imported or run.",
     )
     c.add_argument("src", metavar="OLD.pt")
     c.add_argument("dst", metavar="NEW.safetensors")
-    c.add_argument("--trust-pickle", action="store_true",
-                   help="allow unpickling SRC (runs code from the file; only for files you trust)")
+    c.add_argument("--prefix", default=None,
+                   help="keep only keys under this prefix, stripped (auto: the image tower)")
 
     i = sub.add_parser("info", help="print the names, blocks and size of a task-vector file")
     i.add_argument("path", metavar="TVS.safetensors")
@@ -95,9 +120,15 @@ def _cmd_build(args, out) -> int:
 def _cmd_convert(args, out) -> int:
     from atlas_kernels.checkpoints import convert_checkpoint
 
-    convert_checkpoint(args.src, args.dst, trust_pickle=bool(args.trust_pickle))
-    print(f"wrote {args.dst} (safetensors state dict) from {args.src}", file=out)
+    sd = convert_checkpoint(args.src, args.dst, prefix=args.prefix)
+    print(f"wrote {args.dst} (safetensors state dict, {len(sd)} tensors) from {args.src}", file=out)
     return 0
+
+
+def _cmd_import(args, out) -> int:
+    from ._tv_import import run_import
+
+    return run_import(args, out)
 
 
 def _cmd_info(args, out) -> int:
@@ -116,15 +147,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 2 input error). ``argv`` excludes the program."""
     parser = build_parser()
     args = parser.parse_args(None if argv is None else list(argv))
-    cmd = {"build": _cmd_build, "convert": _cmd_convert, "info": _cmd_info}[args.command]
+    cmd = {"build": _cmd_build, "convert": _cmd_convert, "info": _cmd_info, "import": _cmd_import}[args.command]
     try:
         return cmd(args, sys.stdout)
     except (ValueError, TypeError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
         msg = str(e) or type(e).__name__
-        if args.command == "convert" and not args.trust_pickle and "pickle" in msg.lower() \
-                and "--trust-pickle" not in msg:
-            msg += ("\n(refused without --trust-pickle: unpickling runs code from the file; "
-                    "add --trust-pickle only for a file you trust)")
         print(f"{PROG} {args.command}: error: {msg}", file=sys.stderr)
         return 2
 

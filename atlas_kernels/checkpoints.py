@@ -1,24 +1,53 @@
 """Reading checkpoints without running code.
 
-State dicts come from safetensors files or from ``torch.load(weights_only=True)``; a pickled whole
-module (the format of the task-vector papers' released checkpoints) is refused with the command that
-converts it, and :func:`convert_checkpoint` converts one only with ``trust_pickle=True``.
+State dicts come from safetensors files, from ``torch.load(weights_only=True)``, or, for the pickled
+whole modules the task-vector papers released (``src.modeling.ImageEncoder`` holding open_clip
+classes of the version that wrote them), from the restricted reader in
+:mod:`atlas_kernels.safe_pickle`: it needs none of those classes importable and calls nothing from
+the file. A file from which no state dict can be recovered is refused, naming what it holds.
+
+Image towers: :func:`select_tower` keeps the keys under a prefix (``"model.visual."`` for an
+``ImageEncoder``, ``"visual."`` for an open_clip CLIP); ``prefix="auto"`` finds it. The names of the
+tensors of open_clip's image towers (ViT and ModifiedResNet) are the same in open_clip 0.2.1, 1.3.0,
+2.0.2, 2.10.1, 2.20.0 and 3.3.0 (checked in its history: only activation and dropout modules,
+which hold no tensors, were renamed, e.g. ``relu`` -> ``act1``), so no key mapping is needed; the
+task-vector import checks every name and shape against the open_clip model it targets, so a
+future rename fails loudly instead of mismatching.
 """
 from __future__ import annotations
 
 import errno
+import logging
 import os
-import pickle
+import warnings
 from collections.abc import Mapping
-from typing import Dict
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 
-__all__ = ["load_state_dict_file", "convert_checkpoint"]
+from . import safe_pickle
+
+__all__ = ["load_state_dict_file", "convert_checkpoint", "load_head", "Head", "select_tower",
+           "find_tower_prefix"]
+
+log = logging.getLogger("atlas_kernels")
 
 
-class PickledObjectError(ValueError):
-    """The file pickles Python objects (loading it would run code)."""
+def _read_object(path: str):
+    """``torch.load(weights_only=True)`` first; the restricted reader for what it refuses."""
+    try:
+        with warnings.catch_warnings():  # torch warns about protocols of plain pickles it then refuses
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as first:  # pickled modules, plain pickle.dump files, legacy files with modules
+        try:
+            return safe_pickle.restricted_load(path)
+        except safe_pickle.RefusedPickle as exc:
+            raise ValueError(f"{path!r} could not be read safely (nothing in it was run): {exc}") from None
+        except Exception as exc:
+            raise ValueError(f"{path!r} could not be read as a checkpoint (truncated or corrupted?): "
+                             f"{str(first).splitlines()[0] if str(first) else type(first).__name__}; "
+                             f"restricted reader: {exc}") from None
 
 
 def check_file(path, what: str = "checkpoint") -> None:
@@ -43,10 +72,13 @@ def check_file(path, what: str = "checkpoint") -> None:
 
 
 def load_state_dict_file(path) -> Dict[str, torch.Tensor]:
-    """A state dict from a safetensors file or a ``torch.save``'d dict, without running code.
+    """A state dict from a safetensors file or a torch file, without running code from it.
 
-    Accepts ``{"state_dict": {...}}`` wrappers. A pickled whole module is refused with the command
-    that converts it."""
+    Torch files: a saved dict (also under a ``state_dict`` / ``model_state_dict`` / ``model`` key) or
+    a pickled whole module (zip, legacy or plain-pickle format), whose parameters and persistent
+    buffers are recovered under their ``module.state_dict()`` names. Nothing in the file is imported
+    or called; a file holding no tensors (a bare call, a function, an empty module) is refused with a
+    message naming what it holds."""
     path = str(path)
     check_file(path)
     with open(path, "rb") as fh:
@@ -58,52 +90,142 @@ def load_state_dict_file(path) -> Dict[str, torch.Tensor]:
             return load_file(path)
         except Exception as exc:
             raise ValueError(f"{path!r} is not a readable safetensors file (truncated or corrupted?): {exc}") from exc
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise PickledObjectError(
-            f"{path!r} is not a plain state dict: it pickles Python objects (the paper's released checkpoints "
-            f"are whole pickled modules), and loading it would run code from the file. If you trust it, "
-            f"convert it once with `python -m atlas_kernels.task_vectors convert {path} OUT.safetensors "
-            f"--trust-pickle` (or atlas_kernels.convert_checkpoint(src, dst, trust_pickle=True)). "
-            f"Details: {str(exc).splitlines()[0]}") from None
-    except Exception as exc:
-        raise ValueError(f"{path!r} could not be read as a checkpoint (truncated or corrupted?): {exc}") from exc
-    return _unwrap(obj, path)
+    return _unwrap(_read_object(path), path)
 
 
-def _unwrap(obj, path):
-    if isinstance(obj, Mapping):
-        for key in ("state_dict", "model_state_dict", "model"):
-            inner = obj.get(key)
-            if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
-                obj = inner
-                break
-        if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-            return dict(obj)
+def _unwrap(obj, path) -> Dict[str, torch.Tensor]:
+    sd = safe_pickle.state_dict_from_object(obj)
+    if sd:
+        return sd
+    if isinstance(obj, Mapping) and obj:
         bad = next(((k, v) for k, v in obj.items() if not isinstance(v, torch.Tensor)), None)
-        what = f"key {bad[0]!r} holds a {type(bad[1]).__name__}" if bad else "it is empty"
-        raise ValueError(f"{path!r} is not a state dict (a mapping from names to tensors): {what}")
-    raise ValueError(f"{path!r} is not a state dict: it holds a {type(obj).__name__}")
+        if bad is not None:
+            raise ValueError(f"{path!r} is not a state dict (a mapping from names to tensors): key {bad[0]!r} "
+                             f"holds {safe_pickle.describe(bad[1])}")
+    raise ValueError(f"{path!r} is not a state dict and holds none: it holds {safe_pickle.describe(obj)}")
 
 
-def convert_checkpoint(src, dst, *, trust_pickle: bool = False) -> Dict[str, torch.Tensor]:
-    """Turn a checkpoint (state dict, or a pickled whole module as the paper releases) into a
-    safetensors state dict at ``dst``. Unpickling a module runs code from the file, so it is done only
-    with ``trust_pickle=True``."""
-    src = str(src)
-    try:
-        sd = load_state_dict_file(src)
-    except PickledObjectError:
-        if not trust_pickle:
-            raise ValueError(f"{src!r} is a pickled object, not a state dict; loading it runs code from the file. "
-                             f"Pass trust_pickle=True (CLI: --trust-pickle) only for files you trust.") from None
-        obj = torch.load(src, map_location="cpu", weights_only=False)
-        if isinstance(obj, torch.nn.Module):
-            obj = obj.state_dict()
-        sd = _unwrap(obj, src)
+# ------------------------------------------------------------------------------- image towers
+_TOWER_MARKERS = ("conv1.weight", "class_embedding", "attnpool.c_proj.weight", "trunk.")
+
+
+def find_tower_prefix(sd: Mapping) -> str:
+    """The prefix of the image tower in a CLIP-shaped state dict: the shortest key part ending in
+    ``visual.`` (``visual.``, ``model.visual.``, ``module.model.visual.`` ...), or ``""`` for a bare
+    image tower. Raises ValueError when there is none or several."""
+    found = set()
+    for k in sd:
+        i = str(k).find("visual.")
+        if i >= 0 and (i == 0 or str(k)[i - 1] == "."):
+            found.add(str(k)[: i + len("visual.")])
+    if len(found) == 1:
+        return found.pop()
+    if len(found) > 1:
+        raise ValueError(f"prefix='auto': several image towers in the state dict ({sorted(found)}); "
+                         f"pass prefix= one of them")
+    if any(str(k).startswith(m) for k in sd for m in _TOWER_MARKERS):
+        return ""
+    raise ValueError(f"prefix='auto': no image tower (no 'visual.' keys, no conv1.weight) in a state dict "
+                     f"with keys like {[str(k) for k in list(sd)[:4]]}")
+
+
+def select_tower(sd: Mapping, prefix: Optional[str], label: str = "checkpoint"
+                 ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor], str]:
+    """``(kept, dropped, prefix)``: the keys under ``prefix`` with it stripped, the rest (for an
+    ImageEncoder: the text-tower leftovers ``token_embedding``, ``positional_embedding``,
+    ``ln_final``, ``text_projection``, ``logit_scale``), and the prefix used (``"auto"`` resolved)."""
+    if prefix == "auto":
+        prefix = find_tower_prefix(sd)
+    prefix = prefix or ""
+    kept, dropped = {}, {}
+    for k, v in sd.items():
+        if str(k).startswith(prefix):
+            kept[str(k)[len(prefix):]] = v
+        else:
+            dropped[str(k)] = v
+    if not kept:
+        raise ValueError(f"prefix {prefix!r} matches no key of {label} (its keys look like "
+                         f"{[str(k) for k in list(sd)[:3]]})")
+    return kept, dropped, prefix
+
+
+def nbytes(sd: Mapping) -> int:
+    return sum(v.numel() * v.element_size() for v in sd.values() if isinstance(v, torch.Tensor))
+
+
+def dropped_note(dropped: Mapping, prefix: str) -> str:
+    names = sorted({k.split(".")[-2] if k.endswith((".weight", ".bias")) else k.split(".")[-1]
+                    for k in dropped})
+    return (f"dropped {len(dropped)} tensor(s) outside the image tower {prefix!r} "
+            f"({', '.join(names[:6])}{', ...' if len(names) > 6 else ''}): {nbytes(dropped) / 2**20:.1f} MiB "
+            f"per checkpoint not kept")
+
+
+# ------------------------------------------------------------------------------------ heads
+class Head(NamedTuple):
+    """A classification head: ``logits = (normalize(x) if normalize else x) @ weight.T + bias``;
+    ``weight`` is ``[classes, features]``, ``bias`` ``[classes]``."""
+    weight: torch.Tensor
+    bias: torch.Tensor
+    normalize: bool
+
+
+def load_head(path, *, normalize: Optional[bool] = None) -> Head:
+    """The weight, bias and normalize flag of a classification head file, read without running code:
+    a pickled ``src.modeling.ClassificationHead`` (a ``torch.nn.Linear`` with a ``normalize``
+    attribute, as the task-vector papers released them), or a state dict with ``weight`` and
+    optionally ``bias`` (safetensors metadata ``normalize`` = ``"true"``/``"false"``). ``normalize``
+    overrides the file; where neither says, True (every published head normalizes its input)."""
+    path = str(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"head file {path!r} does not exist")
+    flag = None
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        sd = load_state_dict_file(path)
+        with safe_open(path, framework="pt") as f:
+            meta = (f.metadata() or {}).get("normalize")
+        flag = None if meta is None else meta.lower() == "true"
+    else:
+        obj = _read_object(path)
+        st = safe_pickle._module_state(obj)
+        if st is not None and isinstance(st.get("normalize"), bool):
+            flag = st["normalize"]
+        sd = _unwrap(obj, path)
+    if "weight" not in sd:
+        raise ValueError(f"head file {path!r} has no 'weight' (keys: {sorted(sd)[:5]})")
+    w = sd["weight"]
+    if w.dim() != 2 or not w.is_floating_point():
+        raise ValueError(f"head file {path!r}: weight must be a floating [classes, features] matrix, "
+                         f"got {tuple(w.shape)} {w.dtype}")
+    b = sd.get("bias")
+    if b is None:
+        b = torch.zeros(w.shape[0], dtype=w.dtype)
+    if tuple(b.shape) != (w.shape[0],):
+        raise ValueError(f"head file {path!r}: bias has shape {tuple(b.shape)}, expected ({w.shape[0]},)")
+    if normalize is not None:
+        flag = bool(normalize)
+    return Head(w.detach().float().contiguous(), b.detach().float().contiguous(), True if flag is None else flag)
+
+
+def save_head(head: Head, path) -> None:
+    """Write a head as safetensors (``weight``, ``bias``; metadata ``normalize``), atomically."""
+    from ._io import atomic_save_safetensors
+
+    atomic_save_safetensors({"weight": head.weight.contiguous(), "bias": head.bias.contiguous()}, path,
+                            metadata={"normalize": "true" if head.normalize else "false"})
+
+
+def convert_checkpoint(src, dst, *, prefix: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """Write a checkpoint's state dict (a state dict, or a pickled whole module as the task-vector
+    papers released them, read without running code) as a safetensors file at ``dst``. ``prefix``
+    keeps only the keys under it, stripped (``"auto"``: the image tower)."""
+    sd = load_state_dict_file(src)
+    if prefix:
+        sd = select_tower(sd, prefix, str(src))[0]
     from ._io import atomic_save_safetensors
 
     sd = {k: v.detach().clone().contiguous() for k, v in sd.items()}
-    atomic_save_safetensors(sd, str(dst))
+    atomic_save_safetensors(sd, dst)
     return sd

@@ -9,14 +9,14 @@ Storage dtypes: ``"float32"``, ``"bfloat16"``, ``"float16"``, and the compact ``
 or more dimensions; one scale for a 1-D block) of every task vector, ``scale = max|row| / qmax``.
 Compact slabs are dequantized inside the compose and gradient kernels, never up front.
 
-Files are read without running code: safetensors, or ``torch.load(weights_only=True)``. The paper's
-released checkpoints are pickled whole modules; :func:`convert_checkpoint` turns one into a
-safetensors state dict, but only with ``trust_pickle=True`` because unpickling runs code from the
-file.
+Files are read without running code: safetensors, ``torch.load(weights_only=True)``, or (for the
+pickled whole modules the task-vector papers released) the restricted reader of
+:mod:`atlas_kernels.safe_pickle`, which imports and calls nothing from the file.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import zlib
 from collections.abc import Mapping
@@ -24,7 +24,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
-from .checkpoints import convert_checkpoint, load_state_dict_file
+from .checkpoints import convert_checkpoint, dropped_note, load_state_dict_file, select_tower
 from .peft import lora_pair, read_peft_adapter
 from .reference import scale_rows
 
@@ -391,17 +391,27 @@ class TaskVectors:
     @classmethod
     def from_checkpoints(cls, pretrained_path, finetuned_paths: Sequence, *, names=None, prefix=None,
                          storage=None) -> "TaskVectors":
-        """Like :meth:`from_state_dicts`, reading state-dict files (safetensors, or
-        ``torch.load(weights_only=True)``) one fine-tuned file at a time. ``names`` defaults to the
-        files' stems."""
+        """Like :meth:`from_state_dicts`, reading checkpoint files one fine-tuned file at a time.
+
+        Files: safetensors, torch-saved state dicts, or pickled whole modules as the task-vector papers
+        released them (``src.modeling.ImageEncoder``, any open_clip version), read without running
+        code (see :func:`load_state_dict_file`). ``prefix`` keeps the keys under it, stripped:
+        ``"model.visual."`` for an ImageEncoder, ``"visual."`` for an open_clip CLIP state dict, or
+        ``"auto"`` to find the image tower in each file (``visual.``, ``model.visual.``,
+        ``module.visual.`` ...). Keys outside it (the text-tower leftovers) are dropped, with a note
+        of their size on the ``atlas_kernels`` logger. ``names`` defaults to the files' stems."""
         if isinstance(finetuned_paths, (str, os.PathLike)):
             finetuned_paths = [finetuned_paths]
         finetuned_paths = list(finetuned_paths)
         if names is None:
             names = [os.path.splitext(os.path.basename(str(p)))[0] for p in finetuned_paths]
         pre = load_state_dict_file(pretrained_path)
-        lazy = _LazyDicts(finetuned_paths)
-        return cls._build(pre, lazy, names, prefix, storage, labels=[str(p) for p in finetuned_paths])
+        if prefix:
+            pre, dropped, used = select_tower(pre, prefix, str(pretrained_path))
+            if dropped:
+                logging.getLogger("atlas_kernels").info("%s: %s", pretrained_path, dropped_note(dropped, used))
+        lazy = _LazyDicts(finetuned_paths, prefix)
+        return cls._build(pre, lazy, names, None, storage, labels=[str(p) for p in finetuned_paths])
 
     @classmethod
     def from_lora(cls, factors: Sequence[Mapping], *, names=None, storage=None) -> "TaskVectors":
@@ -677,16 +687,18 @@ def _select(sd, prefix, label) -> Dict[str, torch.Tensor]:
 
 
 class _LazyDicts:
-    """Fine-tuned state dicts read from files one at a time (only one in memory)."""
+    """Fine-tuned state dicts read from files one at a time (only one in memory), each cut to the
+    keys under ``prefix`` (``"auto"``: found per file)."""
 
-    def __init__(self, paths):
-        self.paths = paths
+    def __init__(self, paths, prefix=None):
+        self.paths, self.prefix = paths, prefix
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
-        return load_state_dict_file(self.paths[i])
+        sd = load_state_dict_file(self.paths[i])
+        return select_tower(sd, self.prefix, str(self.paths[i]))[0] if self.prefix else sd
 
 
 if __name__ == "__main__":  # python -m atlas_kernels.task_vectors build|convert ...

@@ -159,17 +159,19 @@ def test_checkpoint_that_is_not_a_state_dict(tmp_path):
         ak.load_state_dict_file(tmp_path / "mixed.pt")
 
 
-def test_pickled_whole_module_is_refused_and_convertible_by_opt_in(tmp_path):
-    m = nn.Linear(3, 2)
-    torch.save(m, tmp_path / "module.pt")
-    with pytest.raises(ValueError, match=r"pickles Python objects.*convert.*--trust-pickle"):
-        ak.load_state_dict_file(tmp_path / "module.pt")
-    with pytest.raises(ValueError, match="trust_pickle=True"):
-        ak.convert_checkpoint(tmp_path / "module.pt", tmp_path / "out.safetensors")
-    assert not os.path.exists(tmp_path / "out.safetensors")
-    sd = ak.convert_checkpoint(tmp_path / "module.pt", tmp_path / "out.safetensors", trust_pickle=True)
-    assert torch.equal(ak.load_state_dict_file(tmp_path / "out.safetensors")["weight"], m.weight.detach())
-    assert set(sd) == {"weight", "bias"}
+def test_pickled_whole_module_is_read_without_running_code(tmp_path):
+    m = nn.Sequential(nn.Linear(3, 2), nn.LayerNorm(2))
+    for legacy in (False, True):
+        torch.save(m, tmp_path / "module.pt", _use_new_zipfile_serialization=not legacy)
+        sd = ak.load_state_dict_file(tmp_path / "module.pt")
+        assert list(sd) == list(m.state_dict())
+        assert all(torch.equal(sd[k], v) for k, v in m.state_dict().items())
+    got = ak.convert_checkpoint(tmp_path / "module.pt", tmp_path / "out.safetensors")
+    assert torch.equal(ak.load_state_dict_file(tmp_path / "out.safetensors")["0.weight"], m[0].weight.detach())
+    assert set(got) == set(m.state_dict())
+    torch.save(nn.ReLU(), tmp_path / "relu.pt")
+    with pytest.raises(ValueError, match=r"relu\.pt.*holds none.*module torch\.nn\.modules\.activation\.ReLU holding no tensors"):
+        ak.load_state_dict_file(tmp_path / "relu.pt")
 
 
 def test_truncated_and_corrupted_files(tmp_path):

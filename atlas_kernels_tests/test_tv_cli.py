@@ -67,13 +67,17 @@ def test_build_errors(ckpts, capsys):
     rc = main(["build", "--pretrained", str(d / "nope.safetensors"), "--finetuned",
                str(d / "cars.safetensors"), "--out", str(d / "o.safetensors")])
     assert rc == 2 and "nope.safetensors" in capsys.readouterr().err
-    # a pickled whole module is refused, pointing at convert --trust-pickle
+    # a pickled whole module is read without running code (no opt-in needed)
     torch.save(_model(3), str(d / "module.pt"))
     rc = main(["build", "--pretrained", str(d / "pre.safetensors"), "--finetuned",
-               str(d / "module.pt"), "--out", str(d / "o.safetensors")])
+               str(d / "module.pt"), "--out", str(d / "o.safetensors"), "--prefix", "auto"])
+    assert rc == 0 and ak.TaskVectors.load(str(d / "o.safetensors")).names == ["module"]
+    # a file that holds no state dict is refused, naming what it holds
+    torch.save(print, str(d / "fn.pt"))
+    rc = main(["build", "--pretrained", str(d / "pre.safetensors"), "--finetuned",
+               str(d / "fn.pt"), "--out", str(d / "o2.safetensors")])
     err = capsys.readouterr().err
-    assert rc == 2 and "--trust-pickle" in err and "convert" in err
-    assert not (d / "o.safetensors").exists()
+    assert rc == 2 and "builtins.print" in err and not (d / "o2.safetensors").exists()
 
 
 def test_convert(tmp_path, capsys):
@@ -81,26 +85,13 @@ def test_convert(tmp_path, capsys):
     torch.save(m, str(tmp_path / "old.pt"))  # as the task-vector papers released them
     dst = tmp_path / "new.safetensors"
     rc = main(["convert", str(tmp_path / "old.pt"), str(dst)])
-    err = capsys.readouterr().err
-    assert rc == 2 and "--trust-pickle" in err and not dst.exists()
-    rc = main(["convert", str(tmp_path / "old.pt"), str(dst), "--trust-pickle"])
     assert rc == 0 and dst.is_file()
     got = load_file(str(dst))
     assert set(got) == set(m.state_dict())
     for k, v in m.state_dict().items():
         assert torch.equal(got[k], v)
+    rc = main(["convert", str(tmp_path / "old.pt"), str(tmp_path / "vis.safetensors"), "--prefix", "auto"])
+    assert rc == 0 and set(load_file(str(tmp_path / "vis.safetensors"))) == {"0.weight", "0.bias", "1.weight", "1.bias"}
     # the converted file now builds task vectors
     assert main(["build", "--pretrained", str(dst), "--finetuned", str(dst), "--out",
                  str(tmp_path / "t.safetensors"), "--prefix", "visual."]) == 0
-
-
-def test_module_entry_point(tmp_path):
-    torch.save(_model(5), str(tmp_path / "old.pt"))
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, "-m", "atlas_kernels.task_vectors", "convert",
-                        str(tmp_path / "old.pt"), str(tmp_path / "new.safetensors")],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2, r.stderr
-    assert "--trust-pickle" in r.stderr and "Traceback" not in r.stderr
-    assert not (tmp_path / "new.safetensors").exists()

@@ -41,7 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an open_clip model config file to register (its stem is the model name)")
     g.add_argument("--weights", default=None, metavar="FILE",
                    help="pre-trained weights: a state dict (safetensors or a torch file read with "
-                   "weights_only=True); default: random weights (seeded by --seed)")
+                   "weights_only=True), or a pickled whole module as the task-vector papers released "
+                   "them (read without running code); default: random weights (seeded by --seed)")
+    g.add_argument("--head", nargs="+", default=None, metavar="FILE",
+                   help="classification heads, one per dataset, in place of zero-shot heads from the text "
+                   "tower: the papers' head_<Dataset>.pt or import --heads output (class i = sorted "
+                   "class folder i)")
     g.add_argument("--task-vectors", required=True, metavar="FILE",
                    help="task-vector file from python -m atlas_kernels.task_vectors build")
     g.add_argument("--partitions", type=int, default=d.partitions, metavar="K",

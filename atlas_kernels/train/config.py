@@ -33,6 +33,7 @@ class TrainConfig:
     model: Optional[str] = None
     model_config: Optional[str] = None
     weights: Optional[str] = None
+    head: Optional[List[str]] = None
     templates: str = "openai"
     shots: Optional[int] = None
     augment: bool = False
@@ -105,6 +106,8 @@ def validate_config(cfg: TrainConfig) -> None:
         bad(f"--names has {len(cfg.names)} names for {n_tasks} dataset(s)")
     if cfg.names is not None and len(set(cfg.names)) != len(cfg.names):
         bad(f"--names must be distinct (got {cfg.names})")
+    if cfg.head is not None and len(cfg.head) != n_tasks:
+        bad(f"--head has {len(cfg.head)} files for {n_tasks} dataset(s) (one per dataset)")
     if cfg.classnames is not None and len(cfg.classnames) != n_tasks:
         bad(f"--classnames has {len(cfg.classnames)} files for {n_tasks} dataset(s)")
     for k in ("epochs", "batch_size", "accum_steps", "partitions", "log_every"):

@@ -36,7 +36,8 @@ from .._io import atomic_save_safetensors, atomic_torch_save, atomic_write_json,
 from . import data as D
 from .heatmap import save_heatmap
 from .model import (build_model, get_templates, get_tokenizer, logit_scale, read_classnames,
-                    register_model_config, zero_shot_head)
+                    register_model_config, zero_shot_head,
+                    head_logits, load_task_heads)
 from .config import ConfigError, TrainConfig, validate_config
 from .data import TaskData
 from .distributed import Dist, _all_reduce, init_distributed, resolve_device, resolve_precision
@@ -178,7 +179,7 @@ def setup(cfg: TrainConfig) -> Setup:
                                control_threshold=cfg.control_threshold,
                                control_weight=cfg.control_weight)
 
-    model = build_model(model_name, cfg.weights, seed=cfg.seed)
+    model = build_model(model_name, cfg.weights, seed=cfg.seed, text_tower=not cfg.head)
     if cfg.weights:
         try:
             check_finite_tensors(model.state_dict(), f"--weights '{cfg.weights}'")
@@ -211,7 +212,8 @@ def setup(cfg: TrainConfig) -> Setup:
 
     tokenizer = get_tokenizer(model_name)
     templates = get_templates(cfg.templates)
-    heads = [zero_shot_head(model, tokenizer, t.classnames, templates, device) for t in tasks]
+    heads = (load_task_heads(cfg.head, tasks, model, device) if cfg.head else
+             [zero_shot_head(model, tokenizer, t.classnames, templates, device) for t in tasks])
     scale = logit_scale(model)
 
     pre = D.model_preprocess(model)
@@ -229,14 +231,13 @@ def setup(cfg: TrainConfig) -> Setup:
 
 def make_forward(s: Setup):
     """``forward(images, task) -> logits`` (float32): the patched image tower under autocast,
-    normalised features against the task's zero-shot head."""
+    normalised features against the task's head (zero-shot, or a --head file)."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(s.precision)
 
     def forward(images: torch.Tensor, task: int) -> torch.Tensor:
         with torch.autocast(s.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             feats = s.model.visual(images)
-        feats = F.normalize(feats.float(), dim=-1)
-        return s.scale * feats @ s.heads[task]
+        return head_logits(s.heads[task], feats, s.scale)
     return forward
 
 

@@ -94,13 +94,16 @@ def load_state_dict_file(path) -> Dict[str, torch.Tensor]:
     if not p.is_file():
         raise ValueError(f"weights file '{p}' does not exist")
     sd = _load(str(p))
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+    for wrapper in ("module.", "model."):  # DataParallel; the papers' ImageEncoder (model.visual.*)
+        if sd and all(k.startswith(wrapper) for k in sd):
+            sd = {k[len(wrapper):]: v for k, v in sd.items()}
     return sd
 
 
-def build_model(name: str, weights: Optional[str] = None, *, seed: int = 0):
-    """An open_clip model on the CPU in float32: random weights (seeded) or ``weights``."""
+def build_model(name: str, weights: Optional[str] = None, *, seed: int = 0, text_tower: bool = True):
+    """An open_clip model on the CPU in float32: random weights (seeded) or ``weights``.
+    ``text_tower=False`` (heads come from files) accepts weights without the text tower, as the
+    published ImageEncoder checkpoints are; its blocks then stay random and unused."""
     import open_clip
 
     _check_model_name(name)
@@ -126,6 +129,12 @@ def build_model(name: str, weights: Optional[str] = None, *, seed: int = 0):
                              f"of another shape, e.g. {k!r} is {got} in the file, {want} in the model "
                              f"(weights of another model?)")
         missing, unexpected = model.load_state_dict(sd, strict=False)
+        text = [k for k in missing if not k.startswith("visual.")]
+        if text and not text_tower and len(text) == len(missing):
+            missing = []
+        elif text and len(text) == len(missing) and not unexpected:
+            raise ValueError(f"weights '{weights}' have no text tower ({len(text)} keys missing, e.g. "
+                             f"{text[:2]}), so zero-shot heads cannot be built: give --head files")
         # buffers such as attn_mask are not persistent; anything else is a real mismatch
         if missing or unexpected:
             raise ValueError(
@@ -203,3 +212,39 @@ def zero_shot_head(model, tokenizer, classnames: Sequence[str], templates: Seque
 def logit_scale(model) -> float:
     """CLIP's temperature, ``exp(logit_scale)`` capped at 100 as in training."""
     return float(model.logit_scale.detach().float().exp().clamp(max=100.0))
+
+
+def load_task_heads(paths: Sequence[str], tasks, model, device) -> list:
+    """Classification heads from files (``--head``, one per dataset), in place of zero-shot heads
+    built from the text tower (the published ImageEncoder checkpoints have theirs deleted). Each is
+    an :class:`atlas_kernels.Head` (weight ``[classes, features]``, bias, normalize), read without
+    running code; its class ``i`` is the dataset's class folder ``i`` in sorted order."""
+    from atlas_kernels import load_head
+
+    if len(paths) != len(tasks):
+        raise ValueError(f"--head takes one file per dataset: {len(paths)} for {len(tasks)} dataset(s)")
+    dim = getattr(model.visual, "output_dim", None)
+    heads = []
+    for p, t in zip(paths, tasks):
+        try:
+            h = load_head(p)
+        except FileNotFoundError as e:
+            raise ValueError(str(e)) from None
+        if h.weight.shape[0] != len(t.classnames):
+            raise ValueError(f"--head {p!r} has {h.weight.shape[0]} classes; dataset {t.name!r} has "
+                             f"{len(t.classnames)} class folders")
+        if dim is not None and h.weight.shape[1] != dim:
+            raise ValueError(f"--head {p!r} takes {h.weight.shape[1]} features; the image tower gives {dim}")
+        heads.append(type(h)(h.weight.to(device), h.bias.to(device), h.normalize))
+    return heads
+
+
+def head_logits(head, feats: torch.Tensor, scale: float) -> torch.Tensor:
+    """Logits (float32) of image features under a head: a zero-shot head ``[D, C]`` gives
+    ``scale * normalize(feats) @ head``; a file head gives ``normalize?(feats) @ W^T + b`` (its
+    weight already carries the temperature)."""
+    feats = feats.float()
+    if isinstance(head, torch.Tensor):
+        return scale * F.normalize(feats, dim=-1) @ head
+    x = F.normalize(feats, dim=-1) if head.normalize else feats
+    return x @ head.weight.T + head.bias
