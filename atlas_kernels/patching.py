@@ -531,6 +531,10 @@ def save_coefficients(module: nn.Module, path) -> None:
 
     state = _state(module)
     coefs = coefficients(module)
+    if not str(path).endswith(".safetensors"):
+        warnings.warn(f"save_coefficients writes a safetensors file; {str(path)!r} does not end in .safetensors "
+                      f"(it is not a torch.save/pickle file: read it with load_coefficients or safetensors)",
+                      stacklevel=2)
     tensors = {}
     for name, c in coefs.items():
         if not torch.isfinite(c).all():
