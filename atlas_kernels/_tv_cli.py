@@ -3,7 +3,7 @@
 Subcommands::
 
     build    --pretrained P --finetuned F1 F2 ... --out tvs.safetensors
-             [--storage float32|bfloat16|float16] [--prefix visual.] [--names A B ...]
+             [--storage float32|bfloat16|float16|int8|float8_e4m3fn] [--prefix visual.] [--names A B ...]
     convert  OLD.pt NEW.safetensors [--trust-pickle]
     info     tvs.safetensors
 
@@ -51,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--finetuned", required=True, nargs="+", metavar="F",
                    help="fine-tuned state dicts, one per task vector")
     b.add_argument("--out", required=True, metavar="OUT", help="output file (.safetensors)")
-    b.add_argument("--storage", choices=("float32", "bfloat16", "float16"), default=None,
-                   help="dtype the task vectors are stored in (default: the library's default)")
+    b.add_argument("--storage", choices=("float32", "bfloat16", "float16", "int8", "float8_e4m3fn"), default=None,
+                   help="dtype the task vectors are stored in (default float32; int8 and float8_e4m3fn keep a "
+                   "float32 scale per row and are dequantized inside the kernels)")
     b.add_argument("--prefix", default=None,
                    help="keep only keys starting with this prefix and strip it, e.g. 'visual.' for "
                    "an open_clip image tower (default: the library's default)")
@@ -106,9 +107,11 @@ def _cmd_info(args, out) -> int:
     tvs = ak.TaskVectors.load(args.path)
     print(f"{args.path}: {len(tvs)} task vectors, {len(tvs.blocks)} blocks, "
           f"{_fmt_bytes(int(tvs.nbytes))}", file=out)
+    print(f"storage: {tvs.storage}", file=out)
     print("names: " + ", ".join(map(str, tvs.names)), file=out)
     for b in tvs.blocks:
-        print(f"  {b}", file=out)
+        kind = " (LoRA)" if tvs.is_lora(b) else ""
+        print(f"  {b}  {tuple(tvs.shape(b))}{kind}", file=out)
     return 0
 
 
