@@ -84,8 +84,25 @@ def _tied():
     return _TiedLM(), None
 
 
+class _Logits(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, i):
+        return self.inner(input_ids=i).logits
+
+
+def _hf_gpt2():
+    """Hugging Face GPT-2: lm_head.weight is transformer.wte.weight; Conv1D layers (generic path)."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install .[test])")
+    cfg = transformers.GPT2Config(vocab_size=11, n_positions=8, n_embd=16, n_layer=1, n_head=2,
+                                  attn_implementation="eager")
+    return _Logits(transformers.GPT2LMHeadModel(cfg)), None
+
+
 FAMILIES = {"open_clip_vit": _open_clip_vit, "open_clip_rn50": _rn50, "convnext": _convnext,
-            "timm_vit": _timm_vit, "hf_clip_vision": _hf_clip_vision, "tied": _tied}
+            "timm_vit": _timm_vit, "hf_clip_vision": _hf_clip_vision, "tied": _tied, "hf_gpt2_tied": _hf_gpt2}
 
 
 def _input(shape, g):
@@ -146,7 +163,7 @@ def _run(family, *, partitions=1, blocks=None, compile_backend=None, batchnorm="
 
 
 @pytest.mark.parametrize("family", ["open_clip_vit", "open_clip_rn50", "convnext", "timm_vit", "hf_clip_vision",
-                                    "tied"])
+                                    "tied", "hf_gpt2_tied"])
 def test_tower_composes_and_unpatches_exactly(family):
     model, reference, params, slabs, lam, keys, x = _run(family)
     theta = _theta(params, slabs, lam, 1)
