@@ -14,14 +14,18 @@ setup(
     packages=find_packages(include=["atlas_kernels", "atlas_kernels.*"]),
     install_requires=[
         "torch>=2.4",
-        # Triton ships with Linux builds of torch; listed so the kernels' dependency is explicit.
-        "triton; platform_system == 'Linux'",
+        # Triton is not listed: Linux builds of torch pin the triton they were built with, and an
+        # unpinned "triton" here made pip first download the newest triton (286 MB) and then
+        # replace it with torch's pin. The kernels use whichever triton torch brings.
         "open_clip_torch>=2.24",
         "numpy",
         "safetensors>=0.4",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark"],
+        # timm and transformers: test_towers.py patches tiny timm ViT/ConvNeXt and Hugging Face
+        # CLIPVisionModel towers (timm comes with open_clip_torch; transformers adds about 70 s of
+        # pip install on a loaded 2-core machine, and test_towers skips its case without it).
+        "test": ["pytest>=7", "pytest-benchmark", "timm", "transformers"],
         # matplotlib draws the benchmark's plot and the training heatmap.
         "bench": ["pytest-benchmark", "matplotlib"],
         "train": ["matplotlib"],

@@ -5,7 +5,7 @@ Subcommands::
     import   ROOT --model ViT-B-32 --out tvs.safetensors [--datasets Cars DTD ...]
              [--storage float16] [--heads DIR] [--prefix auto]
     build    --pretrained P --finetuned F1 F2 ... --out tvs.safetensors
-             [--storage float32|bfloat16|float16] [--prefix visual.|auto] [--names A B ...]
+             [--storage float32|bfloat16|float16|int8|float8_e4m3fn] [--prefix visual.|auto] [--names A B ...]
     convert  OLD.pt NEW.safetensors [--prefix auto]
     info     tvs.safetensors
 
@@ -75,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--finetuned", required=True, nargs="+", metavar="F",
                    help="fine-tuned state dicts, one per task vector")
     b.add_argument("--out", required=True, metavar="OUT", help="output file (.safetensors)")
-    b.add_argument("--storage", choices=("float32", "bfloat16", "float16"), default=None,
-                   help="dtype the task vectors are stored in (default: the library's default)")
+    b.add_argument("--storage", choices=("float32", "bfloat16", "float16", "int8", "float8_e4m3fn"), default=None,
+                   help="dtype the task vectors are stored in (default float32; int8 and float8_e4m3fn keep a "
+                   "float32 scale per row and are dequantized inside the kernels)")
     b.add_argument("--prefix", default=None,
                    help="keep only keys starting with this prefix and strip it, e.g. 'visual.' for "
                    "an open_clip image tower, 'model.visual.' for the papers' ImageEncoder files, or "
@@ -137,9 +138,11 @@ def _cmd_info(args, out) -> int:
     tvs = ak.TaskVectors.load(args.path)
     print(f"{args.path}: {len(tvs)} task vectors, {len(tvs.blocks)} blocks, "
           f"{_fmt_bytes(int(tvs.nbytes))}", file=out)
+    print(f"storage: {tvs.storage}", file=out)
     print("names: " + ", ".join(map(str, tvs.names)), file=out)
     for b in tvs.blocks:
-        print(f"  {b}", file=out)
+        kind = " (LoRA)" if tvs.is_lora(b) else ""
+        print(f"  {b}  {tuple(tvs.shape(b))}{kind}", file=out)
     return 0
 
 

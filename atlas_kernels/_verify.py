@@ -61,7 +61,9 @@ def probe_input(module: nn.Module, verify) -> tuple:
 
 
 def _composed(theta0: torch.Tensor, tvs, tv_name: str, coef: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
-    acc = theta0.detach().to(torch.float64).reshape(-1).clone()
+    # float32 accumulation (float64 for a float64 model): the bound's tol(float32) is far above it.
+    acc_dtype = torch.float64 if theta0.dtype == torch.float64 else torch.float32
+    acc = theta0.detach().to(acc_dtype).reshape(-1).clone()
     c = coef.detach().to(torch.float64)
     c = c[:, None] if c.dim() == 1 else c
     for i in range(c.shape[0]):
@@ -69,7 +71,10 @@ def _composed(theta0: torch.Tensor, tvs, tv_name: str, coef: torch.Tensor, part:
             tau = tvs.dense(tv_name, i)
         else:
             tau = tvs[tv_name][i]
-        acc += c[i, part] * tau.to(torch.float64).reshape(-1)
+        if c.shape[1] == 1:
+            acc.add_(tau.reshape(-1), alpha=float(c[i, 0]))
+        else:
+            acc += (c[i, part] * tau.to(torch.float64).reshape(-1)).to(acc_dtype)
     return acc.reshape(theta0.shape).to(theta0.dtype)
 
 
@@ -92,7 +97,7 @@ def check(module: nn.Module, reference: nn.Module, theta0: Dict[str, torch.Tenso
         values = {}
         for name, t0 in theta0.items():
             c = coefs[name]
-            part = partitions[name].index(t0.numel(), device=t0.device)
+            part = None if c.dim() == 1 else partitions[name].index(t0.numel(), device=t0.device)
             values[name] = _composed(t0, tvs, tv_name[name], c, part)
         out = _first_tensor(module(*args))
         ref = _first_tensor(functional_call(reference, values, args, strict=False))

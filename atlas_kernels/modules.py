@@ -3,7 +3,8 @@
 Every adapted block ``b`` of a module is stored as:
 
 - ``<b>``: the frozen pre-trained value ``theta0`` (a persistent buffer, so state-dict keys stay
-  where users expect them);
+  where users expect them; reading the attribute ``module.<b>`` gives the composed value, and
+  ``module._theta0("<b>")`` the frozen one);
 - ``<b>_tau``: the ``[N, *shape]`` slab (a non-persistent buffer: task vectors are not copied into
   model checkpoints; ``<b>_scale`` beside it for int8/fp8 storage);
 - ``<b>_coef``: the trainable coefficients, an ``nn.Parameter`` of shape ``(N,)`` or ``(N, K)``.
@@ -21,6 +22,20 @@ coefficients.
   composed block, so the owning module's own ``forward`` runs unchanged.
 - :class:`SmallBlockGroup` composes the small dense :class:`AtlasParameter` blocks of a patched
   module together, in one ``compose_packed`` launch per forward of that module (Triton backend).
+
+Which path a block takes, and why every read of it sees the composed value:
+
+- ``nn.Linear`` (plain forward) and ``nn.MultiheadAttention`` (packed in-projection) are swapped
+  for :class:`AtlasLinear` / :class:`AtlasMultiheadAttention`, whose own ``forward`` runs the fused
+  ops (no composed weight, or no weight-sized gradient, in memory). Code that reads their
+  parameters *without* calling them (open_clip's ``AttentionPool2d`` in the RN50/RN101 towers
+  hands ``q_proj.weight`` ... ``c_proj.bias`` to ``F.multi_head_attention_forward``; custom heads)
+  gets the composed value too: each block is a class attribute that composes on read
+  (differentiable in the coefficients), while the state-dict key keeps holding ``theta0``.
+- Everything else (and a tied parameter, which has several owners) is a parametrization: the
+  owner's attribute is ``theta0 + sum_i lam_i tau_i`` wherever it is read, by construction. A
+  tied tensor gets one shared :class:`AtlasParameter` on every owner: one set of coefficients, one
+  value for every user.
 
 Modules only hold state and call :mod:`atlas_kernels.ops`; patching lives in
 :mod:`atlas_kernels.patching`.
@@ -179,7 +194,7 @@ class _BlockHolder(nn.Module):
 
     def _theta0(self, name: str) -> Optional[torch.Tensor]:
         """The frozen ``theta0`` buffer of block ``name`` (the attribute ``name`` itself reads the
-        composed value on :class:`AtlasModule`; see :func:`_composed_attribute`)."""
+        composed value on :class:`AtlasModule`; see :class:`_ComposedAttribute`)."""
         return self._buffers[name]
 
     def _args(self, name: str):

@@ -1,6 +1,6 @@
 """A restricted reader for torch checkpoint files that never runs code from the file.
 
-The task-vector papers released their checkpoints as pickled whole modules (``torch.save(module)``):
+The task-vector papers released their checkpoints as pickled whole modules (saved with ``torch.save`` of the module):
 the pickle names ``src.modeling.ImageEncoder``, the open_clip classes of the version that wrote it,
 torchvision transforms, enums and plain functions. Unpickling such a file the ordinary way imports
 all of those and calls whatever the file says, so it needs the original source and runs code.

@@ -302,6 +302,11 @@ class TaskVectors:
         return tv
 
     def to(self, device) -> "TaskVectors":
+        """Move to ``device``. Storage dtypes change only through :meth:`to_storage`."""
+        if isinstance(device, torch.dtype) or (isinstance(device, str) and device in STORAGES):
+            raise TypeError(f"TaskVectors.to takes a device, got {device!r}: change the storage dtype with "
+                            f"task_vectors.to_storage({str(device).replace('torch.', '')!r}) (float32, bfloat16, "
+                            f"float16, int8 or float8_e4m3fn; the last two keep a scale per row)")
         return self._rebuild({k: v.to(device) for k, v in self._slabs.items()},
                              {k: v.to(device) for k, v in self._scales.items()},
                              {k: (a.to(device), b.to(device)) for k, (a, b) in self._lora.items()},

@@ -145,8 +145,9 @@ def test_group_off_and_torch_backend(tiny_vit, tvs, monkeypatch):
     assert count.packed == 0 and count.block > 0
     ref, _ = _reference(tiny_vit, tvs, ak.coefficients(patched), x, 1, "contiguous")
     assert rel_err(out, ref) < 1e-5
-    # backend="auto" on CPU resolves to torch: grouped at patch time, but composed block by block.
+    # backend="auto" on CPU resolves to torch: no group is built, composed block by block.
     auto = ak.patch(copy.deepcopy(tiny_vit), tvs, backend="auto")
+    assert any(isinstance(m, SmallBlockGroup) for m in auto.modules()) == (DEV != "cpu")
     with torch.no_grad():
         for k, c in ak.coefficients(auto).items():
             c.copy_(ak.coefficients(patched)[k])

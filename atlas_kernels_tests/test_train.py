@@ -6,6 +6,7 @@ really fine-tuning the image tower on each, so learning the coefficients has sig
 """
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -327,3 +328,10 @@ def test_torchrun_two_processes_match_one(demo, tmp_path):
     assert max(v.abs().max() for v in a.values()) > 0.01  # it trained
     for k in a:  # measured: equal to ~2e-8; another seed differs by ~0.1
         torch.testing.assert_close(b[k], a[k], atol=2e-6, rtol=1e-5)
+
+
+def test_storage_option_restores_the_task_vectors(demo, tmp_path):
+    """--storage int8: the trainer re-stores the loaded task vectors (compact storage was API-only)."""
+    res = run(_cfg(demo, tmp_path / "int8", storage="int8", epochs=1))
+    _outputs_ok(tmp_path / "int8")
+    assert res["history"] and all(math.isfinite(h["train_loss"]) for h in res["history"])

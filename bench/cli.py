@@ -40,7 +40,7 @@ def parse_args(argv=None):
         "a merge-once baseline and the plain model (see bench/README.md).",
     )
     p.add_argument("--full", action="store_true", help="the whole GPU grid (default on GPU: headline configs; on CPU: the small CPU grid)")
-    p.add_argument("--models", type=_csv(), help=f"comma list, e.g. {','.join(MODELS)}")
+    p.add_argument("--models", type=_csv(), help=f"comma list of open_clip model names, e.g. {','.join(MODELS)} or RN50,RN101")
     p.add_argument("--only", type=_csv(), help=f"methods: {','.join(METHODS)}; atlas:BACKEND picks one backend")
     p.add_argument("--n", type=_csv(int), help="numbers of task vectors, e.g. 1,4,8,21,30")
     p.add_argument("--batch", type=_csv(int), help="batch sizes, e.g. 16,32,128")

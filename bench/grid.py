@@ -132,6 +132,9 @@ def cpu_default(backends: Sequence[str]) -> tuple:
     variants = [
         # the paper stores task vectors in fp16: the naive way with them, and ours with the same bytes
         Sweep(["ViT-B-32"], [8], [8], ["fp32"], ["float16"], [1], ["naive", "atlas"], list(backends)),
+        # open_clip's ModifiedResNet (the paper's RN50/RN101 towers: BatchNorm, an attention pool
+        # reading its projections' weights directly), at one small configuration
+        Sweep(["RN50"], [2], [2], ["fp32"], ["float32"], [1], ["floor", "naive", "atlas"], list(backends)),
     ]
     return main, variants
 

@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from atlas_kernels._io import atomic_write_text
+
 REPO = Path(__file__).resolve().parents[1]
 NAMES = ["Cars", "DTD", "EuroSAT", "GTSRB", "MNIST", "RESISC45", "SUN397", "SVHN", "CIFAR10", "CIFAR100",
          "Flowers102", "Food101", "FER2013", "OxfordIIITPet", "PCAM", "STL10", "Caltech101", "Country211",
@@ -53,12 +55,12 @@ def make_set(root: Path, model: str, n: int, legacy: bool) -> None:
         files.append({"sd": str(p), "out": str(root / name / "finetuned.pt"), "kind": "encoder", "legacy": legacy})
         del ft
     job = tmp / "job.json"
-    job.write_text(json.dumps({"files": files}))
+    atomic_write_text(job, json.dumps({"files": files}))
     subprocess.run([sys.executable, str(REPO / "atlas_kernels_tests" / "_published.py"), str(tmp / "pkgs"),
                     str(job)], check=True, cwd=str(tmp))
     for f in files:
         os.unlink(f["sd"])
-    done.write_text(json.dumps({"model": model, "n": n, "legacy": legacy}))
+    atomic_write_text(done, json.dumps({"model": model, "n": n, "legacy": legacy}))
 
 
 def _child_peak_rss(proc) -> int:

@@ -55,7 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--blocks", nargs="+", default=None, metavar="NAME",
                    help="adapt only these blocks (parameter names of model.visual), or 'weights' (matrices "
                    "and convolutions only); the others stay frozen (default: all)")
-    g.add_argument("--backend", default=d.backend, help="atlas_kernels backend (default auto)")
+    g.add_argument("--storage", default=d.storage,
+                   choices=("float32", "bfloat16", "float16", "int8", "float8_e4m3fn"),
+                   help="store the task vectors in this dtype after loading (int8/float8_e4m3fn: a float32 scale "
+                   "per row, dequantized in the kernels; default: as stored in the file)")
+    g.add_argument("--backend", default=d.backend, choices=("auto", "torch", "triton", "cuda"),
+                   help="atlas_kernels backend: auto (triton on CUDA, torch on the CPU), torch, triton (CUDA), "
+                   "cuda (the compiled extension) (default auto)")
 
     g = p.add_argument_group("objective and data")
     g.add_argument("--objective", required=True, choices=OBJECTIVES)

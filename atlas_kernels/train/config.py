@@ -53,6 +53,7 @@ class TrainConfig:
     partitions: int = 1
     partition_mode: str = "contiguous"
     backend: str = "auto"
+    storage: Optional[str] = None  # re-store the task vectors (e.g. int8) after loading; None: as in the file
     blocks: Optional[List[str]] = None
     select: str = "auto"
     seed: int = 0

@@ -54,8 +54,11 @@ def save_heatmap(coefs: Dict[str, torch.Tensor], path, names: Optional[Sequence[
     ax.set_yticklabels(rows, fontsize=6 if n_blocks > 40 else 8)
     ax.set_xlabel("task vector")
     ax.set_ylabel("block")
-    ax.set_title(title or "learned coefficients", fontsize=10)
-    fig.colorbar(im, ax=ax, fraction=0.04)
+    parts = max((c[0].numel() if c.dim() > 1 else 1) for c in coefs.values())
+    label = "coefficient" if parts == 1 else f"coefficient (mean over the {parts} partitions)"
+    ax.set_title(title or ("learned coefficients" if parts == 1 else
+                           f"learned coefficients, mean over K = {parts} partitions"), fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.04).set_label(label, fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

@@ -169,6 +169,8 @@ def setup(cfg: TrainConfig) -> Setup:
     if not p.is_file():
         raise ConfigError(f"task-vector file '{p}' does not exist")
     tvs = ak.TaskVectors.load(str(p))
+    if cfg.storage is not None and cfg.storage != tvs.storage:
+        tvs = tvs.to_storage(cfg.storage)
     fp = fingerprint(cfg, tasks, tvs)
     fp["model"] = model_name
     if ckpt is not None:

@@ -157,8 +157,16 @@ def make_demo(directory, *, seed: int = 0, train_per_class: int = 12, val_per_cl
     import atlas_kernels as ak
     from .model import build_model, register_model_config
 
+    import time
+
+    t0 = time.perf_counter()
+
+    def stage(what):  # progress on stderr: the demo takes minutes on a small CPU
+        print(f"[toy {time.perf_counter() - t0:5.0f} s] {what}", file=sys.stderr, flush=True)
+
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
+    stage(f"writing the model config and the data into {d}")
     cfg_path = write_model_config(d)
     register_model_config(cfg_path)
     data = make_datasets(d / "data", train_per_class, val_per_class, seed)
@@ -166,6 +174,7 @@ def make_demo(directory, *, seed: int = 0, train_per_class: int = 12, val_per_cl
     pre_path = _save(base, d / "pretrained.safetensors")
     ft_paths = []
     for k, name in enumerate(DATASETS):
+        stage(f"fine-tuning the image tower on {name!r} ({k + 1} of {len(DATASETS)}, {finetune_steps} steps)")
         m = build_model(MODEL_NAME, str(pre_path))
         with torch.random.fork_rng(devices=[]):
             finetune_visual(m, data[name]["train"], steps=finetune_steps, seed=seed + k)
@@ -173,6 +182,7 @@ def make_demo(directory, *, seed: int = 0, train_per_class: int = 12, val_per_cl
     tvs = ak.TaskVectors.from_checkpoints(str(pre_path), [str(p) for p in ft_paths],
                                           names=list(DATASETS), prefix="visual.")
     tvs.save(str(d / "tvs.safetensors"))
+    stage("done")
     return {"dir": d, "model_config": cfg_path, "data": data, "pretrained": pre_path,
             "finetuned": ft_paths, "task_vectors": d / "tvs.safetensors"}
 
@@ -190,9 +200,9 @@ def main(argv=None) -> int:
           f"pretrained.safetensors, finetuned_*.safetensors, tvs.safetensors")
     print("next:\n  python -m atlas_kernels.train --objective fewshot "
           f"--model-config {r['model_config']} --weights {r['pretrained']} "
-          f"--task-vectors {r['task_vectors']} --train {d}/data/shapes/train "
-          f"--val {d}/data/shapes/val --templates photo --epochs 5 --batch-size 12 --lr 0.05 "
-          f"--out {d}/runs/fewshot")
+          f"--task-vectors {r['task_vectors']} --templates photo --train {d}/data/shapes/train "
+          f"--val {d}/data/shapes/val --shots 8 --epochs 10 --batch-size 12 --lr 0.05 "
+          f"--out runs/fewshot")  # the README's command, word for word for DIR = demo
     return 0
 
 
