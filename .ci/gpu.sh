@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One command for one 15-minute GPU window (a start of a minute or more included): at most 9 minutes.
+# One command for one 15-minute GPU window (a start of a minute or more included): at most 9 minutes
+# (GPU_BUDGET_SECONDS, default 530: each stage's limit is cut to what is left of it).
 #
 #   here:  pip download --no-deps -d wheels/ open_clip_torch ftfy wcwidth regex tqdm
 #   run(command="ATLAS_KERNELS_COMMIT=$(git rev-parse --short HEAD) bash .ci/gpu.sh", carry=["wheels"],
@@ -23,8 +24,12 @@ OUT="${OUT:-/tmp/gpu_out}"
 mkdir -p "$OUT"
 T0=$(date +%s)
 log() { echo "[gpu.sh +$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/stages.log"; }
+BUDGET="${GPU_BUDGET_SECONDS:-530}"  # the whole command; every stage's limit is cut to what is left
 stage() {  # stage NAME SECONDS CMD...: run CMD under a time limit, log to $OUT/NAME.log, never abort
   local name=$1 secs=$2; shift 2
+  local left=$(( BUDGET - ($(date +%s) - T0) - 5 ))
+  if [ "$left" -lt 15 ]; then log "skip $name: ${left}s of the budget left"; return 0; fi
+  [ "$secs" -gt "$left" ] && secs=$left
   log "start $name (limit ${secs}s)"
   timeout -k 10 "$secs" "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
@@ -54,10 +59,10 @@ python -c "import torch, triton, numpy; print('torch', torch.__version__, 'trito
 log "rehearsal=$REHEARSAL"
 
 # ---- 1 GPU tests: GPU-only correctness first, then the real-shape tests (skip, with reasons, on CPU)
-stage tests_gpu_only "${GPU_ONLY_SECONDS:-60}" python -m pytest -q -p no:cacheprovider -rs \
+stage tests_gpu_only "${GPU_ONLY_SECONDS:-50}" python -m pytest -q -p no:cacheprovider -rs \
   --junitxml="$OUT/tests_gpu_only.xml" atlas_kernels_tests/test_cuda_graph.py \
   atlas_kernels_tests/test_ops_triton.py::test_gpu_compile_inductor atlas_kernels_tests/test_kernels_triton.py::test_gpu_int64_offsets
-stage tests_real_shapes "${REAL_SHAPES_SECONDS:-120}" python -m pytest -q -p no:cacheprovider -rs \
+stage tests_real_shapes "${REAL_SHAPES_SECONDS:-90}" python -m pytest -q -p no:cacheprovider -rs \
   --junitxml="$OUT/tests_real_shapes.xml" -k "real_shapes" \
   atlas_kernels_tests/test_kernels_triton.py atlas_kernels_tests/test_ops_triton.py
 
@@ -65,7 +70,7 @@ stage tests_real_shapes "${REAL_SHAPES_SECONDS:-120}" python -m pytest -q -p no:
 if [ "$REHEARSAL" = 1 ]; then
   stage crossover 60 python -m bench.crossover --smoke --n 2 --shapes 64x32 --m 1,8 --reps 1 --out "$RES/crossover.jsonl"
 else
-  stage crossover "${CROSSOVER_SECONDS:-100}" python -m bench.crossover --out "$RES/crossover.jsonl"
+  stage crossover "${CROSSOVER_SECONDS:-90}" python -m bench.crossover --out "$RES/crossover.jsonl"
 fi
 
 # ---- 3 headline rows, 4 limited-VRAM row
@@ -76,10 +81,10 @@ if [ "$REHEARSAL" = 1 ]; then
   stage limited 45 python -m bench --models ViT-tiny --n 3 --batch 2 --precision fp32 --storage int8 \
     --only atlas:torch --warmup 1 --steps 1 --in-process --no-plot --out "$RES/limited.jsonl"
 else
-  stage headline "${HEADLINE_SECONDS:-210}" python -m bench --models ViT-B-32 --n 21 --batch 16,128 \
+  stage headline "${HEADLINE_SECONDS:-200}" python -m bench --models ViT-B-32 --n 21 --batch 16,128 \
     --precision bf16 --storage float16 --only ceiling,floor,naive,merge_once,atlas:torch,atlas:triton \
     --in-process --out "$RES/headline.jsonl"
-  stage limited "${LIMITED_SECONDS:-90}" python -m bench --models ViT-L-14 --n 30 --batch 32 --precision bf16 \
+  stage limited "${LIMITED_SECONDS:-80}" python -m bench --models ViT-L-14 --n 30 --batch 32 --precision bf16 \
     --storage int8 --only atlas:triton --in-process --out "$RES/limited.jsonl"
 fi
 for f in "$RES"/headline.jsonl "$RES"/limited.jsonl; do
