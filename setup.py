@@ -10,16 +10,16 @@ setup(
     description="Fast, memory-lean aTLAS: compose task vectors with learned per-block coefficients",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.9",
+    python_requires=">=3.11",  # tested: 3.11 (CI) and 3.12 (the lent GPU)
     packages=find_packages(include=["atlas_kernels", "atlas_kernels.*"]),
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.11",  # tested: 2.11.0 (.ci/oldest.sh) and 2.14.1 (.ci/run)
         # Triton is not listed: Linux builds of torch pin the triton they were built with, and an
         # unpinned "triton" here made pip first download the newest triton (286 MB) and then
         # replace it with torch's pin. The kernels use whichever triton torch brings.
-        "open_clip_torch>=2.24",
+        "open_clip_torch>=2.24",  # tested: 2.24.0 (.ci/oldest.sh) and 3.3.0
         "numpy",
-        "safetensors>=0.4",
+        "safetensors>=0.4.5",  # tested: 0.4.5 (.ci/oldest.sh) and 0.8.0
     ],
     extras_require={
         # timm and transformers: test_towers.py patches tiny timm ViT/ConvNeXt and Hugging Face

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from atlas_kernels._io import atomic_write_text
+from atlas_kernels._io import atomic_save_safetensors, atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES = ["Cars", "DTD", "EuroSAT", "GTSRB", "MNIST", "RESISC45", "SUN397", "SVHN", "CIFAR10", "CIFAR100",
@@ -43,7 +43,7 @@ def make_set(root: Path, model: str, n: int, legacy: bool) -> None:
     tmp = root / "_sds"
     tmp.mkdir(exist_ok=True)
     files = []
-    save_file(pre, str(tmp / "pre.safetensors"))
+    atomic_save_safetensors(pre, tmp / "pre.safetensors")
     files.append({"sd": str(tmp / "pre.safetensors"), "out": str(root / "zeroshot.pt"), "kind": "encoder",
                   "legacy": legacy})
     for i, name in enumerate(NAMES[:n]):
@@ -51,7 +51,7 @@ def make_set(root: Path, model: str, n: int, legacy: bool) -> None:
         ft = {k: (v + 1e-3 * torch.randn(v.shape, generator=g) if k.startswith("visual.") else v)
               for k, v in pre.items()}
         p = tmp / f"{name}.safetensors"
-        save_file(ft, str(p))
+        atomic_save_safetensors(ft, p)
         files.append({"sd": str(p), "out": str(root / name / "finetuned.pt"), "kind": "encoder", "legacy": legacy})
         del ft
     job = tmp / "job.json"

@@ -453,7 +453,14 @@ def time_step(step: Callable[[], None], dev: torch.device, settings: Settings) -
     """Warm up, then time. GPU: CUDA events around every step, peak from max_memory_allocated
     (reset after warm-up, so it is the steady-state step's peak including everything resident).
     CPU: time.perf_counter around every step, peak RSS of this process (ru_maxrss)."""
-    for _ in range(settings.warmup):
+    # The first call apart: Triton compiles and autotunes here (and the caching allocator grows), so
+    # first_step_ms is compile + autotune + one step; step_ms below is the steady state only.
+    _sync(dev)
+    t0 = time.perf_counter()
+    step()
+    _sync(dev)
+    first_ms = (time.perf_counter() - t0) * 1e3
+    for _ in range(max(0, settings.warmup - 1)):
         step()
     _sync(dev)
     if dev.type == "cuda":
@@ -488,7 +495,7 @@ def time_step(step: Callable[[], None], dev: torch.device, settings: Settings) -
         # the machine may be shared: the 1-minute load average before and after says how much
         out.update(peak_bytes=max_rss_bytes(), peak_kind="ru_maxrss", threads=torch.get_num_threads(),
                    loadavg_1m=[round(load0, 2), round(os.getloadavg()[0], 2)])
-    out.update(steps_timed=n, warmup=settings.warmup)
+    out.update(steps_timed=n, warmup=settings.warmup, first_step_ms=first_ms)
     return out
 
 

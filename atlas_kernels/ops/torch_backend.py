@@ -76,7 +76,13 @@ def _contiguous(partition: Optional[Partition], k: int) -> bool:
 
 
 def compose_values(theta0, tau, coef, partition: Optional[Partition], out_dtype, scale=None):
-    """``theta0 + sum_i coef[i, part(e)] * tau[i, e]`` in fp32, cast to ``out_dtype``. No autograd."""
+    """``theta0 + sum_i coef[i, part(e)] * tau[i, e]`` in fp32, cast to ``out_dtype``. No autograd.
+
+    Out of place, and no same-dtype ``.to()`` on the result: torch.compile of torch 2.11 traces an
+    autograd Function whose forward returns an in-place-updated clone of an input, or a no-op
+    ``.to()`` of its result, as if the output did not depend on ``coef``, giving exactly-zero
+    coefficient gradients with no error (torch 2.13 and 2.14 are right).
+    """
     n = tau.shape[0]
     numel = theta0.numel()
     acc = acc_dtype(theta0.dtype, tau.dtype, coef.dtype)
@@ -84,22 +90,29 @@ def compose_values(theta0, tau, coef, partition: Optional[Partition], out_dtype,
     k = c.shape[1]
     tau2d = tau.reshape(n, numel)
     width = _row_width(theta0.shape)
-    out = theta0.reshape(-1).to(acc).clone()
+    base = theta0.reshape(-1).to(acc)
     fast = tau.dtype == acc and scale is None
+    pieces = []
     if _contiguous(partition, k):
         # Contiguous parts are slices: one slab product per piece, no index tensors.
         for s, e, p in _segments(n, numel, k, tau.device, not fast):
             t = tau2d[:, s:e] if fast else _widen(tau2d, s, e, scale, width, acc)
-            # addmv on the transposed view: 2x faster than `c @ t` on CPU BLAS, no temporary
-            out[s:e].addmv_(t.t(), c[:, p])
-        return out.reshape(theta0.shape).to(out_dtype)
-    part = partition.index(numel, device=theta0.device)
-    for s, e in _chunks(n, numel, tau.device, not fast):
-        t = tau2d[:, s:e] if fast else _widen(tau2d, s, e, scale, width, acc)
-        # [K, chunk]: every part's composition, then each element picks its own part.
-        allk = c.t() @ t
-        out[s:e] += allk.gather(0, part[None, s:e]).squeeze(0)
-    return out.reshape(theta0.shape).to(out_dtype)
+            # addmv on the transposed view: 2x faster than `c @ t` on CPU BLAS
+            pieces.append(torch.addmv(base[s:e], t.t(), c[:, p]))
+    else:
+        part = partition.index(numel, device=theta0.device)
+        for s, e in _chunks(n, numel, tau.device, not fast):
+            t = tau2d[:, s:e] if fast else _widen(tau2d, s, e, scale, width, acc)
+            # [K, chunk]: every part's composition, then each element picks its own part.
+            allk = c.t() @ t
+            pieces.append(base[s:e] + allk.gather(0, part[None, s:e]).squeeze(0))
+    if not pieces:  # an empty block
+        out = base.clone()
+    else:
+        out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    out = out.reshape(theta0.shape)
+    # No same-dtype `.to()` either: torch 2.11's tracing mishandles that no-op alias alike.
+    return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
 def coef_grad_values(grad, tau, k: int, partition: Optional[Partition], scale=None):

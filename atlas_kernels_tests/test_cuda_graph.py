@@ -1,0 +1,54 @@
+"""A CUDA graph captures one whole patched training step (forward, backward, optimizer step on the
+coefficients) and its replay gives the eager step's coefficients. GPU only: skips, with the reason,
+without one (CUDA graphs do not exist on a CPU)."""
+import copy
+
+import pytest
+import torch
+
+import atlas_kernels as ak
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA-graph capture)")]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_cuda_graph_captures_one_patched_training_step(tiny_vit, backend):
+    g = torch.Generator().manual_seed(0)
+    tvs = ak.TaskVectors({k: torch.randn((3, *p.shape), generator=g) * 0.05
+                          for k, p in tiny_vit.named_parameters()}).to("cuda")
+    m = ak.patch(copy.deepcopy(tiny_vit), tvs, backend=backend)
+    coefs = list(ak.coefficients(m).values())
+    x = torch.randn(4, 3, 32, 32, generator=g).cuda()
+    opt = torch.optim.SGD(coefs, lr=0.5)
+
+    def step():
+        opt.zero_grad(set_to_none=False)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = m(x).float().square().mean()
+        loss.backward()
+        opt.step()
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (autotuning, lazy allocations) outside the capture
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    start = [c.detach().clone() for c in coefs]
+    graph.replay()
+    torch.cuda.synchronize()
+    replayed = [c.detach().clone() for c in coefs]
+    with torch.no_grad():
+        for c, s in zip(coefs, start):
+            c.copy_(s)
+    step()
+    torch.cuda.synchronize()
+    moved = sum((r - s).abs().sum().item() for r, s in zip(replayed, start))
+    assert moved > 0, "the replayed step did not change the coefficients"
+    for c, r in zip(coefs, replayed):
+        torch.testing.assert_close(r, c.detach(), rtol=1e-4, atol=1e-6)
