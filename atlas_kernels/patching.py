@@ -40,7 +40,7 @@ BlockFilter = Union[None, str, Iterable[str], Callable[[str, torch.Tensor], bool
 # ----------------------------------------------------------------------------- patch
 def patch(module: nn.Module, task_vectors: TaskVectors, *, partitions: int = 1, partition_mode: str = "contiguous",
           seed: int = 0, backend: str = "auto", blocks: BlockFilter = None,
-          group_small_blocks: bool = True) -> nn.Module:
+          group_small_blocks: bool = True, linearised: bool = False) -> nn.Module:
     """Swap atlas modules into ``module`` (in place) and return it.
 
     Args:
@@ -64,12 +64,18 @@ def patch(module: nn.Module, task_vectors: TaskVectors, *, partitions: int = 1, 
             registered as ``module._atlas_small_blocks`` (on its first member when ``module`` is a
             container such as ``nn.Sequential``; no parameters, nothing in the state dict).
             False: one launch per block.
+        linearised: the linearised model around theta0 (task vectors in the tangent space):
+            ``forward(x)`` returns ``f(x; theta0) + J f(x; theta0) . D(lam)``, primal and tangent
+            in one pass (see :mod:`atlas_kernels.linearised`). No small-block grouping; such a module
+            cannot be merged by ``unpatch`` (use :func:`atlas_kernels.export_linearised`).
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
     if not isinstance(task_vectors, TaskVectors):
         raise TypeError(f"task_vectors must be an atlas_kernels.TaskVectors, got {type(task_vectors).__name__}")
     ops.check_backend(backend)
+    if not isinstance(linearised, bool):
+        raise TypeError(f"linearised must be True or False, got {linearised!r}")
     if not isinstance(partitions, int) or isinstance(partitions, bool) or partitions < 1:
         raise ValueError(f"partitions must be an integer >= 1, got {partitions!r}")
     if partition_mode not in MODES:
@@ -117,11 +123,16 @@ def patch(module: nn.Module, task_vectors: TaskVectors, *, partitions: int = 1, 
     for p in module.parameters():
         if id(p) not in coef_ids:
             p.requires_grad_(False)
-    if group_small_blocks and backend in ("auto", "triton"):
+    if linearised:
+        from .linearised.modules import linearise
+
+        linearise(module)
+    elif group_small_blocks and backend in ("auto", "triton"):
         _group_small_blocks(module)
     setattr(module, _STATE, {
         "n": len(task_vectors), "names": task_vectors.names, "blocks": list(chosen), "partitions": partitions,
         "partition_mode": partition_mode, "seed": seed, "backend": backend, "requires_grad": requires_grad,
+        "linearised": linearised,
     })
     return module
 
@@ -292,6 +303,10 @@ def coefficients(module: nn.Module, _check: bool = True) -> Dict[str, nn.Paramet
 def unpatch(module: nn.Module) -> nn.Module:
     """Merge ``theta0 + sum_i lam_i tau_i`` (float32) into plain modules and return ``module``."""
     state = _state(module)
+    if state.get("linearised"):
+        raise RuntimeError("unpatch cannot merge a linearised module: no plain model equals the linearised one "
+                           "(f(x; theta0) + J f(x; theta0) . D); use atlas_kernels.export_linearised(module, path) "
+                           "and atlas_kernels.load_linearised(path, model) to evaluate it")
     requires_grad = state["requires_grad"]
     # Validate every coefficient first, so a failure leaves the module patched and whole.
     for name, c in coefficients(module).items():
@@ -364,6 +379,7 @@ def save_coefficients(module: nn.Module, path) -> None:
         "format": _COEF_FORMAT, "version": "1", "n": str(state["n"]), "partitions": str(state["partitions"]),
         "partition_mode": state["partition_mode"], "seed": str(state["seed"]),
         "names": json.dumps(state["names"]), "blocks": json.dumps(sorted(coefs)),
+        "linearised": "1" if state.get("linearised") else "0",
     }
     save_file(tensors, str(path), metadata=meta)
 
@@ -388,6 +404,11 @@ def load_coefficients(module: nn.Module, path) -> nn.Module:
         raise ValueError(f"{path!r} is not a readable safetensors file (truncated or corrupted?): {exc}") from exc
     if meta.get("format") != _COEF_FORMAT:
         raise ValueError(f"{path!r} is not an atlas_kernels coefficient file (format={meta.get('format')!r})")
+    file_lin, model_lin = meta.get("linearised", "0") == "1", bool(state.get("linearised"))
+    if file_lin != model_lin:
+        mode = {True: "linearised (patch(..., linearised=True))", False: "standard"}
+        raise ValueError(f"{path!r} holds coefficients learned by a {mode[file_lin]} model; this module is "
+                         f"patched {mode[model_lin]}: the coefficients of one mode mean nothing in the other")
     diffs = []
     for key in ("n", "partitions"):
         if meta.get(key) != str(state[key]):
