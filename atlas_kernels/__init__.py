@@ -26,6 +26,7 @@ from .partitions import Partition
 from .patching import coefficients, is_patched, load_coefficients, patch, save_coefficients, unpatch
 from .checkpoints import convert_checkpoint, load_state_dict_file
 from .task_vectors import STORAGES, TaskVectors
+from .linearised.export import export_linearised, load_linearised
 
 __version__ = "0.1.0"
 
@@ -35,4 +36,5 @@ __all__ = [
     "AtlasLinear", "AtlasMultiheadAttention", "AtlasParameter", "Partition", "__version__",
     "select_task_vectors", "budget_report", "estimate_memory", "MemoryEstimate",
     "read_peft_adapter", "write_peft_adapter", "match_blocks",
+    "export_linearised", "load_linearised",
 ]

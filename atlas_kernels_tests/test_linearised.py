@@ -231,3 +231,24 @@ def test_unpatch_of_linearised_names_export(vit_cpu):
     assert ak.is_patched(lin)
     with pytest.raises(TypeError, match="linearised must be True or False"):
         ak.patch(copy.deepcopy(vit_cpu), _dense_tvs(vit_cpu, 1, dtype=torch.float32), linearised="yes")
+
+
+def test_export_and_load_linearised(vit_cpu, tmp_path):
+    tvs = _dense_tvs(vit_cpu, 3, dtype=torch.float32)
+    lin = ak.patch(copy.deepcopy(vit_cpu), tvs, partitions=2, partition_mode="hash", backend="torch",
+                   linearised=True)
+    _random_coefs(ak.coefficients(lin))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = lin(x)
+    with pytest.raises(ValueError, match="unpatch"):
+        ak.export_linearised(ak.patch(copy.deepcopy(vit_cpu), tvs, backend="torch"), tmp_path / "std.safetensors")
+    ak.export_linearised(lin, tmp_path / "lin.safetensors")
+    fresh = make_tiny_vit("cpu")  # other random weights: theta0 must come from the file
+    back = ak.load_linearised(tmp_path / "lin.safetensors", fresh, backend="torch")
+    assert all(not c.requires_grad for c in ak.coefficients(back).values())
+    out = back(x)
+    assert out.grad_fn is None
+    assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="another architecture"):
+        ak.load_linearised(tmp_path / "lin.safetensors", nn.Linear(3, 4))
