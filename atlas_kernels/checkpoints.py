@@ -44,6 +44,10 @@ def load_state_dict_file(path) -> Dict[str, torch.Tensor]:
             f"Details: {str(exc).splitlines()[0]}") from None
     except Exception as exc:
         raise ValueError(f"{path!r} could not be read as a checkpoint (truncated or corrupted?): {exc}") from exc
+    from .linearised.checkpoints import is_linearised_state_dict, to_named_state_dict
+
+    if is_linearised_state_dict(obj):  # tangent_task_arithmetic's positional format: named, shape-checked
+        return to_named_state_dict(obj, what=repr(path))
     return _unwrap(obj, path)
 
 
