@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adapt only these blocks (parameter names of model.visual), or 'weights' (matrices "
                    "and convolutions only); the others stay frozen (default: all)")
     g.add_argument("--backend", default=d.backend, help="atlas_kernels backend (default auto)")
+    g.add_argument("--linearised", action="store_true",
+                   help="train the linearised model (task vectors in the tangent space of the pre-trained "
+                   "model: f(x; theta0) + J f . D); --export-merged then writes export_linearised's file")
 
     g = p.add_argument_group("objective and data")
     g.add_argument("--objective", required=True, choices=OBJECTIVES)

@@ -52,6 +52,7 @@ class TrainConfig:
     partitions: int = 1
     partition_mode: str = "contiguous"
     backend: str = "auto"
+    linearised: bool = False
     blocks: Optional[List[str]] = None
     select: str = "auto"
     seed: int = 0
