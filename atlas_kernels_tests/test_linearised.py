@@ -18,6 +18,15 @@ from ._util import assert_close, make_tiny_vit, rel_err
 pytest.importorskip("open_clip")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # small float64 models: one thread is several times faster than two on a busy 2-core machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _taus64(tvs, name, n):
     """The ``[N, *shape]`` float64 task vectors of a block (LoRA densified, budgets zero-filled)."""
     if tvs.is_lora(name):
@@ -68,7 +77,7 @@ def _dense_tvs(model, n, seed=0, std=0.05, dtype=torch.float64):
 
 
 def _check(model, tvs, x, *, partitions=1, mode="contiguous", seed=0, backend="torch", dtype=torch.float64,
-           rtol=1e-9, grad_tol=1e-6):
+           rtol=1e-9, grad_tol=1e-6, check_primal=True):
     # grad_tol: the coefficients (and so their gradients) are float32 parameters
     patched = ak.patch(copy.deepcopy(model).to(dtype).train(), tvs, partitions=partitions, partition_mode=mode,
                        seed=seed, backend=backend, linearised=True)
@@ -78,9 +87,10 @@ def _check(model, tvs, x, *, partitions=1, mode="contiguous", seed=0, backend="t
     out = patched(x.to(dtype))
     ref, c64 = _reference(model, tvs, coefs, x, partitions, mode, seed)
     # the tangent matters: the linearised output differs from the primal by far more than the tolerance
-    with torch.no_grad():
-        primal = copy.deepcopy(model).double()(x.double())
-    assert rel_err(ref, primal) > 1e-3
+    if check_primal:
+        with torch.no_grad():
+            primal = copy.deepcopy(model).double()(x.double())
+        assert rel_err(ref, primal) > 1e-3
     assert rel_err(out, ref) < rtol, rel_err(out, ref)
     w = torch.randn(ref.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     (out * w.to(dtype)).sum().backward()
@@ -204,7 +214,8 @@ def test_whole_vit_b32_matches_jvp_reference():
         warnings.simplefilter("ignore")
         vit = open_clip.create_model("ViT-B-32", pretrained=None).visual.eval()
     x = torch.randn(1, 3, 224, 224)
-    _check(vit, _dense_tvs(vit, 1, std=0.01, dtype=torch.float32), x, partitions=2, rtol=1e-8)
+    # N = 1, K = 1 keep it cheap (partitions, storage and LoRA are covered on the tiny tower)
+    _check(vit, _dense_tvs(vit, 1, std=0.01, dtype=torch.float32), x, rtol=1e-8, check_primal=False)
 
 
 def test_coefficient_files_record_the_mode(vit_cpu, tmp_path):
