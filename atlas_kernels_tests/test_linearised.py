@@ -131,6 +131,15 @@ def test_tiny_vit_lora_task_vectors(vit_cpu):
     _check(vit_cpu, tvs, x, partitions=2, mode="hash", seed=1, rtol=1e-6)
 
 
+def test_tiny_vit_budget_ragged_blocks(vit_cpu):
+    """A per-block budget (a block keeps a subset of the N task vectors) as in the standard mode."""
+    tvs = _dense_tvs(vit_cpu, 3)
+    names = tvs.blocks
+    tvs = tvs.keep({names[0]: [2], names[3]: [0, 2], "transformer.resblocks.0.mlp.c_fc.weight": [1],
+                    "transformer.resblocks.0.attn.in_proj_weight": [0, 1]})
+    _check(vit_cpu, tvs, torch.randn(2, 3, 32, 32))
+
+
 def test_triton_backend_under_interpreter(vit_cpu):
     pytest.importorskip("triton")
     from ._util import DEV
