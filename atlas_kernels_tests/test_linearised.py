@@ -140,9 +140,15 @@ def test_tiny_vit_budget_ragged_blocks(vit_cpu):
     _check(vit_cpu, tvs, torch.randn(2, 3, 32, 32))
 
 
-def test_triton_backend_under_interpreter(vit_cpu):
+@pytest.mark.parametrize("fused", [True, False])
+def test_triton_backend_under_interpreter(vit_cpu, monkeypatch, fused):
     pytest.importorskip("triton")
+    from atlas_kernels import ops
+
     from ._util import DEV
+
+    # M = 2 images x 17 tokens = 34 rows: the fused GEMM at the default threshold, compose + matmul at 0
+    monkeypatch.setattr(ops._module("triton"), "FUSED_MAX_M", 64 if fused else 0)
 
     x = torch.randn(2, 3, 32, 32, device=DEV)
     model = copy.deepcopy(vit_cpu).to(DEV)
