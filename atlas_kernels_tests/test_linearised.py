@@ -278,3 +278,17 @@ def test_export_and_load_linearised(vit_cpu, tmp_path):
     assert_close(out, expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="another architecture"):
         ak.load_linearised(tmp_path / "lin.safetensors", nn.Linear(3, 4))
+
+
+def test_bf16_autocast_runs_and_stays_close(vit_cpu):
+    tvs = _dense_tvs(vit_cpu, 2, dtype=torch.float32)
+    lin = ak.patch(copy.deepcopy(vit_cpu), tvs, backend="torch", linearised=True)
+    _random_coefs(ak.coefficients(lin))
+    x = torch.randn(2, 3, 32, 32)
+    ref = lin(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lin(x)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, ref) < 3e-2  # bf16 matmuls (8 mantissa bits)
+    out.float().sum().backward()
+    assert all(c.grad is not None and torch.isfinite(c.grad).all() for c in ak.coefficients(lin).values())
