@@ -292,3 +292,14 @@ def test_bf16_autocast_runs_and_stays_close(vit_cpu):
     assert rel_err(out, ref) < 3e-2  # bf16 matmuls (8 mantissa bits)
     out.float().sum().backward()
     assert all(c.grad is not None and torch.isfinite(c.grad).all() for c in ak.coefficients(lin).values())
+
+
+def test_a_failed_forward_leaves_no_dual_level(vit_cpu):
+    import torch.autograd.forward_ad as fwAD
+
+    lin = ak.patch(copy.deepcopy(vit_cpu), _dense_tvs(vit_cpu, 1, dtype=torch.float32), backend="torch",
+                   linearised=True)
+    with pytest.raises(RuntimeError):
+        lin(torch.randn(2, 3, 31, 32))  # not a multiple of the patch size
+    assert fwAD._current_level == -1
+    assert lin(torch.randn(2, 3, 32, 32)).shape == (2, 32)
