@@ -104,7 +104,11 @@ def _check(model, tvs, x, *, partitions=1, mode="contiguous", seed=0, backend="t
 
 @pytest.fixture(scope="module")
 def vit_cpu():
-    return make_tiny_vit("cpu")
+    # module-scoped fixtures are built before the per-test seed is set: seed here, so the weights
+    # do not depend on which tests ran first
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1234)
+        return make_tiny_vit("cpu")
 
 
 @pytest.mark.parametrize("partitions,mode", [(1, "contiguous"), (3, "contiguous"), (2, "hash")])
@@ -126,9 +130,10 @@ def test_tiny_vit_lora_task_vectors(vit_cpu):
                 for k, p in linears.items()} for _ in range(3)]
     tvs = ak.TaskVectors.from_lora(factors)
     x = torch.randn(2, 3, 32, 32)
-    # the LoRA products run in float32 (as in the standard mode), hence rtol 1e-6
-    _check(vit_cpu, tvs, x, rtol=1e-6)
-    _check(vit_cpu, tvs, x, partitions=2, mode="hash", seed=1, rtol=1e-6)
+    # the LoRA products run in float32 (as in the standard mode), hence rtol 1e-6 and gradients to
+    # 1e-5 (measured over 8 seeds of the tower: at most 1.5e-8 and 1.3e-6)
+    _check(vit_cpu, tvs, x, rtol=1e-6, grad_tol=1e-5)
+    _check(vit_cpu, tvs, x, partitions=2, mode="hash", seed=1, rtol=1e-6, grad_tol=1e-5)
 
 
 def test_tiny_vit_budget_ragged_blocks(vit_cpu):
