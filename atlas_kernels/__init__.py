@@ -27,6 +27,7 @@ from .patching import coefficients, is_patched, load_coefficients, patch, save_c
 from .checkpoints import Head, convert_checkpoint, load_head, load_state_dict_file
 from .state_dicts import load_plain_state_dict
 from .task_vectors import STORAGES, TaskVectors
+from .linearised.export import export_linearised, load_linearised
 
 __version__ = "0.1.0"
 
@@ -36,4 +37,5 @@ __all__ = [
     "AtlasLinear", "AtlasMultiheadAttention", "AtlasParameter", "Partition", "__version__",
     "select_task_vectors", "budget_report", "estimate_memory", "MemoryEstimate",
     "read_peft_adapter", "write_peft_adapter", "match_blocks", "load_plain_state_dict",
+    "export_linearised", "load_linearised",
 ]

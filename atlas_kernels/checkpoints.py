@@ -90,7 +90,12 @@ def load_state_dict_file(path) -> Dict[str, torch.Tensor]:
             return load_file(path)
         except Exception as exc:
             raise ValueError(f"{path!r} is not a readable safetensors file (truncated or corrupted?): {exc}") from exc
-    return _unwrap(_read_object(path), path)
+    obj = _read_object(path)
+    from .linearised.checkpoints import is_linearised_state_dict, to_named_state_dict
+
+    if is_linearised_state_dict(obj):  # tangent_task_arithmetic's positional format: named, shape-checked
+        return to_named_state_dict(obj, what=repr(path))
+    return _unwrap(obj, path)
 
 
 def _unwrap(obj, path) -> Dict[str, torch.Tensor]:

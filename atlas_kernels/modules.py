@@ -192,6 +192,11 @@ class _BlockHolder(nn.Module):
     def _is_lora(self, name: str) -> bool:
         return name in self._partitions and getattr(self, name + "_lora_a") is not None
 
+    def _read_block(self, name: str, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """What a read of the attribute ``name`` from outside the module gives (see
+        :class:`_ComposedAttribute`): the composed value here; linearised modules override it."""
+        return self.composed(name, dtype)
+
     def _theta0(self, name: str) -> Optional[torch.Tensor]:
         """The frozen ``theta0`` buffer of block ``name`` (the attribute ``name`` itself reads the
         composed value on :class:`AtlasModule`; see :class:`_ComposedAttribute`)."""
@@ -260,7 +265,7 @@ class _ComposedAttribute:
         if buffers is None or self.name not in buffers:
             raise AttributeError(self.name)
         theta0 = buffers[self.name]
-        return None if theta0 is None else obj.composed(self.name, theta0.dtype)
+        return None if theta0 is None else obj._read_block(self.name, theta0.dtype)
 
 
 class AtlasModule(_BlockHolder):

@@ -43,7 +43,8 @@ BlockFilter = Union[None, str, Iterable[str], Callable[[str, torch.Tensor], bool
 # ----------------------------------------------------------------------------- patch
 def patch(module: nn.Module, task_vectors: TaskVectors, *, partitions: int = 1, partition_mode: str = "contiguous",
           seed: int = 0, backend: str = "auto", blocks: BlockFilter = None,
-          group_small_blocks: bool = True, batchnorm: str = "frozen", verify=False) -> nn.Module:
+          group_small_blocks: bool = True, batchnorm: str = "frozen", verify=False,
+          linearised: bool = False) -> nn.Module:
     """Swap atlas modules into ``module`` (in place) and return it.
 
     Args:
@@ -85,6 +86,10 @@ def patch(module: nn.Module, task_vectors: TaskVectors, *, partitions: int = 1, 
             Measured on a shared, loaded 2-core CPU, N = 2: a tiny ViT 0.05 s to patch, 0.7 s with
             verify; ViT-B/32 0.8 s, 30 to 45 s with verify. Hence off by default: turn it on
             once for a new model family, or in a test.
+        linearised: the linearised model around theta0 (task vectors in the tangent space):
+            ``forward(x)`` returns ``f(x; theta0) + J f(x; theta0) . D(lam)``, primal and tangent
+            in one pass (see :mod:`atlas_kernels.linearised`). No small-block grouping; such a module
+            cannot be merged by ``unpatch`` (use :func:`atlas_kernels.export_linearised`).
 
     Tied parameters (one tensor reachable under two names) are adapted once: every owner reads
     the same composed value through one shared :class:`~atlas_kernels.modules.AtlasParameter`
@@ -96,6 +101,8 @@ def patch(module: nn.Module, task_vectors: TaskVectors, *, partitions: int = 1, 
     if not isinstance(task_vectors, TaskVectors):
         raise TypeError(f"task_vectors must be an atlas_kernels.TaskVectors, got {type(task_vectors).__name__}")
     ops.check_backend(backend)
+    if not isinstance(linearised, bool):
+        raise TypeError(f"linearised must be True or False, got {linearised!r}")
     if not isinstance(partitions, int) or isinstance(partitions, bool) or partitions < 1:
         raise ValueError(f"partitions must be an integer >= 1, got {partitions!r}")
     if partition_mode not in MODES:
@@ -108,6 +115,9 @@ def patch(module: nn.Module, task_vectors: TaskVectors, *, partitions: int = 1, 
     if batchnorm not in ("frozen", "train"):
         raise ValueError(f"batchnorm must be 'frozen' or 'train', got {batchnorm!r}")
     reference = None
+    if linearised and verify is not False and verify is not None:
+        raise ValueError("verify= checks the standard composition theta0 + sum lam tau against functional_call; "
+                         "it does not apply to linearised=True (the linearised tests compare against torch.func.jvp)")
     if verify is not False and verify is not None:
         from . import _verify
 
@@ -172,10 +182,15 @@ def patch(module: nn.Module, task_vectors: TaskVectors, *, partitions: int = 1, 
     for p in module.parameters():
         if id(p) not in coef_ids:
             p.requires_grad_(False)
-    # "auto" resolves to the torch backend on the CPU, which never uses a group: build none there
-    # (a module moved to CUDA after patching then composes block by block: correct, more launches).
-    on_cuda = any(p.device.type == "cuda" for p in module.parameters())
-    if group_small_blocks and (backend == "triton" or (backend == "auto" and on_cuda)):
+    if linearised:
+        from .linearised.modules import linearise
+
+        linearise(module)
+    else:
+        # "auto" resolves to the torch backend on the CPU, which never uses a group: build none there
+        # (a module moved to CUDA after patching then composes block by block: correct, more launches).
+        on_cuda = any(p.device.type == "cuda" for p in module.parameters())
+        if group_small_blocks and (backend == "triton" or (backend == "auto" and on_cuda)):
         _group_small_blocks(module)
     attach_guard(module)  # load_state_dict checks every key and shape before copying anything
     frozen_bn = _freeze_batchnorm(module) if batchnorm == "frozen" else []
@@ -183,6 +198,7 @@ def patch(module: nn.Module, task_vectors: TaskVectors, *, partitions: int = 1, 
         "n": len(task_vectors), "names": task_vectors.names, "blocks": list(chosen), "partitions": partitions,
         "partition_mode": partition_mode, "seed": seed, "backend": backend, "requires_grad": requires_grad,
         "frozen_bn": frozen_bn,
+        "linearised": linearised,
     })
     if reference is not None:
         from . import _verify
@@ -405,6 +421,10 @@ def coefficients(module: nn.Module, _check: bool = True) -> Dict[str, nn.Paramet
 def unpatch(module: nn.Module) -> nn.Module:
     """Merge ``theta0 + sum_i lam_i tau_i`` (float32) into plain modules and return ``module``."""
     state = _state(module)
+    if state.get("linearised"):
+        raise RuntimeError("unpatch cannot merge a linearised module: no plain model equals the linearised one "
+                           "(f(x; theta0) + J f(x; theta0) . D); use atlas_kernels.export_linearised(module, path) "
+                           "and atlas_kernels.load_linearised(path, model) to evaluate it")
     requires_grad = state["requires_grad"]
     # Validate every coefficient first, so a failure leaves the module patched and whole.
     for name, c in coefficients(module).items():
@@ -489,6 +509,7 @@ def save_coefficients(module: nn.Module, path) -> None:
         "format": _COEF_FORMAT, "version": "1", "n": str(state["n"]), "partitions": str(state["partitions"]),
         "partition_mode": state["partition_mode"], "seed": str(state["seed"]),
         "names": json.dumps(state["names"]), "blocks": json.dumps(sorted(coefs)),
+        "linearised": "1" if state.get("linearised") else "0",
     }
     atomic_save_safetensors(tensors, str(path), metadata=meta)
 
@@ -548,6 +569,11 @@ def load_coefficients(module: nn.Module, path, *, strict: bool = True) -> nn.Mod
         raise ValueError(f"{path!r} is not a readable safetensors file (truncated or corrupted?): {exc}") from exc
     if meta.get("format") != _COEF_FORMAT:
         raise ValueError(f"{path!r} is not an atlas_kernels coefficient file (format={meta.get('format')!r})")
+    file_lin, model_lin = meta.get("linearised", "0") == "1", bool(state.get("linearised"))
+    if file_lin != model_lin:
+        mode = {True: "linearised (patch(..., linearised=True))", False: "standard"}
+        raise ValueError(f"{path!r} holds coefficients learned by a {mode[file_lin]} model; this module is "
+                         f"patched {mode[model_lin]}: the coefficients of one mode mean nothing in the other")
     diffs = []
     for key in ("n", "partitions"):
         if meta.get(key) != str(state[key]):

@@ -66,6 +66,8 @@ def parse_args(argv=None):
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--subprocess", dest="subprocess", action="store_true", default=None, help="one process per job (default on CPU: honest peak RSS)")
     mode.add_argument("--in-process", dest="subprocess", action="store_false", help="all jobs in this process (default on GPU)")
+    p.add_argument("--linearised", action="store_true",
+                   help="the linearised rows instead (naive jvp, floor, atlas per backend; see bench/linearised.py)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="list the jobs and exit")
     return p.parse_args(argv)
@@ -169,6 +171,10 @@ def _line(job: Job, res: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.linearised:
+        from .linearised import main as linearised_main
+
+        return linearised_main(args)
     dev = env.device()
     cpu = dev.type != "cuda"
     if cpu and args.triton_on_cpu:

@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", default=d.backend, choices=("auto", "torch", "triton", "cuda"),
                    help="atlas_kernels backend: auto (triton on CUDA, torch on the CPU), torch, triton (CUDA), "
                    "cuda (the compiled extension) (default auto)")
+    g.add_argument("--linearised", action="store_true",
+                   help="train the linearised model (task vectors in the tangent space of the pre-trained "
+                   "model: f(x; theta0) + J f . D); --export-merged then writes export_linearised's file")
 
     g = p.add_argument_group("objective and data")
     g.add_argument("--objective", required=True, choices=OBJECTIVES)

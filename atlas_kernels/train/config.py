@@ -54,6 +54,7 @@ class TrainConfig:
     partition_mode: str = "contiguous"
     backend: str = "auto"
     storage: Optional[str] = None  # re-store the task vectors (e.g. int8) after loading; None: as in the file
+    linearised: bool = False
     blocks: Optional[List[str]] = None
     select: str = "auto"
     seed: int = 0

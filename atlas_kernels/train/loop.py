@@ -202,7 +202,7 @@ def setup(cfg: TrainConfig) -> Setup:
         blocks = blocks[0]
     model.visual = ak.patch(model.visual, tvs, partitions=cfg.partitions,
                             partition_mode=cfg.partition_mode, seed=cfg.seed,
-                            backend=cfg.backend, blocks=blocks)
+                            backend=cfg.backend, blocks=blocks, linearised=cfg.linearised)
     coefs = ak.coefficients(model.visual)
     if not coefs:
         raise ConfigError("patching adapted no block: nothing to train (check --blocks)")
@@ -523,6 +523,11 @@ def export_merged(s: Setup, path) -> None:
     """Merge the coefficients into plain weights and write the whole model's state dict."""
     import atlas_kernels as ak
 
+    if ak.is_patched(s.model.visual) and getattr(s.model.visual, "_atlas_state", {}).get("linearised"):
+        # no plain model equals a linearised one: theta0 plus D per block (atlas_kernels.load_linearised)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        ak.export_linearised(s.model.visual, path)
+        return
     s.model.visual = ak.unpatch(s.model.visual)
     sd, seen = {}, {}
     for k, v in s.model.state_dict().items():

@@ -1,0 +1,6 @@
+"""Linearised task vectors: aTLAS in the tangent space of the pre-trained model.
+
+``patch(module, task_vectors, linearised=True)`` makes ``module(x)`` return
+``f(x; theta0) + J f(x; theta0) . D(lam)``, ``D_b = sum_i lam_{i,b} tau_{i,b}``, in one
+forward-mode pass (:mod:`.modules`, :mod:`.ops`).
+"""

@@ -1,0 +1,139 @@
+"""A linearised model cannot be merged into plain parameters (no plain model equals
+``f(x; theta0) + J f(x; theta0) . D``), so it is exported instead:
+
+- :func:`export_linearised` writes one safetensors file: ``theta0.<name>`` for every entry of the
+  plain model's state dict (parameters at theta0 under their original names, and buffers), and
+  ``delta.<block>`` = ``D = sum_i lam_i tau_i`` (float32; float64 for a float64 model) per adapted
+  block, with metadata (format, blocks, task-vector names).
+- :func:`load_linearised` loads theta0 into a plain module of the same architecture and patches it
+  linearised with one "task vector" per block, ``D`` itself, at coefficient 1, frozen: evaluation
+  then costs one forward-mode pass and builds no training graph.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+import torch
+import torch.nn as nn
+
+from .._io import atomic_save_safetensors
+from ..modules import AtlasModule, AtlasParameter
+from .modules import block_delta
+
+__all__ = ["export_linearised", "load_linearised", "FORMAT"]
+
+FORMAT = "atlas_kernels.linearised"
+_PARAM = re.compile(r"(^|\.)parametrizations\.([^.]+)\.original$")
+
+
+def _join(a: str, b: str) -> str:
+    return f"{a}.{b}" if a else b
+
+
+def _plain_name(key: str) -> str:
+    """``conv1.parametrizations.weight.original`` -> ``conv1.weight``."""
+    return _PARAM.sub(lambda m: m.group(1) + m.group(2), key)
+
+
+@torch.no_grad()
+def _deltas(module: nn.Module):
+    out = {}
+    for path, m in module.named_modules():
+        if isinstance(m, AtlasModule):
+            for local in m._partitions:
+                theta0 = m._theta0(local)
+                out[_join(path, local)] = (m, local, theta0.dtype)
+        plist = getattr(m, "parametrizations", None)
+        if isinstance(plist, nn.ModuleDict):
+            for local, chain in plist.items():
+                for p in chain:
+                    if isinstance(p, AtlasParameter):
+                        out[_join(path, local)] = (p, "", chain.original.dtype)
+    deltas = {}
+    for name, (owner, local, dtype) in out.items():
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        d = block_delta(owner, local, acc, "torch")
+        if not torch.isfinite(d).all():
+            raise ValueError(f"block {name!r}: its displacement D holds NaN or inf (non-finite coefficients?); "
+                             f"not exporting it")
+        deltas[name] = d.detach().cpu().contiguous()
+    return deltas
+
+
+def export_linearised(module: nn.Module, path) -> None:
+    """Write a linearised patched ``module`` as theta0 (the plain state dict's names) plus ``D`` per
+    adapted block, to the safetensors file ``path`` (written atomically)."""
+    from ..patching import _state
+
+    state = _state(module)
+    if not state.get("linearised"):
+        raise ValueError("export_linearised needs a module patched with linearised=True; a standard patched "
+                         "module merges into a plain model with atlas_kernels.unpatch(module)")
+    from ..patching import coefficients
+
+    coef_ids = {id(c) for c in coefficients(module).values()}
+    tensors = {}
+    for key, value in module.state_dict(keep_vars=True).items():
+        if id(value) in coef_ids:
+            continue
+        tensors["theta0." + _plain_name(key)] = value.detach().cpu().contiguous()
+    deltas = _deltas(module)
+    for name, d in deltas.items():
+        tensors["delta." + name] = d
+    meta = {"format": FORMAT, "version": "1", "blocks": json.dumps(sorted(deltas)),
+            "names": json.dumps(list(state["names"]))}
+    atomic_save_safetensors(tensors, path, metadata=meta)
+
+
+def load_linearised(path, module: nn.Module, *, backend: str = "auto") -> nn.Module:
+    """Rebuild the linearised model written by :func:`export_linearised` on ``module``: a plain
+    module of the same architecture (for an open_clip tower: ``create_model(name,
+    pretrained=None).visual``), on the device it should run on. Returns ``module``, patched
+    linearised, every coefficient 1 and frozen (inference: one forward-mode pass, no training graph)."""
+    from safetensors import safe_open
+
+    from ..patching import is_patched, patch
+    from ..task_vectors import TaskVectors
+
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    if is_patched(module):
+        raise RuntimeError("load_linearised needs a plain module; this one is already patched")
+    path = str(path)
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        raise ValueError(f"{path!r} is not a readable safetensors file (truncated or corrupted?): {exc}") from exc
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path!r} is not a linearised export of atlas_kernels (format={meta.get('format')!r})")
+    theta0 = {k[len("theta0."):]: v for k, v in tensors.items() if k.startswith("theta0.")}
+    deltas = {k[len("delta."):]: v for k, v in tensors.items() if k.startswith("delta.")}
+    own = module.state_dict()
+    missing, extra = sorted(set(own) - set(theta0)), sorted(set(theta0) - set(own))
+    if missing or extra:
+        raise ValueError(f"{path!r} does not fit this module: the file lacks {missing[:3]} ({len(missing)}), "
+                         f"has extra {extra[:3]} ({len(extra)}) (an export of another architecture?)")
+    for k, v in theta0.items():
+        if v.shape != own[k].shape:
+            raise ValueError(f"{path!r}: {k!r} has shape {tuple(v.shape)} in the file, the module expects "
+                             f"{tuple(own[k].shape)}")
+    for k, d in deltas.items():
+        if k not in theta0 or d.shape != theta0[k].shape or not torch.isfinite(d).all():
+            raise ValueError(f"{path!r}: displacement of block {k!r} does not match theta0 or is not finite")
+    with torch.no_grad():
+        module.load_state_dict(theta0, strict=True)
+    device = next(iter(module.parameters())).device
+    tvs = TaskVectors({k: d[None] for k, d in deltas.items()}, names=["linearised"]).to(device)
+    patch(module, tvs, backend=backend, linearised=True)
+    from ..patching import coefficients
+
+    with torch.no_grad():
+        for c in coefficients(module).values():
+            c.fill_(1.0)
+            c.requires_grad_(False)
+    return module
