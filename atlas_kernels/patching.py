@@ -60,7 +60,7 @@ def patch(module: nn.Module, task_vectors: TaskVectors, *, partitions: int = 1, 
         group_small_blocks: compose the small dense generic blocks (LayerNorms, embeddings, ...: at
             most :data:`~atlas_kernels.modules.SMALL_BLOCK_NUMEL` elements, not LoRA, not ragged)
             together, in one launch per forward of ``module``, whenever the backend resolves to
-            ``"triton"`` (see :class:`~atlas_kernels.modules.SmallBlockGroup`). The group is
+            ``"triton"`` or ``"cuda"`` (see :class:`~atlas_kernels.modules.SmallBlockGroup`). The group is
             registered as ``module._atlas_small_blocks`` (on its first member when ``module`` is a
             container such as ``nn.Sequential``; no parameters, nothing in the state dict).
             False: one launch per block.
@@ -117,7 +117,7 @@ def patch(module: nn.Module, task_vectors: TaskVectors, *, partitions: int = 1, 
     for p in module.parameters():
         if id(p) not in coef_ids:
             p.requires_grad_(False)
-    if group_small_blocks and backend in ("auto", "triton"):
+    if group_small_blocks and backend in ("auto", "triton", "cuda"):
         _group_small_blocks(module)
     setattr(module, _STATE, {
         "n": len(task_vectors), "names": task_vectors.names, "blocks": list(chosen), "partitions": partitions,
