@@ -9,8 +9,9 @@
 // The packed variants walk the same table as the Triton kernels (one CUDA block per tile of
 // `block` elements of one segment).
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Float8_e4m3fn.h>
 #include <c10/util/Half.h>
@@ -273,7 +274,7 @@ at::Tensor compose_cuda(const at::Tensor& theta0, const at::Tensor& tau, const a
   const Seg s = block_seg(theta0, k, mode, key);
   const int64_t tile = single_tile(tau.scalar_type());
   const int64_t grid = (P + tile - 1) / tile;
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_storage(tau.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     compose_kernel<T, false><<<grid, kThreads, 0, stream>>>(q, s, nullptr, nullptr, tile, rows_aligned(tc, P));
@@ -297,7 +298,7 @@ at::Tensor coef_grad_cuda(const at::Tensor& grad, const at::Tensor& tau, const c
   const int64_t tile = single_tile(tau.scalar_type());
   const int64_t tiles = (P + tile - 1) / tile;
   auto partial = new_output({tiles, n, k}, grad.options().dtype(at::kFloat));
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_storage(tau.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     if (k == 1)
@@ -335,7 +336,7 @@ at::Tensor compose_packed_cuda(const at::Tensor& theta0_flat, const at::Tensor& 
   q.out = out.data_ptr();
   q.out_t = code_of(out_dtype);
   Seg none{};
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_storage(tau_flat.scalar_type(), [&](auto tag) {
     using Ty = decltype(tag);
     compose_kernel<Ty, true><<<T, kThreads, 0, stream>>>(q, none, tab.data_ptr<int64_t>(), tmap.data_ptr<int32_t>(),
@@ -363,7 +364,7 @@ at::Tensor coef_grad_packed_cuda(const at::Tensor& grad_flat, const at::Tensor& 
   Bufs q = make_bufs(gc, tc, nullptr, 0, sc, sc.has_value() ? sc->size(1) : 0);
   auto partial = new_output({T, n, kmax}, grad_flat.options().dtype(at::kFloat));
   Seg none{};
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_storage(tau_flat.scalar_type(), [&](auto tag) {
     using Ty = decltype(tag);
     if (kmax == 1)
