@@ -110,6 +110,25 @@ def test_compose_and_grad(backend, storage, k, mode, n, shape, out_dtype):
     assert torch.equal(out, out2) and torch.equal(d1, d2), "not deterministic over two runs"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("storage", ["float16", "float8_e4m3fn"])
+def test_compose_low_precision_model(backend, dtype, storage):
+    """A half-precision model (theta0 and the composed block in fp16/bf16), gradients in that dtype."""
+    shape, n, part = (33, 65), 3, Partition.for_block("b", 3, "contiguous")
+    theta0 = torch.randn(shape, device=DEV).to(dtype)
+    tau, scale = make_slab(n, shape, storage)
+    coef = torch.randn(n, 3, device=DEV, requires_grad=True)
+    out = ops.compose(theta0, tau, coef, part, dtype, scale, backend=backend)
+    tau64 = R.dequantize(tau, scale)
+    check(out, R.compose(theta0, tau64, coef.detach(), part),
+          R.compose(theta0, tau64, coef.detach(), part, dtype=torch.float32).to(dtype),
+          R.compose(theta0.abs(), tau64.abs(), coef.detach().abs(), part), EPS[dtype], "compose")
+    g = torch.randn(shape, device=DEV).to(dtype)
+    (d,) = torch.autograd.grad(out, coef, g)
+    check(d, R.coef_grad(g, tau64, 3, part), None, R.coef_grad(g.abs(), tau64.abs(), 3, part), name="dcoef")
+
+
 @needs_ext
 @pytest.mark.parametrize("storage", ["float16", "int8"])
 def test_ext_cpu_coef_grad_independent_of_threads(storage):

@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from . import torch_backend
 from ..partitions import Partition
 from .torch_backend import compute_dtype
 
@@ -117,6 +118,9 @@ torch.library.register_autograd("atlas_kernels_ext::compose_packed", _packed_bac
 def compose(theta0, tau, coef, partition, out_dtype, scale=None):
     """Differentiable (in ``coef``) ``theta0 + sum_i coef[i, part(e)] * tau_i (* scale per row)``,
     accumulated in fp32 and stored in ``out_dtype`` (see :func:`_compose_backward` for the chain rule)."""
+    if torch.float64 in (theta0.dtype, tau.dtype, out_dtype):
+        # the kernels accumulate in fp32; float64 (reference work) is the torch backend's
+        return torch_backend.compose(theta0, tau, coef, partition, out_dtype, scale)
     _check_device(theta0)
     c = _coef2d(coef, tau.shape[0])
     mode, key = _part(partition, c.shape[1])
