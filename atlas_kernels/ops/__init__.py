@@ -57,8 +57,10 @@ def _module(name: str):
 # "auto", per device type: the backend measured fastest there, and where the measurement is.
 # Backends missing from an installation (the extension not built, no Triton) fall through in order.
 AUTO_CHOICE = {
-    # not measured yet
-    "cpu": ("torch",),
+    # bench/results/2026-12-01-cpu-ext.jsonl (ViT-B/32, N = 8, batch 8, fp32, float16/int8 task
+    # vectors, one CPU run) and bench/results/2026-12-01-cpu-ext-micro.txt (compose and coefficient
+    # gradient of a 3072 x 768 block): the extension's CPU kernels beat the torch backend
+    "cpu": ("cuda", "torch"),
     # no GPU measurement of the extension yet: Triton stays the choice on CUDA devices
     "cuda": ("triton", "torch"),
 }
