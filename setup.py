@@ -1,8 +1,21 @@
 """atlas_kernels: Triton kernels for aTLAS (task vectors with learned anisotropic scaling).
 
-The optional CUDA extension in csrc/ is not built by default (set ATLAS_BUILD_CUDA=1 once it exists).
+The optional compiled extension in csrc/ is not built by default: ATLAS_KERNELS_BUILD_EXT=1 builds
+its CPU kernels, plus the CUDA kernels when CUDA_HOME is set (see csrc/README.md).
 """
+import os
+
 from setuptools import find_packages, setup
+
+# ---- optional compiled extension (csrc/): opt-in, never required --------------------------------
+ext_modules, cmdclass = [], {}
+if os.environ.get("ATLAS_KERNELS_BUILD_EXT") == "1":
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc"))
+    from build_ext import extension  # noqa: E402  (csrc/build_ext.py: sources and flags)
+
+    ext_modules, cmdclass = extension()
 
 setup(
     name="atlas_kernels",
@@ -30,4 +43,6 @@ setup(
         "bench": ["pytest-benchmark", "matplotlib"],
         "train": ["matplotlib"],
     },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

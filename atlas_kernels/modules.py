@@ -63,6 +63,9 @@ __all__ = ["AtlasModule", "AtlasLinear", "AtlasMultiheadAttention", "AtlasParame
 # its blocks' task vectors, so this bound also bounds the duplicated memory per block.
 SMALL_BLOCK_NUMEL = 1 << 17
 
+# Backends with a packed (one call for many small blocks) compose: SmallBlockGroup uses them.
+PACKED_BACKENDS = ("triton", "cuda")
+
 
 class BlockSpec:
     """What patching hands a module for one adapted block: a dense slab ``tau`` (with optional
@@ -431,7 +434,7 @@ class AtlasParameter(nn.Module):
         # so compiled code always composes block by block (the custom ops of the Triton backend).
         if not torch.compiler.is_compiling():
             group = self.__dict__.get("_atlas_group")
-            if group is not None and ops.resolve(self.backend, theta0.device) == "triton":
+            if group is not None and ops.resolve(self.backend, theta0.device) in PACKED_BACKENDS:
                 value = group.value(self.__dict__["_atlas_slot"], theta0)
                 if value is not None:
                     return value
@@ -547,7 +550,7 @@ class SmallBlockGroup(nn.Module):
             # composition's saved tensors then belong to no checkpoint, and a checkpoint's
             # recomputation (during backward) is served the same views (see value()).
             first = self._members[0][2]
-            if ops.resolve(first.backend, self.tau_flat.device) == "triton":
+            if ops.resolve(first.backend, self.tau_flat.device) in PACKED_BACKENDS:
                 entry = self._compose()
                 if entry is not None:
                     self._cache[(torch.is_grad_enabled(), torch.is_inference_mode_enabled())] = entry
@@ -605,8 +608,9 @@ class SmallBlockGroup(nn.Module):
         theta0_flat = self._theta0[1]
         coef_flat = torch.cat([c.reshape(n, -1) for c in coefs], dim=1)
         layout = self.layout()
-        flat = ops._module("triton").compose_packed(theta0_flat, self.tau_flat, coef_flat, layout, dtype,
-                                                    self.scale_flat)
+        backend = ops.resolve(self._members[0][2].backend, self.tau_flat.device)
+        flat = ops._module(backend).compose_packed(theta0_flat, self.tau_flat, coef_flat, layout, dtype,
+                                                   self.scale_flat)
         return flat, keys, layout.views(flat), _version(flat)
 
     def extra_repr(self) -> str:

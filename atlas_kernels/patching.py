@@ -64,7 +64,7 @@ def patch(module: nn.Module, task_vectors: TaskVectors, *, partitions: int = 1, 
         group_small_blocks: compose the small dense generic blocks (LayerNorms, embeddings, ...: at
             most :data:`~atlas_kernels.modules.SMALL_BLOCK_NUMEL` elements, not LoRA, not ragged)
             together, in one launch per forward of ``module``, whenever the backend resolves to
-            ``"triton"`` (see :class:`~atlas_kernels.modules.SmallBlockGroup`). The group is
+            ``"triton"`` or ``"cuda"`` (see :class:`~atlas_kernels.modules.SmallBlockGroup`). The group is
             registered as ``module._atlas_small_blocks`` (on its first member when ``module`` is a
             container such as ``nn.Sequential``; no parameters, nothing in the state dict).
             False: one launch per block. Never built where ``"auto"`` resolves to the torch
@@ -187,11 +187,12 @@ def patch(module: nn.Module, task_vectors: TaskVectors, *, partitions: int = 1, 
 
         linearise(module)
     else:
-        # "auto" resolves to the torch backend on the CPU, which never uses a group: build none there
-        # (a module moved to CUDA after patching then composes block by block: correct, more launches).
-        on_cuda = any(p.device.type == "cuda" for p in module.parameters())
-        if group_small_blocks and (backend == "triton" or (backend == "auto" and on_cuda)):
-        _group_small_blocks(module)
+        # Group only where the backend that "auto" resolves to has a packed op (triton; the compiled
+        # extension): the torch backend never uses a group, so none is built for it. A module moved
+        # to another device after patching composes block by block there: correct, more launches.
+        device = next((p.device for p in module.parameters()), torch.device("cpu"))
+        if group_small_blocks and ops.resolve(backend, device) in ("triton", "cuda"):
+            _group_small_blocks(module)
     attach_guard(module)  # load_state_dict checks every key and shape before copying anything
     frozen_bn = _freeze_batchnorm(module) if batchnorm == "frozen" else []
     setattr(module, _STATE, {

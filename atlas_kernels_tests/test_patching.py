@@ -191,9 +191,11 @@ def test_bad_patch_input(vit):
 
 
 def test_cuda_backend_reports_it_is_not_built():
+    if ak.ops._available("cuda"):
+        pytest.skip("the compiled extension is built here (test_backends.py covers the unbuilt case too)")
     lin = nn.Sequential(nn.Linear(4, 3))
     m = ak.patch(lin, ak.TaskVectors({"0.weight": torch.randn(1, 3, 4)}), backend="cuda")
-    with pytest.raises(RuntimeError, match="backend='cuda' needs the optional CUDA extension"):
+    with pytest.raises(RuntimeError, match="backend='cuda' needs the optional compiled extension"):
         m(torch.randn(2, 4))
 
 

@@ -47,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--precision", type=_csv(), help=f"{','.join(PRECISIONS)} (fp16 uses a GradScaler)")
     p.add_argument("--storage", type=_csv(), help=f"task-vector storage: {','.join(STORAGES)} (int8/float8 only for atlas)")
     p.add_argument("--partitions", type=_csv(int), help="aTLAS x K partitions, e.g. 1,4")
-    p.add_argument("--backends", type=_csv(), help=f"atlas backends ({','.join(BACKENDS)}); default: torch on CPU, torch,triton on CUDA")
+    p.add_argument("--backends", type=_csv(), help=f"atlas backends ({','.join(BACKENDS)}); default: torch on CPU, torch,triton on CUDA; plus cuda where the compiled extension is built for the device")
     p.add_argument("--triton-on-cpu", action="store_true", help="allow the triton backend on CPU (TRITON_INTERPRET=1; tiny sizes only, very slow)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 2 on CPU, 3 on GPU)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 5 on CPU; on GPU as many as fit in --target-s, 5 to 50)")
@@ -76,6 +76,8 @@ def parse_args(argv=None):
 def plan(args, dev: torch.device) -> List[Job]:
     cpu = dev.type != "cuda"
     backends = args.backends or (["torch"] + (["triton"] if args.triton_on_cpu else []) if cpu else ["torch", "triton"])
+    if not args.backends and _extension_runs_on(dev.type):
+        backends = backends + ["cuda"]  # the compiled extension (csrc/), where it is built for this device
     if cpu and "triton" in backends and not args.triton_on_cpu:
         sys.exit("the triton backend on CPU runs in Triton's interpreter (far too slow for a model): "
                  "pass --triton-on-cpu together with tiny sizes to run it anyway")
@@ -112,6 +114,14 @@ def plan(args, dev: torch.device) -> List[Job]:
                 backends=backends)
     with_ceiling = methods is None or "ceiling" in methods
     return build_jobs(main, variants, axes, with_ceiling, variants_first=not cpu or args.full)
+
+
+def _extension_runs_on(device_type: str) -> bool:
+    try:
+        from atlas_kernels.ops import cuda_backend
+    except ImportError:
+        return False
+    return cuda_backend.has_device_kernels(device_type)
 
 
 def make_row(info: dict, job: Job, res: dict) -> dict:

@@ -9,8 +9,9 @@ Every op has the same signature in every backend module:
   coefficients.
 
 ``backend`` is ``"torch"`` (:mod:`.torch_backend`), ``"triton"`` (:mod:`.triton_backend`), ``"cuda"``
-(the optional extension in ``csrc/``) or ``"auto"``: Triton for CUDA tensors when it is importable,
-else torch.
+(:mod:`.cuda_backend`: the optional compiled extension from ``csrc/``, CPU or CUDA kernels as the
+tensors are) or ``"auto"``: per device type the backend measured fastest there (:data:`AUTO_CHOICE`),
+among those available in this installation.
 """
 from __future__ import annotations
 
@@ -41,8 +42,11 @@ def _module(name: str):
                 mod = importlib.import_module(".cuda_backend", __name__)
             except ImportError as exc:
                 raise RuntimeError(
-                    "backend='cuda' needs the optional CUDA extension from csrc/, which is not built "
-                    "in this installation; use backend='triton' or 'torch'"
+                    "backend='cuda' needs the optional compiled extension from csrc/, which is not built "
+                    "in this installation. Build it with `ATLAS_KERNELS_BUILD_EXT=1 pip install -e . "
+                    "--no-build-isolation` (CPU kernels; CUDA kernels too when CUDA_HOME is set), or in a "
+                    "source tree `ATLAS_KERNELS_BUILD_EXT=1 python setup.py build_ext --inplace`; see "
+                    "csrc/README.md. Or use backend='triton' or 'torch'"
                 ) from exc
         else:  # pragma: no cover - guarded by check_backend
             raise ValueError(name)
@@ -50,10 +54,34 @@ def _module(name: str):
     return mod
 
 
+# "auto", per device type: the backend measured fastest there, and where the measurement is.
+# Backends missing from an installation (the extension not built, no Triton) fall through in order.
+AUTO_CHOICE = {
+    # bench/results/2026-12-01-cpu-ext.jsonl (ViT-B/32, N = 8, batch 8, fp32, float16/int8 task
+    # vectors, one CPU run) and bench/results/2026-12-01-cpu-ext-micro.txt (compose and coefficient
+    # gradient of a 3072 x 768 block): the extension's CPU kernels beat the torch backend
+    "cpu": ("cuda", "torch"),
+    # no GPU measurement of the extension yet: Triton stays the choice on CUDA devices
+    "cuda": ("triton", "torch"),
+}
+
+
+def _available(name: str) -> bool:
+    try:
+        _module(name)
+        return True
+    except Exception:  # not built / not importable here
+        return False
+
+
 def resolve(backend: str, device: torch.device) -> str:
     """The concrete backend for tensors on ``device``."""
     if backend != "auto":
         return backend
+    if device.type == "cpu":
+        for name in AUTO_CHOICE["cpu"]:
+            if name == "torch" or _available(name):
+                return name
     if device.type == "cuda":
         try:
             _module("triton")

@@ -1,0 +1,64 @@
+// The ops of the atlas_kernels extension, registered once (TORCH_LIBRARY), with Meta kernels so
+// that FakeTensor / torch.compile trace through them. CPU kernels: cpu/atlas_cpu.cpp; CUDA
+// kernels: cuda/atlas_cuda.cu. Schemas are documented in csrc/README.md.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "atlas_checks.h"
+
+// An (empty) Python module, so that `import atlas_kernels._C` loads the library and runs the
+// registrations below (the way torchvision._C is loaded).
+static struct PyModuleDef atlas_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&atlas_module); }
+
+namespace atlas_ext {
+namespace {
+
+// Meta kernels: shapes and dtypes only, in symbolic sizes (dynamic shapes under torch.compile);
+// the real kernels check every shape when they run.
+at::Tensor compose_meta(const at::Tensor& theta0, const at::Tensor& tau, const at::Tensor& coef,
+                        const c10::optional<at::Tensor>& scale, int64_t mode, int64_t key, at::ScalarType out_dtype) {
+  TORCH_CHECK(is_compute_dtype(out_dtype), "compose: out_dtype must be float32, bfloat16 or float16, got ", out_dtype);
+  TORCH_CHECK(is_storage_dtype(tau.scalar_type()), "compose: unsupported tau dtype ", tau.scalar_type());
+  return at::empty_symint(theta0.sym_sizes(), theta0.options().dtype(out_dtype));
+}
+
+at::Tensor coef_grad_meta(const at::Tensor& grad, const at::Tensor& tau, const c10::optional<at::Tensor>& scale,
+                          int64_t k, int64_t mode, int64_t key) {
+  TORCH_CHECK(is_storage_dtype(tau.scalar_type()), "coef_grad: unsupported tau dtype ", tau.scalar_type());
+  return at::empty_symint({tau.sym_size(0), c10::SymInt(k)}, grad.options().dtype(at::kFloat));
+}
+
+at::Tensor compose_packed_meta(const at::Tensor& theta0_flat, const at::Tensor& tau_flat, const at::Tensor& coef_flat,
+                               const c10::optional<at::Tensor>& scale_flat, const at::Tensor& table,
+                               const at::Tensor& tile_map, int64_t block, int64_t kmax, at::ScalarType out_dtype) {
+  TORCH_CHECK(is_compute_dtype(out_dtype), "compose_packed: out_dtype must be float32, bfloat16 or float16, got ",
+              out_dtype);
+  return at::empty_symint(theta0_flat.sym_sizes(), theta0_flat.options().dtype(out_dtype));
+}
+
+at::Tensor coef_grad_packed_meta(const at::Tensor& grad_flat, const at::Tensor& tau_flat,
+                                 const c10::optional<at::Tensor>& scale_flat, const at::Tensor& table,
+                                 const at::Tensor& tile_map, int64_t block, int64_t kmax, int64_t total_cols) {
+  return at::empty_symint({tau_flat.sym_size(0), c10::SymInt(total_cols)}, grad_flat.options().dtype(at::kFloat));
+}
+
+}  // namespace
+}  // namespace atlas_ext
+
+TORCH_LIBRARY(atlas_kernels_ext, m) {
+  m.def("compose(Tensor theta0, Tensor tau, Tensor coef, Tensor? scale, int mode, int key, "
+        "ScalarType out_dtype) -> Tensor");
+  m.def("coef_grad(Tensor grad, Tensor tau, Tensor? scale, int k, int mode, int key) -> Tensor");
+  m.def("compose_packed(Tensor theta0_flat, Tensor tau_flat, Tensor coef_flat, Tensor? scale_flat, "
+        "Tensor table, Tensor tile_map, int block, int kmax, ScalarType out_dtype) -> Tensor");
+  m.def("coef_grad_packed(Tensor grad_flat, Tensor tau_flat, Tensor? scale_flat, Tensor table, "
+        "Tensor tile_map, int block, int kmax, int total_cols) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(atlas_kernels_ext, Meta, m) {
+  m.impl("compose", &atlas_ext::compose_meta);
+  m.impl("coef_grad", &atlas_ext::coef_grad_meta);
+  m.impl("compose_packed", &atlas_ext::compose_packed_meta);
+  m.impl("coef_grad_packed", &atlas_ext::coef_grad_packed_meta);
+}

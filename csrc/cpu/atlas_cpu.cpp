@@ -1,0 +1,475 @@
+// CPU kernels of the atlas_kernels extension.
+//
+// Work is cut into fixed tiles of elements (kChunk for one block; the layout's `block` for the
+// packed ops), independent of the thread count, and spread over threads with at::parallel_for.
+// Inside a tile, an fp32 accumulator of the tile (kChunk floats: L1-resident) is updated once per
+// task vector: the N slabs are each read once. Compact storage (bf16, fp16, int8, fp8 e4m3) is
+// decoded 8 elements at a time in AVX2 registers (Dec<T>::eight) and fused into the multiply-add;
+// no widened copy of a slab is ever made. Without AVX2 (another architecture, or
+// ATLAS_KERNELS_EXT_NO_AVX2=1 at build time) the same loops run with the scalar decoders.
+//
+// Coefficient gradients: every tile writes its N x K partial sums (8-lane fp32 accumulators, summed
+// in a fixed order), then the tiles are summed in tile order in float64: the result does not
+// depend on the number of threads, and no atomics are used.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define ATLAS_AVX2 1
+#else
+#define ATLAS_AVX2 0
+#endif
+
+#include "../atlas_checks.h"
+
+namespace atlas_ext {
+namespace cpu {
+namespace {
+
+constexpr int64_t kChunk = 2048;  // elements per tile of a single-block op (fixed: determinism)
+
+struct Fp8Lut {
+  alignas(64) float v[256];
+  Fp8Lut() {
+    for (int b = 0; b < 256; ++b) v[b] = static_cast<float>(c10::Float8_e4m3fn(uint8_t(b), c10::Float8_e4m3fn::from_bits()));
+  }
+};
+const float* fp8_lut() {
+  static const Fp8Lut lut;
+  return lut.v;
+}
+
+// Decoders: one element, or eight into an AVX2 register.
+template <typename T> struct Dec;
+template <> struct Dec<float> {
+  static float one(const float* p) { return *p; }
+#if ATLAS_AVX2
+  static __m256 eight(const float* p) { return _mm256_loadu_ps(p); }
+#endif
+};
+template <> struct Dec<c10::BFloat16> {
+  static float one(const c10::BFloat16* p) { return static_cast<float>(*p); }
+#if ATLAS_AVX2
+  static __m256 eight(const c10::BFloat16* p) {
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+#endif
+};
+template <> struct Dec<c10::Half> {
+  static float one(const c10::Half* p) { return static_cast<float>(*p); }
+#if ATLAS_AVX2
+  static __m256 eight(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+#endif
+};
+template <> struct Dec<int8_t> {
+  static float one(const int8_t* p) { return static_cast<float>(*p); }
+#if ATLAS_AVX2
+  static __m256 eight(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+#endif
+};
+template <> struct Dec<c10::Float8_e4m3fn> {
+  static float one(const c10::Float8_e4m3fn* p) { return fp8_lut()[p->x]; }
+#if ATLAS_AVX2
+  static __m256 eight(const c10::Float8_e4m3fn* p) {  // a gather from the 1 KiB table (in L1)
+    __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_i32gather_ps(fp8_lut(), idx, 4);
+  }
+#endif
+};
+
+// acc[j] += c * t[j]
+template <typename T>
+void axpy(float* acc, const T* t, int64_t n, float c) {
+  int64_t j = 0;
+#if ATLAS_AVX2
+  const __m256 vc = _mm256_set1_ps(c);
+  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(acc + j, _mm256_fmadd_ps(vc, Dec<T>::eight(t + j), _mm256_loadu_ps(acc + j)));
+#endif
+  for (; j < n; ++j) acc[j] = std::fma(c, Dec<T>::one(t + j), acc[j]);
+}
+
+// acc[j] += crow[part[j]] * s * t[j]   (hash partitions: the coefficient varies per element)
+template <typename T>
+void axpy_gather(float* acc, const T* t, int64_t n, const float* crow, const int32_t* part, float s) {
+  int64_t j = 0;
+#if ATLAS_AVX2
+  const __m256 vs = _mm256_set1_ps(s);
+  for (; j + 8 <= n; j += 8) {
+    __m256 c = _mm256_mul_ps(_mm256_i32gather_ps(crow, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(part + j)), 4), vs);
+    _mm256_storeu_ps(acc + j, _mm256_fmadd_ps(c, Dec<T>::eight(t + j), _mm256_loadu_ps(acc + j)));
+  }
+#endif
+  for (; j < n; ++j) acc[j] = std::fma(crow[part[j]] * s, Dec<T>::one(t + j), acc[j]);
+}
+
+// sum_j g[j] * t[j], in a fixed order.
+template <typename T>
+float dot(const float* g, const T* t, int64_t n) {
+  int64_t j = 0;
+  float total = 0.f;
+#if ATLAS_AVX2
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  for (; j + 16 <= n; j += 16) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(g + j), Dec<T>::eight(t + j), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(g + j + 8), Dec<T>::eight(t + j + 8), a1);
+  }
+  for (; j + 8 <= n; j += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(g + j), Dec<T>::eight(t + j), a0);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, _mm256_add_ps(a0, a1));
+  for (int q = 0; q < 8; ++q) total += lanes[q];
+#endif
+  for (; j < n; ++j) total = std::fma(g[j], Dec<T>::one(t + j), total);
+  return total;
+}
+
+// out[part[j]] += s * g[j] * t[j]  (hash partitions; products vectorised, sums in element order)
+template <typename T>
+void dot_scatter(const float* g, const T* t, int64_t n, const int32_t* part, float s, float* out) {
+  int64_t j = 0;
+#if ATLAS_AVX2
+  alignas(32) float prod[8];
+  const __m256 vs = _mm256_set1_ps(s);
+  for (; j + 8 <= n; j += 8) {
+    _mm256_store_ps(prod, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(g + j), Dec<T>::eight(t + j)), vs));
+    for (int q = 0; q < 8; ++q) out[part[j + q]] += prod[q];
+  }
+#endif
+  for (; j < n; ++j) out[part[j]] += g[j] * Dec<T>::one(t + j) * s;
+}
+
+// dst[j] = float(src[a + j]) for a compute-dtype tensor
+void load_f32(const void* src, at::ScalarType st, int64_t a, int64_t n, float* dst) {
+  if (st == at::kFloat) {
+    std::memcpy(dst, static_cast<const float*>(src) + a, n * sizeof(float));
+  } else if (st == at::kBFloat16) {
+    const auto* p = static_cast<const c10::BFloat16*>(src) + a;
+    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(p[j]);
+  } else {
+    const auto* p = static_cast<const c10::Half*>(src) + a;
+    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(p[j]);
+  }
+}
+
+// dst[a + j] = cast(src[j]), round to nearest even
+void store_f32(const float* src, int64_t n, void* dst, at::ScalarType dt, int64_t a) {
+  if (dt == at::kFloat) {
+    std::memcpy(static_cast<float*>(dst) + a, src, n * sizeof(float));
+  } else if (dt == at::kBFloat16) {
+    auto* p = static_cast<c10::BFloat16*>(dst) + a;
+    for (int64_t j = 0; j < n; ++j) p[j] = c10::BFloat16(src[j]);
+  } else {
+    auto* p = static_cast<c10::Half*>(dst) + a;
+    for (int64_t j = 0; j < n; ++j) p[j] = c10::Half(src[j]);
+  }
+}
+
+// What one launch shares: the flat buffers and their strides (a slab row is tau + i * P).
+struct Bufs {
+  const void* theta;  // theta0 / grad (flat)
+  at::ScalarType theta_t;
+  const void* tau;
+  int64_t P;  // elements per slab row
+  const float* coef;
+  int64_t coef_stride;
+  const float* scale;  // nullptr: no scale
+  int64_t scale_stride;
+  int64_t n;
+  void* out;
+  at::ScalarType out_t;
+};
+
+// Elements [a, b) (block-local, b - a <= kChunk) of block `s`: out = theta0 + sum_i coef * tau.
+template <typename T>
+void compose_tile(const Bufs& q, const Seg& s, int64_t a, int64_t b) {
+  alignas(64) float acc[kChunk];
+  alignas(64) int32_t part[kChunk];
+  const int64_t len = b - a;
+  load_f32(q.theta, q.theta_t, s.start + a, len, acc);
+  const bool hash = s.mode == kModeHash;
+  if (hash)
+    for (int64_t j = 0; j < len; ++j) part[j] = static_cast<int32_t>(part_of(a + j, s));
+  const T* tau = static_cast<const T*>(q.tau) + s.start;
+  for (int64_t i = 0; i < q.n; ++i) {
+    const T* ti = tau + i * q.P;
+    const float* ci = q.coef + i * q.coef_stride + s.col;
+    const float* si = q.scale ? q.scale + i * q.scale_stride + s.row_off : nullptr;
+    for (int64_t r = a; r < b;) {
+      int64_t e = b;
+      float sc = 1.f;
+      if (si) {
+        const int64_t row = r / s.row_len;
+        e = std::min(e, (row + 1) * s.row_len);
+        sc = si[row];
+      }
+      if (hash) {
+        axpy_gather<T>(acc + (r - a), ti + r, e - r, ci, part + (r - a), sc);
+      } else {
+        e = std::min(e, part_end(r, s));
+        axpy<T>(acc + (r - a), ti + r, e - r, ci[part_of(r, s)] * sc);
+      }
+      r = e;
+    }
+  }
+  store_f32(acc, len, q.out, q.out_t, s.start + a);
+}
+
+// Elements [a, b) of block `s`: partial[i * kstride + p] = sum over the part-p elements of grad * tau_i.
+template <typename T>
+void grad_tile(const Bufs& q, const Seg& s, int64_t a, int64_t b, float* partial, int64_t kstride) {
+  alignas(64) float g[kChunk];
+  alignas(64) int32_t part[kChunk];
+  const int64_t len = b - a;
+  load_f32(q.theta, q.theta_t, s.start + a, len, g);
+  const bool hash = s.mode == kModeHash;
+  if (hash)
+    for (int64_t j = 0; j < len; ++j) part[j] = static_cast<int32_t>(part_of(a + j, s));
+  const T* tau = static_cast<const T*>(q.tau) + s.start;
+  for (int64_t i = 0; i < q.n; ++i) {
+    const T* ti = tau + i * q.P;
+    float* pi = partial + i * kstride;
+    std::fill(pi, pi + kstride, 0.f);
+    const float* si = q.scale ? q.scale + i * q.scale_stride + s.row_off : nullptr;
+    for (int64_t r = a; r < b;) {
+      int64_t e = b;
+      float sc = 1.f;
+      if (si) {
+        const int64_t row = r / s.row_len;
+        e = std::min(e, (row + 1) * s.row_len);
+        sc = si[row];
+      }
+      if (hash) {
+        dot_scatter<T>(g + (r - a), ti + r, e - r, part + (r - a), sc, pi);
+      } else {
+        e = std::min(e, part_end(r, s));
+        pi[part_of(r, s)] += dot<T>(g + (r - a), ti + r, e - r) * sc;
+      }
+      r = e;
+    }
+  }
+}
+
+template <typename F>
+void dispatch_storage(at::ScalarType t, const F& f) {
+  switch (t) {
+    case at::kFloat: f(float{}); break;
+    case at::kBFloat16: f(c10::BFloat16{}); break;
+    case at::kHalf: f(c10::Half{}); break;
+    case at::kChar: f(int8_t{}); break;
+    case at::kFloat8_e4m3fn: f(c10::Float8_e4m3fn{}); break;
+    default: TORCH_CHECK(false, "atlas_kernels_ext: unsupported storage dtype ", t);
+  }
+}
+
+// Tiles of a launch: single block (one segment, tiles of kChunk) or a packed table.
+struct Tiles {
+  std::vector<Seg> segs;
+  std::vector<int64_t> tile0;  // first tile of each segment
+  std::vector<int32_t> seg_of_tile;
+  int64_t block;
+  void add(const Seg& s) {
+    tile0.push_back(static_cast<int64_t>(seg_of_tile.size()));
+    const int64_t nt = (s.numel + block - 1) / block;
+    for (int64_t t = 0; t < nt; ++t) seg_of_tile.push_back(static_cast<int32_t>(segs.size()));
+    segs.push_back(s);
+  }
+  int64_t size() const { return static_cast<int64_t>(seg_of_tile.size()); }
+  // block-local element range of tile t
+  std::pair<int64_t, int64_t> range(int64_t t) const {
+    const Seg& s = segs[seg_of_tile[t]];
+    const int64_t a = (t - tile0[seg_of_tile[t]]) * block;
+    return {a, std::min(a + block, s.numel)};
+  }
+};
+
+Tiles packed_tiles(const at::Tensor& table, int64_t block) {
+  TORCH_CHECK(block <= kChunk, "compose_packed: block must be <= ", kChunk, " on CPU, got ", block);
+  Tiles tl;
+  tl.block = block;
+  auto tab = table.contiguous();
+  const int64_t* rows = tab.data_ptr<int64_t>();
+  for (int64_t r = 0; r < tab.size(0); ++r) tl.add(table_seg(rows + r * kSegColumns));
+  return tl;
+}
+
+void run_compose(const Bufs& q, at::ScalarType tau_t, const Tiles& tl) {
+  dispatch_storage(tau_t, [&](auto tag) {
+    using T = decltype(tag);
+    at::parallel_for(0, tl.size(), 4, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        auto ab = tl.range(t);
+        compose_tile<T>(q, tl.segs[tl.seg_of_tile[t]], ab.first, ab.second);
+      }
+    });
+  });
+}
+
+// partial [tiles, n, kstride]; tile t of segment s fills its first s.k columns.
+void run_grad(const Bufs& q, at::ScalarType tau_t, const Tiles& tl, float* partial, int64_t kstride) {
+  dispatch_storage(tau_t, [&](auto tag) {
+    using T = decltype(tag);
+    at::parallel_for(0, tl.size(), 4, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        auto ab = tl.range(t);
+        grad_tile<T>(q, tl.segs[tl.seg_of_tile[t]], ab.first, ab.second, partial + t * q.n * kstride, kstride);
+      }
+    });
+  });
+}
+
+Bufs make_bufs(const at::Tensor& theta, const at::Tensor& tau, const float* coef, int64_t coef_stride,
+               const c10::optional<at::Tensor>& scale, int64_t scale_stride) {
+  Bufs q;
+  q.theta = theta.data_ptr();
+  q.theta_t = theta.scalar_type();
+  q.tau = tau.data_ptr();
+  q.n = tau.size(0);
+  q.P = theta.numel();
+  q.coef = coef;
+  q.coef_stride = coef_stride;
+  q.scale = scale.has_value() ? scale->data_ptr<float>() : nullptr;
+  q.scale_stride = scale_stride;
+  q.out = nullptr;
+  q.out_t = at::kFloat;
+  return q;
+}
+
+c10::optional<at::Tensor> contig(const c10::optional<at::Tensor>& t) {
+  if (!t.has_value()) return c10::nullopt;
+  return t->contiguous();
+}
+
+at::Tensor compose_cpu(const at::Tensor& theta0, const at::Tensor& tau, const at::Tensor& coef,
+                       const c10::optional<at::Tensor>& scale, int64_t mode, int64_t key, at::ScalarType out_dtype) {
+  const int64_t k = coef.dim() == 2 ? coef.size(1) : 1;
+  check_block("compose", theta0, "theta0", tau, scale, mode, k);
+  check_coef("compose", coef, tau.size(0), theta0);
+  TORCH_CHECK(is_compute_dtype(out_dtype), "compose: out_dtype must be float32, bfloat16 or float16, got ", out_dtype);
+  auto th = theta0.contiguous();
+  auto tc = tau.contiguous();
+  auto cc = coef.contiguous();
+  auto sc = contig(scale);
+  auto out = new_output(theta0.sizes(), theta0.options().dtype(out_dtype));
+  if (theta0.numel() == 0) return out;
+  Bufs q = make_bufs(th, tc, cc.data_ptr<float>(), k, sc, scale_rows(theta0.sizes()));
+  q.out = out.data_ptr();
+  q.out_t = out_dtype;
+  Tiles tl;
+  tl.block = kChunk;
+  tl.add(block_seg(theta0, k, mode, key));
+  run_compose(q, tau.scalar_type(), tl);
+  return out;
+}
+
+at::Tensor coef_grad_cpu(const at::Tensor& grad, const at::Tensor& tau, const c10::optional<at::Tensor>& scale,
+                         int64_t k, int64_t mode, int64_t key) {
+  check_block("coef_grad", grad, "grad", tau, scale, mode, k);
+  const int64_t n = tau.size(0);
+  auto gc = grad.contiguous();
+  auto tc = tau.contiguous();
+  auto sc = contig(scale);
+  if (grad.numel() == 0 || n == 0) return at::zeros({n, k}, grad.options().dtype(at::kFloat));
+  auto out = new_output({n, k}, grad.options().dtype(at::kFloat));
+  Bufs q = make_bufs(gc, tc, nullptr, 0, sc, scale_rows(grad.sizes()));
+  Tiles tl;
+  tl.block = kChunk;
+  tl.add(block_seg(grad, k, mode, key));
+  std::vector<float> partial(static_cast<size_t>(tl.size() * n * k), poison() ? NAN : 0.f);
+  run_grad(q, tau.scalar_type(), tl, partial.data(), k);
+  float* o = out.data_ptr<float>();
+  for (int64_t c = 0; c < n * k; ++c) {  // tiles summed in tile order (float64)
+    double acc = 0.0;
+    for (int64_t t = 0; t < tl.size(); ++t) acc += partial[t * n * k + c];
+    o[c] = static_cast<float>(acc);
+  }
+  return out;
+}
+
+at::Tensor compose_packed_cpu(const at::Tensor& theta0_flat, const at::Tensor& tau_flat, const at::Tensor& coef_flat,
+                              const c10::optional<at::Tensor>& scale_flat, const at::Tensor& table,
+                              const at::Tensor& tile_map, int64_t block, int64_t kmax, at::ScalarType out_dtype) {
+  check_packed("compose_packed", theta0_flat, "theta0_flat", tau_flat, scale_flat, table, tile_map, block);
+  check_coef("compose_packed", coef_flat, tau_flat.size(0), theta0_flat);
+  TORCH_CHECK(is_compute_dtype(out_dtype), "compose_packed: out_dtype must be float32, bfloat16 or float16, got ",
+              out_dtype);
+  auto th = theta0_flat.contiguous();
+  auto tc = tau_flat.contiguous();
+  auto cc = coef_flat.contiguous();
+  auto sc = contig(scale_flat);
+  auto out = new_output(theta0_flat.sizes(), theta0_flat.options().dtype(out_dtype));
+  Tiles tl = packed_tiles(table, block);
+  TORCH_CHECK(tile_map.numel() == tl.size(), "compose_packed: tile_map has ", tile_map.numel(),
+              " tiles but the table needs ", tl.size());
+  for (const Seg& s : tl.segs) {
+    TORCH_CHECK(s.start >= 0 && s.start + s.numel <= th.numel() && s.col >= 0 && s.col + s.k <= cc.size(1) &&
+                    (!sc.has_value() || s.row_off + (s.numel + s.row_len - 1) / s.row_len <= sc->size(1)),
+                "compose_packed: a table row points outside the packed buffers");
+    TORCH_CHECK(s.k <= kmax, "compose_packed: a block has k = ", s.k, " > kmax = ", kmax);
+  }
+  Bufs q = make_bufs(th, tc, cc.data_ptr<float>(), cc.size(1), sc, sc.has_value() ? sc->size(1) : 0);
+  q.out = out.data_ptr();
+  q.out_t = out_dtype;
+  run_compose(q, tau_flat.scalar_type(), tl);
+  return out;
+}
+
+at::Tensor coef_grad_packed_cpu(const at::Tensor& grad_flat, const at::Tensor& tau_flat,
+                                const c10::optional<at::Tensor>& scale_flat, const at::Tensor& table,
+                                const at::Tensor& tile_map, int64_t block, int64_t kmax, int64_t total_cols) {
+  check_packed("coef_grad_packed", grad_flat, "grad_flat", tau_flat, scale_flat, table, tile_map, block);
+  const int64_t n = tau_flat.size(0);
+  auto gc = grad_flat.contiguous();
+  auto tc = tau_flat.contiguous();
+  auto sc = contig(scale_flat);
+  auto out = at::zeros({n, total_cols}, grad_flat.options().dtype(at::kFloat));
+  Tiles tl = packed_tiles(table, block);
+  TORCH_CHECK(tile_map.numel() == tl.size(), "coef_grad_packed: tile_map has ", tile_map.numel(),
+              " tiles but the table needs ", tl.size());
+  for (const Seg& s : tl.segs) {
+    TORCH_CHECK(s.start >= 0 && s.start + s.numel <= gc.numel() && s.col >= 0 && s.col + s.k <= total_cols &&
+                    (!sc.has_value() || s.row_off + (s.numel + s.row_len - 1) / s.row_len <= sc->size(1)),
+                "coef_grad_packed: a table row points outside the packed buffers");
+    TORCH_CHECK(s.k <= kmax, "coef_grad_packed: a block has k = ", s.k, " > kmax = ", kmax);
+  }
+  if (tl.size() == 0 || n == 0) return out;
+  Bufs q = make_bufs(gc, tc, nullptr, 0, sc, sc.has_value() ? sc->size(1) : 0);
+  std::vector<float> partial(static_cast<size_t>(tl.size() * n * kmax), poison() ? NAN : 0.f);
+  run_grad(q, tau_flat.scalar_type(), tl, partial.data(), kmax);
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, static_cast<int64_t>(tl.segs.size()), 8, [&](int64_t s0, int64_t s1) {
+    for (int64_t si = s0; si < s1; ++si) {
+      const Seg& s = tl.segs[si];
+      const int64_t nt = (s.numel + block - 1) / block;
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t kk = 0; kk < s.k; ++kk) {
+          double acc = 0.0;  // the segment's tiles, in tile order
+          for (int64_t t = tl.tile0[si]; t < tl.tile0[si] + nt; ++t) acc += partial[(t * n + i) * kmax + kk];
+          o[i * total_cols + s.col + kk] = static_cast<float>(acc);
+        }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace atlas_ext
+
+TORCH_LIBRARY_IMPL(atlas_kernels_ext, CPU, m) {
+  m.impl("compose", &atlas_ext::cpu::compose_cpu);
+  m.impl("coef_grad", &atlas_ext::cpu::coef_grad_cpu);
+  m.impl("compose_packed", &atlas_ext::cpu::compose_packed_cpu);
+  m.impl("coef_grad_packed", &atlas_ext::cpu::coef_grad_packed_cpu);
+}

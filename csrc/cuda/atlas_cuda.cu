@@ -1,0 +1,395 @@
+// CUDA kernels of the atlas_kernels extension (built for sm_80 and sm_90).
+//
+// compose: each thread owns VEC = 16 / sizeof(storage) consecutive elements and reads them from
+// every slab row with one 16-byte load (uint4) when the slab rows are 16-byte aligned (scalar
+// loads otherwise, and at tails), decodes in registers, and accumulates in fp32.
+// coef_grad: each CUDA block reduces a fixed tile of elements to N x K partial sums (a warp
+// butterfly with __shfl_xor_sync, then the warps in index order through shared memory); a second
+// kernel sums the tiles in tile order. Fixed order everywhere, no atomics: bitwise reproducible.
+// The packed variants walk the same table as the Triton kernels (one CUDA block per tile of
+// `block` elements of one segment).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include "../atlas_checks.h"
+
+namespace atlas_ext {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kIters = 4;  // single-block tiles: kThreads * VEC * kIters elements
+
+struct Bufs {
+  const void* theta;  // theta0 / grad (flat)
+  int theta_t;        // 0 fp32, 1 bf16, 2 fp16
+  const void* tau;
+  int64_t P;
+  const float* coef;
+  int64_t coef_stride;
+  const float* scale;
+  int64_t scale_stride;
+  int64_t n;
+  void* out;
+  int out_t;
+};
+
+int code_of(at::ScalarType t) { return t == at::kFloat ? 0 : (t == at::kBFloat16 ? 1 : 2); }
+
+__device__ __forceinline__ float load_c(const void* p, int t, int64_t i) {
+  if (t == 0) return static_cast<const float*>(p)[i];
+  if (t == 1) return static_cast<float>(static_cast<const c10::BFloat16*>(p)[i]);
+  return static_cast<float>(static_cast<const c10::Half*>(p)[i]);
+}
+
+__device__ __forceinline__ void store_c(void* p, int t, int64_t i, float v) {
+  if (t == 0) static_cast<float*>(p)[i] = v;
+  else if (t == 1) static_cast<c10::BFloat16*>(p)[i] = c10::BFloat16(v);
+  else static_cast<c10::Half*>(p)[i] = c10::Half(v);
+}
+
+template <typename T> __device__ __forceinline__ float to_f(T v) { return static_cast<float>(v); }
+
+template <typename T, int VEC>
+union Pack {
+  uint4 u;
+  T v[VEC];
+};
+
+__device__ __forceinline__ Seg load_seg(const int64_t* table, int64_t seg) { return table_seg(table + seg * kSegColumns); }
+
+// The tile of this CUDA block: its segment and block-local element range [a, b).
+template <bool PACKED>
+__device__ __forceinline__ void tile_of(const Seg& single, const int64_t* table, const int32_t* tile_map,
+                                        int64_t tile_elems, Seg& s, int64_t& a, int64_t& b) {
+  if (PACKED) {
+    const int64_t seg = tile_map[blockIdx.x];
+    s = load_seg(table, seg);
+    a = (static_cast<int64_t>(blockIdx.x) - table[seg * kSegColumns + kSegTile0]) * tile_elems;
+  } else {
+    s = single;
+    a = static_cast<int64_t>(blockIdx.x) * tile_elems;
+  }
+  b = min(a + tile_elems, s.numel);
+}
+
+template <typename T, bool PACKED>
+__global__ void __launch_bounds__(kThreads) compose_kernel(Bufs q, Seg single, const int64_t* table,
+                                                           const int32_t* tile_map, int64_t tile_elems, bool rows_aligned) {
+  constexpr int VEC = 16 / sizeof(T);
+  Seg s;
+  int64_t a, b;
+  tile_of<PACKED>(single, table, tile_map, tile_elems, s, a, b);
+  const bool vec_ok = rows_aligned && ((s.start * static_cast<int64_t>(sizeof(T))) % 16 == 0);
+  const T* tau = static_cast<const T*>(q.tau) + s.start;
+  for (int64_t e0 = a + static_cast<int64_t>(threadIdx.x) * VEC; e0 < b; e0 += static_cast<int64_t>(blockDim.x) * VEC) {
+    const int cnt = static_cast<int>(min(static_cast<int64_t>(VEC), b - e0));
+    float acc[VEC];
+    int32_t part[VEC];
+    int32_t row[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const int64_t e = min(e0 + j, s.numel - 1);
+      acc[j] = j < cnt ? load_c(q.theta, q.theta_t, s.start + e) : 0.f;
+      part[j] = static_cast<int32_t>(part_of(e, s));
+      row[j] = static_cast<int32_t>(s.row_off + e / s.row_len);
+    }
+    for (int64_t i = 0; i < q.n; ++i) {
+      const T* ti = tau + i * q.P + e0;
+      Pack<T, VEC> pk;
+      if (vec_ok && cnt == VEC) {
+        pk.u = *reinterpret_cast<const uint4*>(ti);
+      } else {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) pk.v[j] = ti[j < cnt ? j : 0];
+      }
+      const float* ci = q.coef + i * q.coef_stride + s.col;
+      const float* si = q.scale ? q.scale + i * q.scale_stride : nullptr;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        float t = to_f(pk.v[j]);
+        if (si) t *= si[row[j]];
+        acc[j] = fmaf(ci[part[j]], t, acc[j]);
+      }
+    }
+    for (int j = 0; j < cnt; ++j) store_c(q.out, q.out_t, s.start + e0 + j, acc[j]);
+  }
+}
+
+// Sum over the CUDA block, fixed order: a warp butterfly, then the warps in index order.
+__device__ __forceinline__ float block_sum(float v, float* shared) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  float total = 0.f;
+  if (threadIdx.x == 0) {
+    for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w) total += shared[w];
+  }
+  __syncthreads();
+  return total;  // meaningful in thread 0
+}
+
+// partial[tile, i, kstride]: the tile's sums of grad * tau_i over each part. KR parts per pass.
+template <typename T, bool PACKED, int KR>
+__global__ void __launch_bounds__(kThreads) grad_partial_kernel(Bufs q, Seg single, const int64_t* table,
+                                                                const int32_t* tile_map, int64_t tile_elems,
+                                                                bool rows_aligned, float* partial, int64_t kstride) {
+  constexpr int VEC = 16 / sizeof(T);
+  __shared__ float shared[32];
+  Seg s;
+  int64_t a, b;
+  tile_of<PACKED>(single, table, tile_map, tile_elems, s, a, b);
+  const bool vec_ok = rows_aligned && ((s.start * static_cast<int64_t>(sizeof(T))) % 16 == 0);
+  const T* tau = static_cast<const T*>(q.tau) + s.start;
+  float* out = partial + static_cast<int64_t>(blockIdx.x) * q.n * kstride;
+  for (int64_t kbase = 0; kbase < s.k; kbase += KR) {
+    for (int64_t i = 0; i < q.n; ++i) {
+      float acc[KR];
+#pragma unroll
+      for (int r = 0; r < KR; ++r) acc[r] = 0.f;
+      const float* si = q.scale ? q.scale + i * q.scale_stride : nullptr;
+      for (int64_t e0 = a + static_cast<int64_t>(threadIdx.x) * VEC; e0 < b;
+           e0 += static_cast<int64_t>(blockDim.x) * VEC) {
+        const int cnt = static_cast<int>(min(static_cast<int64_t>(VEC), b - e0));
+        const T* ti = tau + i * q.P + e0;
+        Pack<T, VEC> pk;
+        if (vec_ok && cnt == VEC) {
+          pk.u = *reinterpret_cast<const uint4*>(ti);
+        } else {
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) pk.v[j] = ti[j < cnt ? j : 0];
+        }
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          if (j < cnt) {
+            const int64_t e = e0 + j;
+            float prod = load_c(q.theta, q.theta_t, s.start + e) * to_f(pk.v[j]);
+            if (si) prod *= si[s.row_off + e / s.row_len];
+            if (KR == 1) {
+              acc[0] += prod;
+            } else {
+              const int64_t p = part_of(e, s) - kbase;
+#pragma unroll
+              for (int r = 0; r < KR; ++r) acc[r] += (p == r) ? prod : 0.f;
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < KR; ++r) {
+        const float tot = block_sum(acc[r], shared);
+        if (threadIdx.x == 0 && kbase + r < kstride) out[i * kstride + kbase + r] = tot;
+      }
+    }
+  }
+}
+
+// Tiles summed in tile order. Single block: out[n, k] from partial[tiles, n, k]. Packed: CUDA block
+// = segment, out[i, col + kk] from the segment's tiles of partial[tiles, n, kmax].
+template <bool PACKED>
+__global__ void grad_reduce_kernel(const float* partial, float* out, const int64_t* table, int64_t n,
+                                   int64_t kstride, int64_t ntiles_single, int64_t total_cols) {
+  int64_t tile0 = 0, ntiles = ntiles_single, col = 0, k = kstride;
+  if (PACKED) {
+    const int64_t* row = table + static_cast<int64_t>(blockIdx.x) * kSegColumns;
+    tile0 = row[kSegTile0];
+    ntiles = row[kSegNTiles];
+    col = row[kSegCol];
+    k = row[kSegK];
+  }
+  for (int64_t c = threadIdx.x; c < n * kstride; c += blockDim.x) {
+    const int64_t i = c / kstride, kk = c % kstride;
+    if (kk >= k) continue;
+    float acc = 0.f;
+    for (int64_t t = tile0; t < tile0 + ntiles; ++t) acc += partial[t * n * kstride + c];
+    out[i * total_cols + col + kk] = acc;
+  }
+}
+
+template <typename F>
+void dispatch_storage(at::ScalarType t, const F& f) {
+  switch (t) {
+    case at::kFloat: f(float{}); break;
+    case at::kBFloat16: f(c10::BFloat16{}); break;
+    case at::kHalf: f(c10::Half{}); break;
+    case at::kChar: f(int8_t{}); break;
+    case at::kFloat8_e4m3fn: f(c10::Float8_e4m3fn{}); break;
+    default: TORCH_CHECK(false, "atlas_kernels_ext: unsupported storage dtype ", t);
+  }
+}
+
+Bufs make_bufs(const at::Tensor& theta, const at::Tensor& tau, const float* coef, int64_t coef_stride,
+               const c10::optional<at::Tensor>& scale, int64_t scale_stride) {
+  Bufs q;
+  q.theta = theta.data_ptr();
+  q.theta_t = code_of(theta.scalar_type());
+  q.tau = tau.data_ptr();
+  q.P = theta.numel();
+  q.coef = coef;
+  q.coef_stride = coef_stride;
+  q.scale = scale.has_value() ? scale->data_ptr<float>() : nullptr;
+  q.scale_stride = scale_stride;
+  q.n = tau.size(0);
+  q.out = nullptr;
+  q.out_t = 0;
+  return q;
+}
+
+bool rows_aligned(const at::Tensor& tau, int64_t P) {
+  return reinterpret_cast<uintptr_t>(tau.data_ptr()) % 16 == 0 && (P * tau.element_size()) % 16 == 0;
+}
+
+c10::optional<at::Tensor> contig(const c10::optional<at::Tensor>& t) {
+  if (!t.has_value()) return c10::nullopt;
+  return t->contiguous();
+}
+
+int64_t single_tile(at::ScalarType t) { return static_cast<int64_t>(kThreads) * (16 / c10::elementSize(t)) * kIters; }
+
+at::Tensor compose_cuda(const at::Tensor& theta0, const at::Tensor& tau, const at::Tensor& coef,
+                        const c10::optional<at::Tensor>& scale, int64_t mode, int64_t key, at::ScalarType out_dtype) {
+  const int64_t k = coef.dim() == 2 ? coef.size(1) : 1;
+  check_block("compose", theta0, "theta0", tau, scale, mode, k);
+  check_coef("compose", coef, tau.size(0), theta0);
+  TORCH_CHECK(is_compute_dtype(out_dtype), "compose: out_dtype must be float32, bfloat16 or float16, got ", out_dtype);
+  const c10::cuda::CUDAGuard guard(theta0.device());
+  auto th = theta0.contiguous();
+  auto tc = tau.contiguous();
+  auto cc = coef.contiguous();
+  auto sc = contig(scale);
+  auto out = new_output(theta0.sizes(), theta0.options().dtype(out_dtype));
+  const int64_t P = theta0.numel();
+  if (P == 0) return out;
+  Bufs q = make_bufs(th, tc, cc.data_ptr<float>(), k, sc, scale_rows(theta0.sizes()));
+  q.out = out.data_ptr();
+  q.out_t = code_of(out_dtype);
+  const Seg s = block_seg(theta0, k, mode, key);
+  const int64_t tile = single_tile(tau.scalar_type());
+  const int64_t grid = (P + tile - 1) / tile;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_storage(tau.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    compose_kernel<T, false><<<grid, kThreads, 0, stream>>>(q, s, nullptr, nullptr, tile, rows_aligned(tc, P));
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor coef_grad_cuda(const at::Tensor& grad, const at::Tensor& tau, const c10::optional<at::Tensor>& scale,
+                          int64_t k, int64_t mode, int64_t key) {
+  check_block("coef_grad", grad, "grad", tau, scale, mode, k);
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const int64_t n = tau.size(0), P = grad.numel();
+  if (P == 0 || n == 0) return at::zeros({n, k}, grad.options().dtype(at::kFloat));
+  auto out = new_output({n, k}, grad.options().dtype(at::kFloat));
+  auto gc = grad.contiguous();
+  auto tc = tau.contiguous();
+  auto sc = contig(scale);
+  Bufs q = make_bufs(gc, tc, nullptr, 0, sc, scale_rows(grad.sizes()));
+  const Seg s = block_seg(grad, k, mode, key);
+  const int64_t tile = single_tile(tau.scalar_type());
+  const int64_t tiles = (P + tile - 1) / tile;
+  auto partial = new_output({tiles, n, k}, grad.options().dtype(at::kFloat));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_storage(tau.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    if (k == 1)
+      grad_partial_kernel<T, false, 1><<<tiles, kThreads, 0, stream>>>(q, s, nullptr, nullptr, tile, rows_aligned(tc, P),
+                                                                       partial.data_ptr<float>(), k);
+    else
+      grad_partial_kernel<T, false, 8><<<tiles, kThreads, 0, stream>>>(q, s, nullptr, nullptr, tile, rows_aligned(tc, P),
+                                                                       partial.data_ptr<float>(), k);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  grad_reduce_kernel<false><<<1, kThreads, 0, stream>>>(partial.data_ptr<float>(), out.data_ptr<float>(), nullptr, n, k,
+                                                        tiles, k);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor compose_packed_cuda(const at::Tensor& theta0_flat, const at::Tensor& tau_flat, const at::Tensor& coef_flat,
+                               const c10::optional<at::Tensor>& scale_flat, const at::Tensor& table,
+                               const at::Tensor& tile_map, int64_t block, int64_t kmax, at::ScalarType out_dtype) {
+  check_packed("compose_packed", theta0_flat, "theta0_flat", tau_flat, scale_flat, table, tile_map, block);
+  check_coef("compose_packed", coef_flat, tau_flat.size(0), theta0_flat);
+  TORCH_CHECK(is_compute_dtype(out_dtype), "compose_packed: out_dtype must be float32, bfloat16 or float16, got ",
+              out_dtype);
+  const c10::cuda::CUDAGuard guard(theta0_flat.device());
+  auto th = theta0_flat.contiguous();
+  auto tc = tau_flat.contiguous();
+  auto cc = coef_flat.contiguous();
+  auto sc = contig(scale_flat);
+  auto tab = table.contiguous();
+  auto tmap = tile_map.contiguous();
+  auto out = new_output(theta0_flat.sizes(), theta0_flat.options().dtype(out_dtype));
+  const int64_t T = tmap.numel();
+  if (T == 0) return out;
+  Bufs q = make_bufs(th, tc, cc.data_ptr<float>(), cc.size(1), sc, sc.has_value() ? sc->size(1) : 0);
+  q.out = out.data_ptr();
+  q.out_t = code_of(out_dtype);
+  Seg none{};
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_storage(tau_flat.scalar_type(), [&](auto tag) {
+    using Ty = decltype(tag);
+    compose_kernel<Ty, true><<<T, kThreads, 0, stream>>>(q, none, tab.data_ptr<int64_t>(), tmap.data_ptr<int32_t>(),
+                                                          block, rows_aligned(tc, th.numel()));
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor coef_grad_packed_cuda(const at::Tensor& grad_flat, const at::Tensor& tau_flat,
+                                 const c10::optional<at::Tensor>& scale_flat, const at::Tensor& table,
+                                 const at::Tensor& tile_map, int64_t block, int64_t kmax, int64_t total_cols) {
+  check_packed("coef_grad_packed", grad_flat, "grad_flat", tau_flat, scale_flat, table, tile_map, block);
+  TORCH_CHECK(kmax >= 1, "coef_grad_packed: kmax must be >= 1, got ", kmax);
+  const c10::cuda::CUDAGuard guard(grad_flat.device());
+  const int64_t n = tau_flat.size(0);
+  auto out = at::zeros({n, total_cols}, grad_flat.options().dtype(at::kFloat));
+  auto tmap = tile_map.contiguous();
+  const int64_t T = tmap.numel();
+  if (T == 0 || n == 0) return out;
+  auto gc = grad_flat.contiguous();
+  auto tc = tau_flat.contiguous();
+  auto sc = contig(scale_flat);
+  auto tab = table.contiguous();
+  Bufs q = make_bufs(gc, tc, nullptr, 0, sc, sc.has_value() ? sc->size(1) : 0);
+  auto partial = new_output({T, n, kmax}, grad_flat.options().dtype(at::kFloat));
+  Seg none{};
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_storage(tau_flat.scalar_type(), [&](auto tag) {
+    using Ty = decltype(tag);
+    if (kmax == 1)
+      grad_partial_kernel<Ty, true, 1><<<T, kThreads, 0, stream>>>(q, none, tab.data_ptr<int64_t>(), tmap.data_ptr<int32_t>(),
+                                                                    block, rows_aligned(tc, gc.numel()),
+                                                                    partial.data_ptr<float>(), kmax);
+    else
+      grad_partial_kernel<Ty, true, 8><<<T, kThreads, 0, stream>>>(q, none, tab.data_ptr<int64_t>(), tmap.data_ptr<int32_t>(),
+                                                                    block, rows_aligned(tc, gc.numel()),
+                                                                    partial.data_ptr<float>(), kmax);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  grad_reduce_kernel<true><<<tab.size(0), kThreads, 0, stream>>>(partial.data_ptr<float>(), out.data_ptr<float>(),
+                                                                 tab.data_ptr<int64_t>(), n, kmax, 0, total_cols);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace atlas_ext
+
+TORCH_LIBRARY_IMPL(atlas_kernels_ext, CUDA, m) {
+  m.impl("compose", &atlas_ext::cuda::compose_cuda);
+  m.impl("coef_grad", &atlas_ext::cuda::coef_grad_cuda);
+  m.impl("compose_packed", &atlas_ext::cuda::compose_packed_cuda);
+  m.impl("coef_grad_packed", &atlas_ext::cuda::coef_grad_packed_cuda);
+}
