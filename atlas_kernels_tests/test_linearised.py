@@ -77,10 +77,10 @@ def _dense_tvs(model, n, seed=0, std=0.05, dtype=torch.float64):
 
 
 def _check(model, tvs, x, *, partitions=1, mode="contiguous", seed=0, backend="torch", dtype=torch.float64,
-           rtol=1e-9, grad_tol=1e-6, check_primal=True):
+           rtol=1e-9, grad_tol=1e-6, check_primal=True, **patch_kwargs):
     # grad_tol: the coefficients (and so their gradients) are float32 parameters
     patched = ak.patch(copy.deepcopy(model).to(dtype).train(), tvs, partitions=partitions, partition_mode=mode,
-                       seed=seed, backend=backend, linearised=True)
+                       seed=seed, backend=backend, linearised=True, **patch_kwargs)
     coefs = ak.coefficients(patched)
     assert coefs and all(c.requires_grad for c in coefs.values())
     _random_coefs(coefs)
@@ -115,6 +115,25 @@ def vit_cpu():
 def test_tiny_vit_matches_jvp_reference(vit_cpu, partitions, mode):
     x = torch.randn(2, 3, 32, 32)
     _check(vit_cpu, _dense_tvs(vit_cpu, 3), x, partitions=partitions, mode=mode, seed=7)
+
+
+def test_rn50_attention_pool_reads_linearised_blocks():
+    """open_clip's AttentionPool2d (RN50/RN101) reads ``q_proj.weight`` etc. directly instead of
+    calling the projections: on a linearised patch that read must carry the tangent D, and its
+    primal must be theta0 (not theta0 + D), or the pool is linearised at the wrong point."""
+    from open_clip.modified_resnet import ModifiedResNet
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(4321)
+        model = ModifiedResNet([1, 1, 1, 1], output_dim=16, heads=2, image_size=32, width=8)
+    # BatchNorm without running statistics (batch statistics on both sides): the jvp reference
+    # cannot update running buffers in place, and the attention pool is what this test is about.
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.track_running_stats = False
+            m.running_mean = m.running_var = m.num_batches_tracked = None
+    x = torch.randn(4, 3, 32, 32)
+    _check(model, _dense_tvs(model, 2), x, batchnorm="train")
 
 
 def test_tiny_vit_int8_storage(vit_cpu):

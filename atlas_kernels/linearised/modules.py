@@ -229,6 +229,17 @@ class _DualScope:
 
     def __init__(self):
         self.levels = []
+        self.math_attention = []
+
+    def _enter_math_attention(self):
+        # Code of the tower that calls scaled_dot_product_attention itself (open_clip's
+        # AttentionPool2d through F.multi_head_attention_forward) meets dual tensors; the fused SDPA
+        # kernels have no forward-mode formula, the math path has one.
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        ctx = sdpa_kernel(SDPBackend.MATH)
+        ctx.__enter__()
+        self.math_attention.append(ctx)
 
     def begin(self, module, args):
         if in_scope():
@@ -241,6 +252,7 @@ class _DualScope:
                                "inside another forward-mode AD level (torch.autograd.forward_ad / "
                                f"torch.func.jvp): {exc}") from exc
         _SCOPE.depth = 1
+        self._enter_math_attention()
         return None
 
     def end(self, module, args, output):
@@ -250,6 +262,8 @@ class _DualScope:
             result = None if output is None else _combine(output)
         finally:
             _SCOPE.depth = 0
+            if self.math_attention:
+                self.math_attention.pop().__exit__(None, None, None)
             fwAD.exit_dual_level(level=self.levels.pop())
         return result
 
