@@ -11,31 +11,46 @@ Layout: ``reference`` (the specification), ``kernels/`` (Triton kernels), ``ops/
 backend dispatch), ``modules`` (AtlasLinear and friends), ``task_vectors`` (loading and storage),
 ``patching`` (patch / unpatch / coefficient files).
 """
-import warnings as _warnings
-
-# `python -m atlas_kernels.task_vectors` runs a module this package has already imported; runpy's
-# warning about that is harmless here.
-_warnings.filterwarnings("ignore", message=r".*'atlas_kernels\.task_vectors' found in sys\.modules.*",
-                         category=RuntimeWarning)
-
-from .budget import budget_report, select_task_vectors
-from .peft import match_blocks, read_peft_adapter, write_peft_adapter
-from .planner import MemoryEstimate, estimate_memory
-from .modules import AtlasLinear, AtlasMultiheadAttention, AtlasParameter
-from .partitions import Partition
-from .patching import coefficients, is_patched, load_coefficients, patch, save_coefficients, unpatch
-from .checkpoints import Head, convert_checkpoint, load_head, load_state_dict_file
-from .state_dicts import load_plain_state_dict
-from .task_vectors import STORAGES, TaskVectors
-from .linearised.export import export_linearised, load_linearised
+import importlib as _importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "TaskVectors", "STORAGES", "convert_checkpoint", "load_state_dict_file", "load_head", "Head",
-    "patch", "unpatch", "is_patched", "coefficients", "save_coefficients", "load_coefficients",
-    "AtlasLinear", "AtlasMultiheadAttention", "AtlasParameter", "Partition", "__version__",
-    "select_task_vectors", "budget_report", "estimate_memory", "MemoryEstimate",
-    "read_peft_adapter", "write_peft_adapter", "match_blocks", "load_plain_state_dict",
-    "export_linearised", "load_linearised",
-]
+# Public name -> the module that defines it. Imported on first use (PEP 562), so that
+# `python -m atlas_kernels.train --help` and `python -m atlas_kernels.task_vectors --help` answer
+# without importing torch, and so that `python -m atlas_kernels.task_vectors` does not run a module
+# this package already imported.
+_EXPORTS = {
+    "TaskVectors": "task_vectors", "STORAGES": "task_vectors",
+    "convert_checkpoint": "checkpoints", "load_state_dict_file": "checkpoints", "load_head": "checkpoints",
+    "Head": "checkpoints",
+    "patch": "patching", "unpatch": "patching", "is_patched": "patching", "coefficients": "patching",
+    "save_coefficients": "patching", "load_coefficients": "patching",
+    "AtlasLinear": "modules", "AtlasMultiheadAttention": "modules", "AtlasParameter": "modules",
+    "Partition": "partitions",
+    "select_task_vectors": "budget", "budget_report": "budget",
+    "estimate_memory": "planner", "MemoryEstimate": "planner",
+    "read_peft_adapter": "peft", "write_peft_adapter": "peft", "match_blocks": "peft",
+    "load_plain_state_dict": "state_dicts",
+    "export_linearised": "linearised.export", "load_linearised": "linearised.export",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name):
+    where = _EXPORTS.get(name)
+    if where is not None:
+        value = getattr(_importlib.import_module(f".{where}", __name__), name)
+    else:
+        try:  # a submodule: ak.ops, ak.reference, ak.kernels, ...
+            value = _importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

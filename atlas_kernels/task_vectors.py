@@ -15,6 +15,12 @@ pickled whole modules the task-vector papers released) the restricted reader of
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # `python -m atlas_kernels.task_vectors import|build|convert|info`: the CLI
+    # runs before this file's own imports, so that --help answers without importing torch.
+    from ._tv_cli import main as _main
+
+    raise SystemExit(_main())
+
 import json
 import logging
 import os
@@ -705,8 +711,3 @@ class _LazyDicts:
         sd = load_state_dict_file(self.paths[i])
         return select_tower(sd, self.prefix, str(self.paths[i]))[0] if self.prefix else sd
 
-
-if __name__ == "__main__":  # python -m atlas_kernels.task_vectors build|convert ...
-    from ._tv_cli import main
-
-    raise SystemExit(main())

@@ -10,11 +10,8 @@ import time
 from pathlib import Path
 from typing import List
 
-import torch
-
 from atlas_kernels._io import atomic_append_line
 
-from . import env
 from .grid import (BACKENDS, METHODS, MODELS, PRECISIONS, STORAGES, Axes, Job, build_jobs, cpu_default,
                    gpu_full, gpu_headline, row_key)
 from .summary import format_table, load_rows
@@ -143,6 +140,7 @@ def make_row(info: dict, job: Job, res: dict) -> dict:
 
 
 def run_subprocess(job: Job, settings: dict, timeout: float) -> dict:
+    from . import env
     from .worker import MARKER
 
     spec = {"job": job.as_dict(), "settings": settings, "device": "cpu"}
@@ -181,6 +179,7 @@ def _line(job: Job, res: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from . import env  # torch (and CUDA) only after the arguments: --help answers at once
     if args.linearised:
         from .linearised import main as linearised_main
 

@@ -5,10 +5,9 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from .config import PARTITION_MODES, PRECISIONS, SELECTS, TrainConfig
-from .faults import DivergedError
-from .loop import run
-from .objectives import OBJECTIVES, TTA_LOSSES
+# Only the config here: torch and the training loop are imported after the arguments are parsed,
+# so that --help answers at once.
+from .config import OBJECTIVES, PARTITION_MODES, PRECISIONS, SELECTS, TTA_LOSSES, TrainConfig
 
 PROG = "python -m atlas_kernels.train"
 
@@ -142,6 +141,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(None if argv is None else list(argv))
     cfg = config_from_args(args)
+    from .faults import DivergedError
+    from .loop import run
+
     try:
         run(cfg)
     except DivergedError as e:

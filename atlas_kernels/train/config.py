@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from .objectives import OBJECTIVES, TTA_LOSSES
+OBJECTIVES = ("fewshot", "tta", "negation", "addition")
+TTA_LOSSES = ("pseudo", "entropy")
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PARTITION_MODES = ("contiguous", "hash")

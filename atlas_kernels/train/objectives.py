@@ -15,8 +15,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-OBJECTIVES = ("fewshot", "tta", "negation", "addition")
-TTA_LOSSES = ("pseudo", "entropy")
+from .config import OBJECTIVES, TTA_LOSSES  # noqa: F401  (defined with the config: no torch needed for --help)
 
 Forward = Callable[[torch.Tensor, int], torch.Tensor]  # (images, task index) -> logits (float32)
 Metrics = Dict[str, Dict[str, float]]  # task name -> {"acc": ..., "loss": ..., "n": ...}
