@@ -228,8 +228,10 @@ def run_import(args, out) -> int:
                   f"support): {', '.join(files)}", file=out)
         else:
             zs = next((e["linear_zeroshot"] for e in linear if e["linear_zeroshot"]), None)
-            if zs is None or not lin_ckpt.is_linearised_state_dict(load_state_dict_file(zs)):
-                raise ValueError(f"linearised checkpoints without a linearised linear_zeroshot.pt: {files}")
+            # The positional format is recognised (and named, shape-checked) by load_state_dict_file,
+            # which from_checkpoints reads through: its output is already a named state dict.
+            if zs is None:
+                raise ValueError(f"linearised checkpoints without a linear_zeroshot.pt: {files}")
             from .task_vectors import TaskVectors
 
             ltv = TaskVectors.from_checkpoints(zs, [e["linear_finetuned"] for e in linear],

@@ -91,8 +91,10 @@ def load_state_dict_file(path) -> Dict[str, torch.Tensor]:
         except Exception as exc:
             raise ValueError(f"{path!r} is not a readable safetensors file (truncated or corrupted?): {exc}") from exc
     obj = _read_object(path)
-    from .linearised.checkpoints import is_linearised_state_dict, to_named_state_dict
-
+    try:
+        from .linearised.checkpoints import is_linearised_state_dict, to_named_state_dict
+    except ImportError:  # an install without the linearised mode: plain and pickled state dicts only
+        return _unwrap(obj, path)
     if is_linearised_state_dict(obj):  # tangent_task_arithmetic's positional format: named, shape-checked
         return to_named_state_dict(obj, what=repr(path))
     return _unwrap(obj, path)

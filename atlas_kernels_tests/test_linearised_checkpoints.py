@@ -94,3 +94,30 @@ def test_checkpoint_of_another_model(arch, tmp_path):
     _save_linearised(tmp_path / "unknown.pt", params0, params0, "no-such-arch")
     with pytest.raises(ValueError, match="open_clip has no architecture"):
         ak.load_state_dict_file(tmp_path / "unknown.pt")
+
+
+def test_import_command_reads_published_linearised_files(arch, tmp_path, capsys):
+    """`task_vectors import` on a task_vectors-layout folder holding linear_zeroshot.pt and
+    <Dataset>/linear_finetuned.pt beside the standard files writes OUT.linear.safetensors with
+    tau = params - params0 per image-tower block."""
+    from atlas_kernels._tv_cli import main
+
+    enc = _ImageEncoder(arch)
+    names = [k for k, _ in enc.named_parameters()]
+    params0 = [p.detach().clone() for p in enc.parameters()]
+    g = torch.Generator().manual_seed(3)
+    params = [p + torch.randn(p.shape, generator=g) * 0.01 for p in params0]
+    root = tmp_path / "root"
+    (root / "Cars").mkdir(parents=True)
+    torch.save(enc.state_dict(), str(root / "zeroshot.pt"))
+    torch.save({k: v + 0.01 for k, v in enc.state_dict().items()}, str(root / "Cars" / "finetuned.pt"))
+    _save_linearised(root / "linear_zeroshot.pt", params0, params0, arch)
+    _save_linearised(root / "Cars" / "linear_finetuned.pt", params0, params, arch)
+    out = tmp_path / "tvs.safetensors"
+    assert main(["import", str(root), "--model", arch, "--out", str(out)]) == 0, capsys.readouterr().err
+    lin = ak.TaskVectors.load(str(tmp_path / "tvs.linear.safetensors"))
+    assert lin.names == ["Cars"]
+    visual = {n[len("model.visual."):]: i for i, n in enumerate(names) if n.startswith("model.visual.")}
+    assert sorted(lin.blocks) == sorted(visual)
+    for block, i in visual.items():
+        assert torch.equal(lin[block][0], params[i] - params0[i]), block
