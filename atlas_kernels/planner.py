@@ -134,7 +134,8 @@ class MemoryEstimate:
         for t in self.TERMS:
             v = getattr(self, t)
             lines.append(f"  {labels[t]:<42}{v / _GIB:>9.3f}{v / _MIB:>11.1f}{100 * v / total:>7.1f}%")
-        lines.append(f"  {'total (predicted peak)':<42}{self.total / _GIB:>9.3f}{self.total / _MIB:>11.1f}{100.0:>7.1f}%")
+        lines.append(f"  {'total (predicted peak)':<42}{self.total / _GIB:>9.3f}{self.total / _MIB:>11.1f}"
+                     f"{100.0:>7.1f}%")
         return "\n".join(lines)
 
 

@@ -599,7 +599,8 @@ class TaskVectors:
                         a, bb = f.get_tensor("lora_a/" + b), f.get_tensor("lora_b/" + b)
                         got = [bb.shape[1], a.shape[2]] if a.dim() == 3 and bb.dim() == 3 else None
                         if got != shapes[b] or a.shape[0] != rows:
-                            raise ValueError(f"{path!r}: LoRA block {b!r} has factors {tuple(a.shape)}, {tuple(bb.shape)}; "
+                            raise ValueError(f"{path!r}: LoRA block {b!r} has factors {tuple(a.shape)}, "
+                                             f"{tuple(bb.shape)}; "
                                              f"metadata says {rows} task vectors of shape {shapes[b]}")
                         lora[b] = (a, bb)
                         continue

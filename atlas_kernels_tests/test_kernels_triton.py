@@ -106,7 +106,8 @@ def test_partition_index_matches(numel, k, mode, key):
     out = K.compose(theta0, tau, coef, p, out=nan_like((numel,), torch.float32))
     ref = p.index(numel).to(torch.float32)
     mism = torch.nonzero(out.cpu() != ref)
-    assert mism.numel() == 0, f"part index differs at e={int(mism[0])}: kernel {out[int(mism[0])]} ref {ref[int(mism[0])]}"
+    assert mism.numel() == 0, (f"part index differs at e={int(mism[0])}: "
+                               f"kernel {out[int(mism[0])]} ref {ref[int(mism[0])]}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -242,7 +243,8 @@ def _check_fused_linear(m, o, i, n, k, mode, cdtype, storage, bias, scaled=False
     b64 = None if b is None else b.double()
     ref64 = torch.nn.functional.linear(x.double(), w64, b64)
     ref_low = torch.nn.functional.linear(x.double(), w_low, b64).to(cdtype)
-    ref_abs = torch.nn.functional.linear(x.double().abs(), _abs_w(w0, tau, coef, p, scale), None if b is None else b64.abs())
+    ref_abs = torch.nn.functional.linear(x.double().abs(), _abs_w(w0, tau, coef, p, scale),
+                                         None if b is None else b64.abs())
     assert_close(y, ref64, ref_low, ref_abs, rtol=EPS[cdtype], name="fused_linear")
 
     dy = torch.randn(m, o, device=DEV).to(cdtype)
@@ -407,11 +409,13 @@ def test_gpu_real_shapes(o, i, n, k, mode):
         w64 = R.compose(w0, tau, coef, p)
         w_low = K.compose(w0, tau, coef, p, out_dtype=torch.bfloat16).double()
         assert_close(y, x.double() @ w64.t(), (x.double() @ w_low.t()).to(torch.bfloat16),
-                     x.double().abs() @ _abs_w(w0, tau, coef, p, None).t(), rtol=EPS[torch.bfloat16], name="gpu fused_linear")
+                     x.double().abs() @ _abs_w(w0, tau, coef, p, None).t(), rtol=EPS[torch.bfloat16],
+                     name="gpu fused_linear")
         dy = torch.randn(m, o, device=DEV).to(torch.bfloat16)
         dx = K.fused_linear_dx(dy, w0, tau, coef, p)
         assert_close(dx, dy.double() @ w64, (dy.double() @ w_low).to(torch.bfloat16),
-                     dy.double().abs() @ _abs_w(w0, tau, coef, p, None), rtol=EPS[torch.bfloat16], name="gpu fused_linear_dx")
+                     dy.double().abs() @ _abs_w(w0, tau, coef, p, None), rtol=EPS[torch.bfloat16],
+                     name="gpu fused_linear_dx")
     for m in (16, 1600):
         x = torch.randn(m, i, device=DEV).to(torch.bfloat16)
         dy = torch.randn(m, o, device=DEV).to(torch.bfloat16)

@@ -28,8 +28,7 @@ import torch
 
 from . import env
 from .grid import Job
-from .workload import (Session, Settings, StepBuilder, count_ops, free_memory, measure_ceiling, rss_bytes,
-                       time_step)
+from .workload import Session, Settings, StepBuilder, count_ops, free_memory, measure_ceiling, rss_bytes, time_step
 
 MARKER = "@@BENCH_LINEARISED@@ "
 

@@ -340,8 +340,9 @@ class StepBuilder:
         separate tensors per block, the tower run through ``torch.func.functional_call``.
         With K partitions each product is ``cat([chunk_k * c[i, k]])`` over the K contiguous chunks
         (the paper multiplies by K one-hot masks instead, which costs more)."""
-        from atlas_kernels.reference import naive_compose
         from torch.func import functional_call
+
+        from atlas_kernels.reference import naive_compose
 
         k = self.job.partitions
         visual = self.visual
