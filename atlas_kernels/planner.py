@@ -3,7 +3,7 @@
     est = atlas_kernels.planner.estimate_memory(model.visual, tvs, batch=128, precision="bf16")
     print(est)            # a table in GiB; est.total is the predicted peak in bytes
 
-The model (DESIGN.md section 3: ``peak ~= activations + theta0 + S + composed + transient``), per
+The model (docs/PERFORMANCE.md, Memory: ``peak ~= activations + theta0 + S + composed + transient``), per
 term, in bytes:
 
 ``theta0``

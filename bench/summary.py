@@ -50,7 +50,7 @@ def ceiling_row(rows: Iterable[dict]) -> Optional[dict]:
 
 
 def two_pass_ms(n: int, adapted_params: int, storage: str, copy_gbps: float) -> float:
-    """DESIGN section 3: two passes over the task vectors at copy bandwidth, in ms."""
+    """Two passes over the task vectors at copy bandwidth, in ms (docs/PERFORMANCE.md)."""
     return 2 * n * adapted_params * BYTES_PER_ELEMENT[storage] / (copy_gbps * 1e9) * 1e3
 
 

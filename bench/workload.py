@@ -310,8 +310,8 @@ class StepBuilder:
     # -- floor ---------------------------------------------------------------------------
     def floor_step(self) -> Callable[[], None]:
         """The plain model's training step: forward, backward with weight gradients (set to None
-        before each backward, as ``zero_grad`` does). No optimizer step over the weights: DESIGN
-        section 3 defines the floor as forward + backward with weight gradients, which is what
+        before each backward, as ``zero_grad`` does). No optimizer step over the weights: the floor
+        (docs/PERFORMANCE.md) is forward + backward with weight gradients, which is what
         the fused step has to beat (it needs G); an AdamW step over 88M fp32 weights would add
         several model-sized passes that aTLAS never makes."""
         visual = self.visual

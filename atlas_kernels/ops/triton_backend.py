@@ -41,11 +41,8 @@ from .torch_backend import compute_dtype
 
 __all__ = ["compose", "linear", "compose_packed", "compute_dtype", "FUSED_MAX_M", "USE_CUSTOM_OPS"]
 
-# Rows (M = prod of x's leading dims) at or below which `linear` uses the fused GEMMs. The fused
-# kernels re-read the N task-vector tiles once per M tile (BLOCK_M <= 64), so they win only while
-# M is about one tile. 64 is a guess: MEASURE the crossover on a GPU (fused_linear + fused_linear_dx
-# + linear_coef_grad versus compose + 2 cuBLAS matmuls + linear_coef_grad, per ViT block shape,
-# N = 21, bf16, M in 1..512) and set it from that. Override per call with ``fused_max_m=``.
+# Rows (M = prod of x's leading dims) at or below which `linear` uses the fused GEMMs; set from the
+# byte model, not yet measured (docs/PERFORMANCE.md, dispatch). Override per call with ``fused_max_m=``.
 FUSED_MAX_M = 64
 
 # "auto": custom ops only while torch.compile traces; True: always; False: never.
