@@ -5,9 +5,10 @@ import json
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
+from atlas_kernels.storage import BYTES_PER_ELEMENT
+
 from .grid import row_key
 
-BYTES_PER_ELEMENT = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "float8_e4m3fn": 1}
 METHOD_ORDER = {"ceiling": 0, "floor": 1, "naive": 2, "merge_once": 3, "atlas": 4}
 
 

@@ -25,8 +25,9 @@ import torch
 pytest.importorskip("pytest_benchmark")
 ak_ops = pytest.importorskip("atlas_kernels.ops")
 from atlas_kernels.partitions import Partition  # noqa: E402
+from atlas_kernels.storage import BYTES_PER_ELEMENT  # noqa: E402
 
-from .workload import BYTES_PER_ELEMENT, measure_ceiling  # noqa: E402
+from .workload import measure_ceiling  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")

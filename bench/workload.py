@@ -36,6 +36,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from atlas_kernels.storage import BYTES_PER_ELEMENT  # noqa: F401  (re-exported: the one storage table)
+
 from .grid import FLOAT_STORAGES, Job
 
 OOM_ERRORS = tuple(
@@ -49,7 +51,6 @@ STORAGE_DTYPES = {
     "int8": torch.int8,
     "float8_e4m3fn": getattr(torch, "float8_e4m3fn", None),
 }
-BYTES_PER_ELEMENT = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "float8_e4m3fn": 1}
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..partitions import Partition
-from ..reference import scale_rows
+from ..storage import scale_rows
 
 # Widen at most this many slab elements to fp32 at once: 64 MiB of fp32 temporaries on a GPU (few,
 # large launches), 2 MiB on a CPU (the chunk stays in cache; measured: docs/PERFORMANCE.md).
@@ -30,7 +30,7 @@ def _as2d(coef: torch.Tensor) -> torch.Tensor:
 
 
 def _row_width(shape) -> int:
-    """Elements per scale row (the layout of :func:`atlas_kernels.reference.scale_rows`)."""
+    """Elements per scale row (the layout of :func:`atlas_kernels.storage.scale_rows`)."""
     return max(1, torch.Size(shape).numel() // scale_rows(shape))
 
 
