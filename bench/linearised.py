@@ -26,6 +26,8 @@ import time
 
 import torch
 
+from atlas_kernels._io import atomic_append_line
+
 from . import env
 from .grid import Job
 from .workload import Session, Settings, StepBuilder, count_ops, free_memory, measure_ceiling, rss_bytes, time_step
@@ -231,8 +233,7 @@ def main(args) -> int:
         res = _subprocess(job, settings, args.timeout) if cpu else run_job(job, settings, dev)
         row = dict(info, **job.as_dict(), **res, copy_gbps=ceiling["copy_gbps"])
         rows.append(row)
-        with out.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        atomic_append_line(out, json.dumps(row))
         if res.get("error"):
             print("error: " + res["error"][:300], flush=True)
         else:
