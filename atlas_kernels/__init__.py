@@ -8,7 +8,8 @@
     ak.unpatch(model.visual)                          # a plain model again, task vectors merged
 
 Layout: ``reference`` (the specification), ``kernels/`` (Triton kernels), ``ops/`` (autograd and
-backend dispatch), ``modules`` (AtlasLinear and friends), ``task_vectors`` (loading and storage),
+backend dispatch), ``modules`` (AtlasLinear and friends), ``storage`` (the storage table: bytes,
+per-row scales), ``task_vectors`` (loading and quantising),
 ``patching`` (patch / unpatch / coefficient files).
 """
 import importlib as _importlib

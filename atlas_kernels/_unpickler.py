@@ -8,8 +8,12 @@ import _compat_pickle
 import io
 import pickle
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # the reader lives in safe_pickle, which imports this module
+    from .safe_pickle import _Reader
 
 MAX_PICKLE_BYTES = 1 << 28       # the pickle program of a checkpoint (not its tensor data)
 MAX_OBJECTS = 20_000_000         # elements built by container calls, stand-ins and tensors together

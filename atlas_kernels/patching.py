@@ -24,10 +24,22 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from . import ops
-from .modules import (SMALL_BLOCK_NUMEL, AtlasLinear, AtlasModule, AtlasMultiheadAttention, AtlasParameter,
-                      BlockSpec, SmallBlockGroup)
-from ._patch_guards import (_check_backend_device, _check_tied_agree, _freeze_batchnorm, _tied_aliases,
-                             _unfreeze_batchnorm)
+from ._patch_guards import (
+    _check_backend_device,
+    _check_tied_agree,
+    _freeze_batchnorm,
+    _tied_aliases,
+    _unfreeze_batchnorm,
+)
+from .modules import (
+    SMALL_BLOCK_NUMEL,
+    AtlasLinear,
+    AtlasModule,
+    AtlasMultiheadAttention,
+    AtlasParameter,
+    BlockSpec,
+    SmallBlockGroup,
+)
 from .partitions import MODES, Partition
 from .state_dicts import attach_guard, detach_guard
 from .task_vectors import TaskVectors

@@ -369,7 +369,8 @@ def match_blocks(factors: Mapping, module: nn.Module) -> Factors:
         if tuple(p.shape) != got:
             raise ValueError(f"block {block!r}: the module's parameter {name!r} has shape {tuple(p.shape)}, the LoRA "
                              f"factors give a {got} update (B {tuple(b.shape)} @ A {tuple(a.shape)}): an adapter "
-                             f"for another model?{_deeper_hint(name, got, params)}{_other_prefix_hint(factors, params)}")
+                             f"for another model?{_deeper_hint(name, got, params)}"
+                             f"{_other_prefix_hint(factors, params)}")
         if name in matched:
             raise ValueError(f"blocks map twice to parameter {name!r}")
         matched[name] = (a, b)

@@ -3,7 +3,7 @@
     est = atlas_kernels.planner.estimate_memory(model.visual, tvs, batch=128, precision="bf16")
     print(est)            # a table in GiB; est.total is the predicted peak in bytes
 
-The model (DESIGN.md section 3: ``peak ~= activations + theta0 + S + composed + transient``), per
+The model (docs/PERFORMANCE.md, Memory: ``peak ~= activations + theta0 + S + composed + transient``), per
 term, in bytes:
 
 ``theta0``
@@ -66,12 +66,12 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
+from .storage import BYTES_PER_ELEMENT, SCALED, slab_bytes
+
 __all__ = ["MemoryEstimate", "estimate_memory", "PRECISIONS"]
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "32": "fp32"}
-_STORAGE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "float8_e4m3fn": 1}
-_COMPACT = ("int8", "float8_e4m3fn")
 _GIB = float(1 << 30)
 _MIB = float(1 << 20)
 
@@ -134,7 +134,8 @@ class MemoryEstimate:
         for t in self.TERMS:
             v = getattr(self, t)
             lines.append(f"  {labels[t]:<42}{v / _GIB:>9.3f}{v / _MIB:>11.1f}{100 * v / total:>7.1f}%")
-        lines.append(f"  {'total (predicted peak)':<42}{self.total / _GIB:>9.3f}{self.total / _MIB:>11.1f}{100.0:>7.1f}%")
+        lines.append(f"  {'total (predicted peak)':<42}{self.total / _GIB:>9.3f}{self.total / _MIB:>11.1f}"
+                     f"{100.0:>7.1f}%")
         return "\n".join(lines)
 
 
@@ -230,16 +231,11 @@ def _adapted(tower: nn.Module, task_vectors, params: Dict[str, torch.Tensor]):
         n, storage = task_vectors
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"task_vectors=(N, storage): N must be a positive int, got {n!r}")
-        if storage not in _STORAGE_BYTES:
-            raise ValueError(f"task_vectors=(N, storage): storage must be one of {sorted(_STORAGE_BYTES)}, "
+        if storage not in BYTES_PER_ELEMENT:
+            raise ValueError(f"task_vectors=(N, storage): storage must be one of {sorted(BYTES_PER_ELEMENT)}, "
                              f"got {storage!r}")
         names = [k for k, p in params.items() if p.is_floating_point()]
-        s = 0
-        for k in names:
-            p = params[k]
-            s += n * p.numel() * _STORAGE_BYTES[storage]
-            if storage in _COMPACT:
-                s += n * (p.shape[0] if p.dim() >= 2 else 1) * 4
+        s = sum(slab_bytes(n, params[k].shape, storage) for k in names)
         return names, n, storage, s
     raise TypeError("task_vectors must be an atlas_kernels.TaskVectors, an (N, storage) pair, or None; "
                     f"got {type(task_vectors).__name__}")
@@ -358,7 +354,7 @@ def estimate_memory(model: nn.Module, task_vectors, batch: int, *, precision: st
     widen = 0
     if storage is not None and storage != "float32" and big:
         chunk = min(big, max(1, _chunk_elems() // max(1, n)))
-        widen = n * chunk * 4 * (3 if storage in _COMPACT else 1)
+        widen = n * chunk * 4 * (3 if storage in SCALED else 1)
     compose_tmp = big * 4 + widen
     dx = B * T * F * c
     transient = g_bytes + compose_tmp + dx

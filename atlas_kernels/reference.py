@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .partitions import Partition
+from .storage import scale_rows  # the scale layout (re-exported: older imports read it here)
 
 __all__ = [
     "scale_rows",
@@ -36,11 +37,6 @@ __all__ = [
     "linear_coef_grads",
     "naive_compose",
 ]
-
-
-def scale_rows(shape) -> int:
-    """Rows of a compact block's per-row scale: ``S[0]`` for blocks of 2 or more dims, 1 for 1-D."""
-    return int(shape[0]) if len(shape) >= 2 else 1
 
 
 def _coef2d(coef: torch.Tensor) -> torch.Tensor:

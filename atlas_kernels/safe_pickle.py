@@ -35,9 +35,24 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from ._unpickler import (MAX_DEPTH, MAX_GLOBALS, MAX_PICKLE_BYTES, Global, Inert, RefusedPickle, _Budget, _LEGACY_MAGIC,
-                         _LEGACY_PROTOCOL, _DTYPES, _Rebuilders, _Storage, _StorageType, _STORAGE_DTYPES,
-                         _Unpickler, _name)
+from ._unpickler import (
+    _DTYPES,
+    _LEGACY_MAGIC,
+    _LEGACY_PROTOCOL,
+    _STORAGE_DTYPES,
+    MAX_DEPTH,
+    MAX_GLOBALS,
+    MAX_PICKLE_BYTES,
+    Global,
+    Inert,
+    RefusedPickle,
+    _Budget,
+    _name,
+    _Rebuilders,
+    _Storage,
+    _StorageType,
+    _Unpickler,
+)
 
 __all__ = ["Global", "Inert", "RefusedPickle", "restricted_load", "state_dict_from_object", "describe"]
 

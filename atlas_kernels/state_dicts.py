@@ -60,7 +60,7 @@ def _guard_hook(module, state_dict, prefix, local_metadata, strict, missing_keys
                 f"such as {theta} and its coefficients as '<block>_coef' / '...<block>.0.coef'. Unpatch first "
                 f"(atlas_kernels.unpatch(module)) and load it into the plain module, or load it into theta0 with "
                 f"atlas_kernels.load_plain_state_dict(module, state_dict).")
-    raise RuntimeError(f"load_state_dict into a module patched by atlas_kernels: " + "; ".join(problems)
+    raise RuntimeError("load_state_dict into a module patched by atlas_kernels: " + "; ".join(problems)
                        + ". Nothing was loaded (every key and shape is checked before anything is copied)." + hint)
 
 

@@ -32,20 +32,15 @@ import torch
 
 from .checkpoints import convert_checkpoint, dropped_note, load_state_dict_file, select_tower
 from .peft import lora_pair, read_peft_adapter
-from .reference import scale_rows
+from .storage import NAMES as _STORAGE_NAMES
+from .storage import QMAX as _QMAX
+from .storage import scale_rows
 
 __all__ = ["TaskVectors", "STORAGES", "load_state_dict_file", "convert_checkpoint"]
 
-STORAGES: Dict[str, torch.dtype] = {
-    "float64": torch.float64,  # for float64 reference work and tests
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "int8": torch.int8,
-    "float8_e4m3fn": torch.float8_e4m3fn,
-}
-# Largest magnitude a quantized element may hold.
-_QMAX = {"int8": 127.0, "float8_e4m3fn": 448.0}
+# The storage names (atlas_kernels.storage: bytes, per-row scales, largest quantized magnitude _QMAX)
+# as torch dtypes.
+STORAGES: Dict[str, torch.dtype] = {name: getattr(torch, name) for name in _STORAGE_NAMES}
 _FORMAT = "atlas_kernels.task_vectors"
 _VERSION = "1"
 
@@ -599,7 +594,8 @@ class TaskVectors:
                         a, bb = f.get_tensor("lora_a/" + b), f.get_tensor("lora_b/" + b)
                         got = [bb.shape[1], a.shape[2]] if a.dim() == 3 and bb.dim() == 3 else None
                         if got != shapes[b] or a.shape[0] != rows:
-                            raise ValueError(f"{path!r}: LoRA block {b!r} has factors {tuple(a.shape)}, {tuple(bb.shape)}; "
+                            raise ValueError(f"{path!r}: LoRA block {b!r} has factors {tuple(a.shape)}, "
+                                             f"{tuple(bb.shape)}; "
                                              f"metadata says {rows} task vectors of shape {shapes[b]}")
                         lora[b] = (a, bb)
                         continue

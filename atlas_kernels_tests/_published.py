@@ -158,14 +158,13 @@ def build_module(sd, root_cls):
 
 def main(pkgdir, job_path):
     sys.path.insert(0, pkgdir)
-    import torch
-    from safetensors.torch import load_file
-    from torchvision import transforms as T
-
     import open_clip
+    import torch
     from open_clip import model as M
     from open_clip.transform import _convert_to_rgb
+    from safetensors.torch import load_file
     from src.modeling import ClassificationHead, ImageEncoder
+    from torchvision import transforms as T
 
     assert open_clip.__file__.startswith(pkgdir), "the stand-in open_clip must shadow the installed one"
     with open(job_path) as fh:

@@ -32,7 +32,8 @@ def assert_close(out, ref, *, rtol, atol=0.0, what="output"):
         i = int(torch.argmax(excess))
         idx = tuple(int(v) for v in torch.unravel_index(torch.tensor(i), out.shape)) if out.dim() else ()
         raise AssertionError(
-            f"{what}: worst element {idx}: got {out.reshape(-1)[i].item():.9g}, reference {ref.reshape(-1)[i].item():.9g}, "
+            f"{what}: worst element {idx}: got {out.reshape(-1)[i].item():.9g}, "
+            f"reference {ref.reshape(-1)[i].item():.9g}, "
             f"|err| {err.reshape(-1)[i].item():.3g} > bound {bound.reshape(-1)[i].item():.3g} "
             f"({int((excess > 0).sum())} of {out.numel()} elements out of tolerance)")
 

@@ -18,7 +18,6 @@ import os
 import re
 import sys
 import tempfile
-import types
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -84,13 +83,15 @@ def coefficient_files(d: Path):
     case(F, "reordered, strict=False", lambda: ak.load_coefficients(tiny(("dtd", "cars"))[0], f, strict=False),
          r"another order")
     case(F, "renamed (strict)", lambda: ak.load_coefficients(tiny(("cars2", "dtd"))[0], f), r"names differ")
-    case(F, "renamed, strict=False loads", lambda: bool(ak.load_coefficients(tiny(("cars2", "dtd"))[0], f, strict=False)))
+    case(F, "renamed, strict=False loads",
+         lambda: bool(ak.load_coefficients(tiny(("cars2", "dtd"))[0], f, strict=False)))
     case(F, "other N", lambda: ak.load_coefficients(tiny(("a", "b", "c"))[0], f), r"\bn: file 2, model 3")
     case(F, "directory as file", lambda: ak.load_coefficients(m, d), r"is a directory")
     case(F, "empty file", lambda: ak.load_coefficients(m, _empty(d)), r"empty \(0 bytes\)")
     tv = d / "tv.safetensors"
     ak.TaskVectors({"w": torch.zeros(1, 2)}).save(tv)
-    case(F, "task-vector file as coefficients", lambda: ak.load_coefficients(m, tv), r"not an atlas_kernels coefficient")
+    case(F, "task-vector file as coefficients", lambda: ak.load_coefficients(m, tv),
+         r"not an atlas_kernels coefficient")
     fill(m, float("nan"))
     case(F, "save NaN coefficients", lambda: ak.save_coefficients(m, d / "nan.safetensors"), r"NaN or inf")
     fill(m, 0.0)
@@ -187,7 +188,8 @@ def peft_configs(d: Path):
     case(F, "alpha overflowing float32 in B", lambda: ak.read_peft_adapter(adapter("ov", 1e4, lora_alpha=1e38)),
          r"scaling lora_alpha / r")
     case(F, "writer r=2.0", lambda: ak.write_peft_adapter(d / "w", {"fc.weight": (torch.ones(2, 3), torch.ones(4, 2))},
-                                                          r=2.0, lora_alpha=4, target_modules=["fc"]), r"r must be an integer")
+                                                          r=2.0, lora_alpha=4, target_modules=["fc"]),
+         r"r must be an integer")
     case(F, "valid rank_pattern regex", lambda: ak.read_peft_adapter(
         adapter("ok", rank_pattern={r"f.1": 2}))["fc1.weight"][0].shape == (2, 5))
 
@@ -213,12 +215,14 @@ def task_vector_files(d: Path):
         p = d / name
         save_file(tensors, str(p), metadata=m)
         return str(p)
-    case(F, "names swapped in metadata", lambda: ak.TaskVectors.load(variant("s", names='["y", "x"]')), r"metadata fails")
+    case(F, "names swapped in metadata", lambda: ak.TaskVectors.load(variant("s", names='["y", "x"]')),
+         r"metadata fails")
     case(F, "block dropped from list", lambda: ak.TaskVectors.load(variant("dr", True, blocks='["a.weight"]')),
          r"does not list")
     case(F, "shapes not JSON", lambda: ak.TaskVectors.load(variant("sj", drop_crc=True, shapes="{")),
          r"'shapes' is not valid JSON")
-    case(F, "n not an int", lambda: ak.TaskVectors.load(variant("n", drop_crc=True, n="two")), r"'n' must be an integer")
+    case(F, "n not an int", lambda: ak.TaskVectors.load(variant("n", drop_crc=True, n="two")),
+         r"'n' must be an integer")
     case(F, "names not a list", lambda: ak.TaskVectors.load(variant("nl", drop_crc=True, names='"x"')),
          r"'names' must be a JSON list")
     case(F, "directory", lambda: ak.TaskVectors.load(d), r"is a directory")
@@ -231,7 +235,8 @@ def task_vector_files(d: Path):
          r"overflows float16 storage.*70000")
     case(F, "fp16 storage overflow (to_storage)",
          lambda: ak.TaskVectors.from_state_dicts(pre, [ft]).to_storage("float16"), r"overflows float16.*70000")
-    case(F, "convert zero-byte", lambda: ak.convert_checkpoint(_empty(d), d / "o.safetensors"), r"^(?!.*pickled).*empty")
+    case(F, "convert zero-byte", lambda: ak.convert_checkpoint(_empty(d), d / "o.safetensors"),
+         r"^(?!.*pickled).*empty")
     bad = d / "broken.safetensors"
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
     case(F, "convert broken safetensors", lambda: ak.convert_checkpoint(bad, d / "o.safetensors"),
@@ -270,7 +275,7 @@ def atomic_writes(d: Path):
 
 
 def training(d: Path):
-    from atlas_kernels.train import ConfigError, TrainConfig, run, setup, toy
+    from atlas_kernels.train import TrainConfig, run, setup, toy
     from atlas_kernels.train.cli import main
     from atlas_kernels.train.faults import DivergedError
     F = "training run and CLI"

@@ -74,7 +74,8 @@ def _writers(tmp_path):
         ak.write_peft_adapter(tmp_path / "adapter", f, r=2, lora_alpha=float(v + 1), target_modules=["fc"])
 
     return {
-        "metrics.json": (tmp_path / "metrics.json", lambda v: _io.atomic_write_json(tmp_path / "metrics.json", {"v": v})),
+        "metrics.json": (tmp_path / "metrics.json",
+                         lambda v: _io.atomic_write_json(tmp_path / "metrics.json", {"v": v})),
         "checkpoint": (tmp_path / "checkpoint.pt",
                        lambda v: _io.atomic_torch_save({"v": torch.full((64,), float(v))}, tmp_path / "checkpoint.pt")),
         "coefficients": (tmp_path / "coef.safetensors", coefs),

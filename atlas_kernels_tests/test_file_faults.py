@@ -3,7 +3,6 @@ metadata, float16 storage overflow, and paths that are directories, symlink loop
 import json
 import os
 import time
-import warnings
 
 import pytest
 import torch

@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import atlas_kernels.kernels as K
+from atlas_kernels import kernels
 from atlas_kernels import reference as R
 from atlas_kernels.kernels import _common
 from atlas_kernels.partitions import Partition
@@ -103,17 +103,18 @@ def test_partition_index_matches(numel, k, mode, key):
     theta0 = torch.zeros(numel, device=DEV)
     tau = torch.ones(1, numel, device=DEV)
     coef = torch.arange(k, dtype=torch.float32, device=DEV)[None]
-    out = K.compose(theta0, tau, coef, p, out=nan_like((numel,), torch.float32))
+    out = kernels.compose(theta0, tau, coef, p, out=nan_like((numel,), torch.float32))
     ref = p.index(numel).to(torch.float32)
     mism = torch.nonzero(out.cpu() != ref)
-    assert mism.numel() == 0, f"part index differs at e={int(mism[0])}: kernel {out[int(mism[0])]} ref {ref[int(mism[0])]}"
+    assert mism.numel() == 0, (f"part index differs at e={int(mism[0])}: "
+                               f"kernel {out[int(mism[0])]} ref {ref[int(mism[0])]}")
 
 
 # ------------------------------------------------------------------------------------------------
 # compose
 # ------------------------------------------------------------------------------------------------
 def _check_compose(theta0, tau, coef, p, scale, out_dtype):
-    out = K.compose(theta0, tau, coef, p, scale=scale, out_dtype=out_dtype, out=nan_like(theta0.shape, out_dtype))
+    out = kernels.compose(theta0, tau, coef, p, scale=scale, out_dtype=out_dtype, out=nan_like(theta0.shape, out_dtype))
     ref64 = R.compose(theta0, tau, coef, p, scale=scale)
     ref_low = R.compose(theta0, tau, coef, p, scale=scale, dtype=torch.float32).to(out_dtype)
     tau_abs = R.dequantize(tau, scale).abs()
@@ -158,7 +159,7 @@ def test_compose_coef_vector_and_default_dtype():
     theta0 = torch.randn(5, 9, device=DEV, dtype=torch.float16)
     tau, _ = make_tau(4, (5, 9), torch.float16)
     coef = torch.randn(4, device=DEV)
-    out = K.compose(theta0, tau, coef)
+    out = kernels.compose(theta0, tau, coef)
     assert out.dtype == torch.float16 and out.shape == theta0.shape
     assert_close(out, R.compose(theta0, tau, coef), R.compose(theta0, tau, coef, dtype=torch.float32).half(),
                  R.compose(theta0.abs(), tau.abs(), coef.abs()), name="compose [N] coef")
@@ -168,8 +169,8 @@ def test_compose_coef_vector_and_default_dtype():
 # coef_grad
 # ------------------------------------------------------------------------------------------------
 def _check_coef_grad(grad, tau, k, p, scale):
-    out1 = K.coef_grad(grad, tau, k, p, scale=scale)
-    out2 = K.coef_grad(grad, tau, k, p, scale=scale)
+    out1 = kernels.coef_grad(grad, tau, k, p, scale=scale)
+    out2 = kernels.coef_grad(grad, tau, k, p, scale=scale)
     assert out1.dtype == torch.float32 and out1.shape == (tau.shape[0], k)
     ref64 = R.coef_grad(grad, tau, k, p, scale=scale)
     ref_abs = R.coef_grad(grad.abs(), R.dequantize(tau, scale).abs(), k, p)
@@ -235,18 +236,19 @@ def _check_fused_linear(m, o, i, n, k, mode, cdtype, storage, bias, scaled=False
         tau = (tau.float() * 0.1).to(storage)
     coef = torch.randn(n, k, device=DEV)
     b = (torch.randn(o, device=DEV)).to(cdtype) if bias else None
-    y = K.fused_linear(x, w0, tau, coef, p, bias=b, w_scale=scale, out=nan_like((m, o), cdtype), split_k=split_k)
+    y = kernels.fused_linear(x, w0, tau, coef, p, bias=b, w_scale=scale, out=nan_like((m, o), cdtype), split_k=split_k)
     assert y.dtype == cdtype
     w64 = R.compose(w0, tau, coef, p, scale=scale)
     w_low = R.compose(w0, tau, coef, p, scale=scale, dtype=torch.float32).to(cdtype).double()
     b64 = None if b is None else b.double()
     ref64 = torch.nn.functional.linear(x.double(), w64, b64)
     ref_low = torch.nn.functional.linear(x.double(), w_low, b64).to(cdtype)
-    ref_abs = torch.nn.functional.linear(x.double().abs(), _abs_w(w0, tau, coef, p, scale), None if b is None else b64.abs())
+    ref_abs = torch.nn.functional.linear(x.double().abs(), _abs_w(w0, tau, coef, p, scale),
+                                         None if b is None else b64.abs())
     assert_close(y, ref64, ref_low, ref_abs, rtol=EPS[cdtype], name="fused_linear")
 
     dy = torch.randn(m, o, device=DEV).to(cdtype)
-    dx = K.fused_linear_dx(dy, w0, tau, coef, p, w_scale=scale, out=nan_like((m, i), cdtype), split_k=split_k)
+    dx = kernels.fused_linear_dx(dy, w0, tau, coef, p, w_scale=scale, out=nan_like((m, i), cdtype), split_k=split_k)
     assert dx.dtype == cdtype
     ref64 = dy.double() @ w64
     ref_low = (dy.double() @ w_low).to(cdtype)
@@ -290,8 +292,8 @@ def _check_lcg(m, o, i, n, k, mode, cdtype, storage, scaled=False, strided=False
     x = xs[:, ::2] if strided else xs
     dy = torch.randn(m, o, device=DEV).to(cdtype)
     tau, scale = make_tau(n, (o, i), torch.int8 if scaled else storage)
-    g1 = K.linear_coef_grad(x, dy, tau, k, p, w_scale=scale)
-    g2 = K.linear_coef_grad(x, dy, tau, k, p, w_scale=scale)
+    g1 = kernels.linear_coef_grad(x, dy, tau, k, p, w_scale=scale)
+    g2 = kernels.linear_coef_grad(x, dy, tau, k, p, w_scale=scale)
     assert g1.dtype == torch.float32 and g1.shape == (n, k)
     t64 = R.dequantize(tau, scale)
     ref64, _ = R.linear_coef_grads(x, dy, t64, k, p)
@@ -338,17 +340,17 @@ def _packed_parts():
 @pytest.mark.parametrize("n", [1, 3])
 def test_compose_packed(storage, n):
     parts = _packed_parts()
-    lay = K.make_packed_layout(PACKED_SHAPES, parts, block=64, device=DEV)
+    lay = kernels.make_packed_layout(PACKED_SHAPES, parts, block=64, device=DEV)
     P = lay.total_numel
     theta0 = torch.randn(P, device=DEV)
     tau, scale = make_tau(n, (P,), storage)
     scale = torch.rand(n, lay.total_rows, device=DEV) * 0.02 if storage == torch.int8 else None
     coef = torch.randn(n, lay.total_cols, device=DEV)
-    out = K.compose_packed(theta0, tau, coef, lay, scale_flat=scale, out_dtype=torch.bfloat16,
+    out = kernels.compose_packed(theta0, tau, coef, lay, scale_flat=scale, out_dtype=torch.bfloat16,
                            out=nan_like((P,), torch.bfloat16))
     grad = torch.randn(P, device=DEV)
-    g1 = K.coef_grad_packed(grad, tau, lay, scale_flat=scale)
-    g2 = K.coef_grad_packed(grad, tau, lay, scale_flat=scale)
+    g1 = kernels.coef_grad_packed(grad, tau, lay, scale_flat=scale)
+    g2 = kernels.coef_grad_packed(grad, tau, lay, scale_flat=scale)
     row = 0
     for j, (s, p) in enumerate(zip(PACKED_SHAPES, parts)):
         o, numel = lay.offsets[j], int(torch.Size(s).numel())
@@ -373,12 +375,13 @@ def test_compose_packed(storage, n):
 
 
 def test_packed_layout_table():
-    lay = K.make_packed_layout([(5,), (3, 4)], [Partition(1), Partition(2)], coef_cols=[4, 0], total_cols=6, block=64)
+    lay = kernels.make_packed_layout([(5,), (3, 4)], [Partition(1), Partition(2)], coef_cols=[4, 0], total_cols=6,
+                                     block=64)
     assert lay.table.dtype == torch.int64 and lay.tile_map.dtype == torch.int32
     assert lay.table[:, :4].tolist() == [[0, 5, 4, 1], [5, 12, 0, 2]]
     assert lay.total_cols == 6 and lay.total_rows == 4 and lay.tile_map.tolist() == [0, 1]
     tau = torch.randn(2, 17, device=DEV)
-    g = K.coef_grad_packed(torch.randn(17, device=DEV), tau, lay.to(DEV))
+    g = kernels.coef_grad_packed(torch.randn(17, device=DEV), tau, lay.to(DEV))
     assert torch.all(g[:, 2:4] == 0) and torch.all(g[:, 5] == 0)  # unused columns are zero
 
 
@@ -403,20 +406,22 @@ def test_gpu_real_shapes(o, i, n, k, mode):
     _check_coef_grad(torch.randn(o, i, device=DEV), tau, k, p, None)
     for m in (16, 48):
         x = torch.randn(m, i, device=DEV).to(torch.bfloat16)
-        y = K.fused_linear(x, w0, tau, coef, p)
+        y = kernels.fused_linear(x, w0, tau, coef, p)
         w64 = R.compose(w0, tau, coef, p)
-        w_low = K.compose(w0, tau, coef, p, out_dtype=torch.bfloat16).double()
+        w_low = kernels.compose(w0, tau, coef, p, out_dtype=torch.bfloat16).double()
         assert_close(y, x.double() @ w64.t(), (x.double() @ w_low.t()).to(torch.bfloat16),
-                     x.double().abs() @ _abs_w(w0, tau, coef, p, None).t(), rtol=EPS[torch.bfloat16], name="gpu fused_linear")
+                     x.double().abs() @ _abs_w(w0, tau, coef, p, None).t(), rtol=EPS[torch.bfloat16],
+                     name="gpu fused_linear")
         dy = torch.randn(m, o, device=DEV).to(torch.bfloat16)
-        dx = K.fused_linear_dx(dy, w0, tau, coef, p)
+        dx = kernels.fused_linear_dx(dy, w0, tau, coef, p)
         assert_close(dx, dy.double() @ w64, (dy.double() @ w_low).to(torch.bfloat16),
-                     dy.double().abs() @ _abs_w(w0, tau, coef, p, None), rtol=EPS[torch.bfloat16], name="gpu fused_linear_dx")
+                     dy.double().abs() @ _abs_w(w0, tau, coef, p, None), rtol=EPS[torch.bfloat16],
+                     name="gpu fused_linear_dx")
     for m in (16, 1600):
         x = torch.randn(m, i, device=DEV).to(torch.bfloat16)
         dy = torch.randn(m, o, device=DEV).to(torch.bfloat16)
-        g1 = K.linear_coef_grad(x, dy, tau, k, p)
-        assert torch.equal(g1, K.linear_coef_grad(x, dy, tau, k, p))
+        g1 = kernels.linear_coef_grad(x, dy, tau, k, p)
+        assert torch.equal(g1, kernels.linear_coef_grad(x, dy, tau, k, p))
         ref64, _ = R.linear_coef_grads(x, dy, tau, k, p)
         ref_abs = R.coef_grad(dy.double().abs().t() @ x.double().abs(), tau.abs(), k, p)
         assert_close(g1, ref64, None, ref_abs, rtol=ACC_RTOL, name="gpu linear_coef_grad")
@@ -433,10 +438,10 @@ def test_gpu_int64_offsets():
     scale = torch.full((n, o), 0.01, device=DEV)
     coef = torch.randn(n, 1, device=DEV)
     theta0 = torch.randn(o, i, device=DEV)
-    out = K.compose(theta0, tau, coef, scale=scale, out=nan_like((o, i), torch.float32))
+    out = kernels.compose(theta0, tau, coef, scale=scale, out=nan_like((o, i), torch.float32))
     ref = theta0.double() + coef[-1, 0].double() * tau[-1].double() * 0.01
     assert_close(out, ref, None, ref.abs() + 1, rtol=1e-6, name="compose int64 offsets")
-    g = K.coef_grad(torch.ones(o, i, device=DEV), tau, 1, scale=scale)
+    g = kernels.coef_grad(torch.ones(o, i, device=DEV), tau, 1, scale=scale)
     assert torch.all(g[:-1] == 0)
     assert_close(g[-1:], (tau[-1].double() * 0.01).sum().reshape(1, 1), None,
                  (tau[-1].double().abs() * 0.01).sum().reshape(1, 1), name="coef_grad int64 offsets")

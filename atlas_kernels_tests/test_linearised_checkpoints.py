@@ -69,7 +69,8 @@ def test_published_format_recovers_task_vectors_exactly(arch, tmp_path):
         assert torch.equal(tvs[block][0], params[i] - params0[i]), block
     named = lc.task_vector(sd)
     assert set(named) == {n[len("model."):] for n in names}
-    assert torch.equal(named["logit_scale"], params[names.index("model.logit_scale")] - params0[names.index("model.logit_scale")])
+    i = names.index("model.logit_scale")
+    assert torch.equal(named["logit_scale"], params[i] - params0[i])
 
 
 def test_shape_mismatch_names_the_position(arch, tmp_path):

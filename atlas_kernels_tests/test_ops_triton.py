@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import atlas_kernels.kernels as K
+from atlas_kernels import kernels
 from atlas_kernels import reference as R
 from atlas_kernels.kernels import _common
 from atlas_kernels.ops import triton_backend as TB
@@ -180,9 +180,9 @@ def test_linear_grads_deterministic():
 
 def test_dispatch_threshold(monkeypatch):
     calls = []
-    real_f, real_c = K.fused_linear, K.compose
-    monkeypatch.setattr(K, "fused_linear", lambda *a, **kw: calls.append("fused") or real_f(*a, **kw))
-    monkeypatch.setattr(K, "compose", lambda *a, **kw: calls.append("compose") or real_c(*a, **kw))
+    real_f, real_c = kernels.fused_linear, kernels.compose
+    monkeypatch.setattr(kernels, "fused_linear", lambda *a, **kw: calls.append("fused") or real_f(*a, **kw))
+    monkeypatch.setattr(kernels, "compose", lambda *a, **kw: calls.append("compose") or real_c(*a, **kw))
     w0, tau, coef = torch.randn(8, 16, device=DEV), torch.randn(2, 8, 16, device=DEV), torch.randn(2, device=DEV)
     for m, thr, want in [(9, None, "fused"), (TB.FUSED_MAX_M + 1, None, "compose"), (9, 4, "compose")]:
         calls.clear()
@@ -225,7 +225,7 @@ def test_compose_autograd(coef_shape, mode, int8, custom_ops):
 def test_compose_packed_autograd(custom_ops):
     shapes = [(7,), (5, 13), (0,), (40,)]
     parts = [Partition(1), Partition(2), Partition(1), Partition.for_block("ln", 3, "hash", 0)]
-    lay = K.make_packed_layout(shapes, parts, block=64, device=DEV)
+    lay = kernels.make_packed_layout(shapes, parts, block=64, device=DEV)
     n = 3
     theta0 = torch.randn(lay.total_numel, device=DEV)
     tau = torch.randn(n, lay.total_numel, device=DEV)
@@ -276,7 +276,7 @@ def test_torch_compile_fullgraph():
     b0, btau = torch.randn(o, device=DEV), torch.randn(n, o, device=DEV)
     wc = torch.randn(n, 3, device=DEV, requires_grad=True)
     bc = torch.randn(n, 2, device=DEV, requires_grad=True)
-    lay = K.make_packed_layout([(o,), (5, 7)], [Partition(1), Partition(2)], block=64, device=DEV)
+    lay = kernels.make_packed_layout([(o,), (5, 7)], [Partition(1), Partition(2)], block=64, device=DEV)
     pt, p0 = torch.randn(n, lay.total_numel, device=DEV), torch.randn(lay.total_numel, device=DEV)
     pc = torch.randn(n, lay.total_cols, device=DEV, requires_grad=True)
 

@@ -81,7 +81,8 @@ def _case(shape, n, k, mode, storage, seed=0):
 
 
 @pytest.mark.parametrize("shape", [(77, 123), (31,), (4, 3, 5, 5)])
-@pytest.mark.parametrize("n,k,mode", [(1, 1, "contiguous"), (3, 3, "contiguous"), (21, 1, "contiguous"), (3, 4, "hash")])
+@pytest.mark.parametrize("n,k,mode",
+                         [(1, 1, "contiguous"), (3, 3, "contiguous"), (21, 1, "contiguous"), (3, 4, "hash")])
 @pytest.mark.parametrize("storage", ["float32", "bfloat16", "int8"])
 def test_torch_compose_and_grad_match_reference(shape, n, k, mode, storage, monkeypatch):
     # Small chunks so the chunked widening path runs over several chunks.

@@ -25,7 +25,8 @@ N = 3
 @pytest.fixture(scope="module")
 def tvs(tiny_vit):
     g = torch.Generator().manual_seed(0)
-    return ak.TaskVectors({k: torch.randn((N, *p.shape), generator=g) * 0.05 for k, p in tiny_vit.named_parameters()}).to(DEV)
+    return ak.TaskVectors({k: torch.randn((N, *p.shape), generator=g) * 0.05
+                           for k, p in tiny_vit.named_parameters()}).to(DEV)
 
 
 def _patched(vit, tvs, partitions=1, mode="contiguous", **kw):

@@ -1,5 +1,4 @@
 """TaskVectors: construction, storage, files, and every bad input with its message."""
-import os
 
 import pytest
 import torch
@@ -170,7 +169,8 @@ def test_pickled_whole_module_is_read_without_running_code(tmp_path):
     assert torch.equal(ak.load_state_dict_file(tmp_path / "out.safetensors")["0.weight"], m[0].weight.detach())
     assert set(got) == set(m.state_dict())
     torch.save(nn.ReLU(), tmp_path / "relu.pt")
-    with pytest.raises(ValueError, match=r"relu\.pt.*holds none.*module torch\.nn\.modules\.activation\.ReLU holding no tensors"):
+    with pytest.raises(ValueError,
+                       match=r"relu\.pt.*holds none.*module torch\.nn\.modules\.activation\.ReLU holding no tensors"):
         ak.load_state_dict_file(tmp_path / "relu.pt")
 
 

@@ -47,7 +47,8 @@ def _convnext():
 def _timm_vit():
     from timm.models.vision_transformer import VisionTransformer
 
-    return VisionTransformer(img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2, num_classes=4), (1, 3, 16, 16)
+    return (VisionTransformer(img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2, num_classes=4),
+            (1, 3, 16, 16))
 
 
 def _hf_clip_vision():

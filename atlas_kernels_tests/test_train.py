@@ -16,9 +16,8 @@ import pytest
 import torch
 
 import atlas_kernels as ak
-from atlas_kernels.train import ConfigError, DataError, TrainConfig, run, setup
+from atlas_kernels.train import ConfigError, DataError, TrainConfig, run, setup, toy
 from atlas_kernels.train import data as D
-from atlas_kernels.train import toy
 from atlas_kernels.train.heatmap import coefficient_matrix, save_heatmap
 
 REPO = Path(__file__).resolve().parents[1]

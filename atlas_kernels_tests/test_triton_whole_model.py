@@ -56,7 +56,8 @@ def test_patched_vit_compiles_fullgraph(tiny_vit, backend):
     """torch.compile(patched, fullgraph=True) traces the whole patched tower without graph breaks
     (aot_eager here; inductor on a GPU) and gives the eager outputs and coefficient gradients."""
     g = torch.Generator().manual_seed(0)
-    tvs = ak.TaskVectors({k: torch.randn((2, *p.shape), generator=g) * 0.05 for k, p in tiny_vit.named_parameters()}).to(DEV)
+    tvs = ak.TaskVectors({k: torch.randn((2, *p.shape), generator=g) * 0.05
+                          for k, p in tiny_vit.named_parameters()}).to(DEV)
     m = ak.patch(copy.deepcopy(tiny_vit), tvs, partitions=2, partition_mode="hash", backend=backend)
     coefs = ak.coefficients(m)
     with torch.no_grad():

@@ -1,7 +1,4 @@
 """python -m atlas_kernels.task_vectors build / convert / info."""
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest

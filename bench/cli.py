@@ -8,13 +8,28 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import List
+from typing import TYPE_CHECKING, List
 
 from atlas_kernels._io import atomic_append_line
 
-from .grid import (BACKENDS, METHODS, MODELS, PRECISIONS, STORAGES, Axes, Job, build_jobs, cpu_default,
-                   gpu_full, gpu_headline, row_key)
+from .grid import (
+    BACKENDS,
+    METHODS,
+    MODELS,
+    PRECISIONS,
+    STORAGES,
+    Axes,
+    Job,
+    build_jobs,
+    cpu_default,
+    gpu_full,
+    gpu_headline,
+    row_key,
+)
 from .summary import format_table, load_rows
+
+if TYPE_CHECKING:  # torch is imported lazily (inside the functions), so that --help answers fast
+    import torch
 
 ROW_FIELDS = (
     "date", "device", "torch", "triton", "atlas_kernels", "model", "n_task_vectors", "batch", "precision",
@@ -36,33 +51,44 @@ def parse_args(argv=None):
         description="Training-step speed and peak memory of atlas_kernels against the naive way, "
         "a merge-once baseline and the plain model (see bench/README.md).",
     )
-    p.add_argument("--full", action="store_true", help="the whole GPU grid (default on GPU: headline configs; on CPU: the small CPU grid)")
-    p.add_argument("--models", type=_csv(), help=f"comma list of open_clip model names, e.g. {','.join(MODELS)} or RN50,RN101")
+    p.add_argument("--full", action="store_true",
+                   help="the whole GPU grid (default on GPU: headline configs; on CPU: the small CPU grid)")
+    p.add_argument("--models", type=_csv(),
+                   help=f"comma list of open_clip model names, e.g. {','.join(MODELS)} or RN50,RN101")
     p.add_argument("--only", type=_csv(), help=f"methods: {','.join(METHODS)}; atlas:BACKEND picks one backend")
     p.add_argument("--n", type=_csv(int), help="numbers of task vectors, e.g. 1,4,8,21,30")
     p.add_argument("--batch", type=_csv(int), help="batch sizes, e.g. 16,32,128")
     p.add_argument("--precision", type=_csv(), help=f"{','.join(PRECISIONS)} (fp16 uses a GradScaler)")
-    p.add_argument("--storage", type=_csv(), help=f"task-vector storage: {','.join(STORAGES)} (int8/float8 only for atlas)")
+    p.add_argument("--storage", type=_csv(),
+                   help=f"task-vector storage: {','.join(STORAGES)} (int8/float8 only for atlas)")
     p.add_argument("--partitions", type=_csv(int), help="aTLAS x K partitions, e.g. 1,4")
-    p.add_argument("--backends", type=_csv(), help=f"atlas backends ({','.join(BACKENDS)}); default: torch on CPU, torch,triton on CUDA; plus cuda where the compiled extension is built for the device")
-    p.add_argument("--triton-on-cpu", action="store_true", help="allow the triton backend on CPU (TRITON_INTERPRET=1; tiny sizes only, very slow)")
+    p.add_argument("--backends", type=_csv(),
+                   help=f"atlas backends ({','.join(BACKENDS)}); default: torch on CPU, torch,triton on CUDA; "
+                   "plus cuda where the compiled extension is built for the device")
+    p.add_argument("--triton-on-cpu", action="store_true",
+                   help="allow the triton backend on CPU (TRITON_INTERPRET=1; tiny sizes only, very slow)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 2 on CPU, 3 on GPU)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default 5 on CPU; on GPU as many as fit in --target-s, 5 to 50)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed steps (default 5 on CPU; on GPU as many as fit in --target-s, 5 to 50)")
     p.add_argument("--target-s", type=float, default=1.0, help="GPU: seconds of timed steps per job")
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="CPU: torch threads per job (default: torch's)")
     p.add_argument("--no-profile", action="store_true", help="skip the extra profiled step (launch / aten op counts)")
-    p.add_argument("--out", type=Path, default=None, help="JSONL to append to (default bench/results/<date>-<device>.jsonl)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSONL to append to (default bench/results/<date>-<device>.jsonl)")
     p.add_argument("--resume", action="store_true",
                    help="skip jobs whose rows are already in --out (on by default with --max-minutes)")
     p.add_argument("--no-resume", action="store_true", help="run jobs even when their rows are already in --out")
     p.add_argument("--retry-errors", action="store_true", help="rerun jobs whose rows hold an error (not OOM)")
-    p.add_argument("--max-minutes", type=float, default=None, help="start no job that would end past this budget (run again to resume)")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="start no job that would end past this budget (run again to resume)")
     p.add_argument("--timeout", type=float, default=900, help="CPU: seconds per job subprocess")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--subprocess", dest="subprocess", action="store_true", default=None, help="one process per job (default on CPU: honest peak RSS)")
-    mode.add_argument("--in-process", dest="subprocess", action="store_false", help="all jobs in this process (default on GPU)")
+    mode.add_argument("--subprocess", dest="subprocess", action="store_true", default=None,
+                      help="one process per job (default on CPU: honest peak RSS)")
+    mode.add_argument("--in-process", dest="subprocess", action="store_false",
+                      help="all jobs in this process (default on GPU)")
     p.add_argument("--linearised", action="store_true",
                    help="the linearised rows instead (naive jvp, floor, atlas per backend; see bench/linearised.py)")
     p.add_argument("--no-plot", action="store_true")
@@ -171,7 +197,8 @@ def _line(job: Job, res: dict) -> str:
         return "OOM"
     if res.get("error"):
         return "error: " + res["error"][:200]
-    s = f"{res['step_ms']:.1f} ms [{res['step_ms_p20']:.1f}, {res['step_ms_p80']:.1f}], peak {res['peak_bytes'] / 1e9:.2f} GB"
+    s = (f"{res['step_ms']:.1f} ms [{res['step_ms_p20']:.1f}, {res['step_ms_p80']:.1f}], "
+         f"peak {res['peak_bytes'] / 1e9:.2f} GB")
     if res.get("launches") is not None:
         s += f", {res['launches']} launches"
     return s
@@ -199,7 +226,8 @@ def main(argv=None) -> int:
     if resume:
         done = {row_key(r) for r in existing if not (args.retry_errors and r.get("error") and not r.get("oom"))}
     todo = [j for j in jobs if j.key() not in done]
-    print(f"device: {env.device_name(dev)} | output: {out} | {len(jobs)} jobs, {len(jobs) - len(todo)} already done", flush=True)
+    print(f"device: {env.device_name(dev)} | output: {out} | {len(jobs)} jobs, {len(jobs) - len(todo)} already done",
+          flush=True)
     if args.dry_run:
         for j in jobs:
             print(("  done  " if j.key() in done else "  todo  ") + j.label())
@@ -223,7 +251,8 @@ def main(argv=None) -> int:
     for i, job in enumerate(todo):
         elapsed = time.perf_counter() - t_run
         if args.max_minutes is not None and elapsed + longest > args.max_minutes * 60:
-            print(f"budget of {args.max_minutes} min reached after {i} jobs; run the same command again to resume", flush=True)
+            print(f"budget of {args.max_minutes} min reached after {i} jobs; run the same command again to resume",
+                  flush=True)
             stopped = True
             break
         print(f"[{i + 1}/{len(todo)}] {job.label()} ... ", end="", flush=True)

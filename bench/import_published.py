@@ -28,9 +28,8 @@ NAMES = ["Cars", "DTD", "EuroSAT", "GTSRB", "MNIST", "RESISC45", "SUN397", "SVHN
 
 
 def make_set(root: Path, model: str, n: int, legacy: bool) -> None:
-    import torch
     import open_clip
-    from safetensors.torch import save_file
+    import torch
 
     done = root / ".complete"
     if done.exists() and json.loads(done.read_text()) == {"model": model, "n": n, "legacy": legacy}:

@@ -30,8 +30,7 @@ from atlas_kernels._io import atomic_append_line
 
 from . import env
 from .grid import Job
-from .workload import (Session, Settings, StepBuilder, count_ops, free_memory, measure_ceiling, rss_bytes,
-                       time_step)
+from .workload import Session, Settings, StepBuilder, count_ops, free_memory, measure_ceiling, rss_bytes, time_step
 
 MARKER = "@@BENCH_LINEARISED@@ "
 

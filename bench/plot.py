@@ -175,7 +175,8 @@ def plot(path, out=None) -> Path:
                     ax.set_title(f"{model}, batch {batch}{n_txt}: {what}", fontsize=10)
     meta = rows[0]
     ceil = ceiling_row(load_rows(path))
-    title = f"{meta.get('device')} | {meta.get('date')} | torch {meta.get('torch')} | atlas_kernels {meta.get('atlas_kernels')}"
+    title = (f"{meta.get('device')} | {meta.get('date')} | torch {meta.get('torch')} | "
+             f"atlas_kernels {meta.get('atlas_kernels')}")
     if ceil:
         title += (f"\nceiling: copy {ceil['copy_gbps']:.0f} GB/s (read+write), "
                   f"matmul {ceil['matmul_tflops']:.2f} TFLOP/s ({ceil.get('matmul_dtype', '')})")

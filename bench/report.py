@@ -2,7 +2,7 @@
 
 Per model and batch (and precision, storage, partitions, backend where they differ): the atlas step
 time, its ratios to naive, merge_once and the floor (step time; below 1 means atlas is faster),
-(atlas - floor) / two_pass_time where a ceiling was measured (DESIGN section 3), and the peak
+(atlas - floor) / two_pass_time where a ceiling was measured (docs/PERFORMANCE.md), and the peak
 memory of atlas, naive and the floor. By default only the headline N (21 when present, else every
 N in the file); ``--all`` for every row.
 """

@@ -25,7 +25,6 @@ storage error is measured. Deterministic: one seeded ``torch.Generator``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -134,7 +133,8 @@ def _fmt(v) -> str:
 def markdown(results, nb, towers) -> str:
     out = []
     for dist in DISTS:
-        out.append(f"\n**{dist}** task vectors (std {TAU_STD:g}{', 3 degrees of freedom' if dist != 'normal' else ''}), "
+        dof = ', 3 degrees of freedom' if dist != 'normal' else ''
+        out.append(f"\n**{dist}** task vectors (std {TAU_STD:g}{dof}), "
                    f"N = {results[0]['n']}, lam ~ U(0, {LAM_HI}):\n")
         out.append("| shape (out x in) | storage | rel. Frobenius error of tau | max abs error / row max "
                    "| composed dW rel. error | composed W rel. error |")

@@ -5,9 +5,10 @@ import json
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
+from atlas_kernels.storage import BYTES_PER_ELEMENT
+
 from .grid import row_key
 
-BYTES_PER_ELEMENT = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "float8_e4m3fn": 1}
 METHOD_ORDER = {"ceiling": 0, "floor": 1, "naive": 2, "merge_once": 3, "atlas": 4}
 
 
@@ -40,7 +41,8 @@ def ok(r: Optional[dict]) -> bool:
 
 
 def config_key(r: dict) -> tuple:
-    return (r.get("model"), r.get("n_task_vectors"), r.get("batch"), r.get("precision"), r.get("storage"), r.get("partitions"))
+    return (r.get("model"), r.get("n_task_vectors"), r.get("batch"), r.get("precision"), r.get("storage"),
+            r.get("partitions"))
 
 
 def ceiling_row(rows: Iterable[dict]) -> Optional[dict]:
@@ -49,7 +51,7 @@ def ceiling_row(rows: Iterable[dict]) -> Optional[dict]:
 
 
 def two_pass_ms(n: int, adapted_params: int, storage: str, copy_gbps: float) -> float:
-    """DESIGN section 3: two passes over the task vectors at copy bandwidth, in ms."""
+    """Two passes over the task vectors at copy bandwidth, in ms (docs/PERFORMANCE.md)."""
     return 2 * n * adapted_params * BYTES_PER_ELEMENT[storage] / (copy_gbps * 1e9) * 1e3
 
 
@@ -122,7 +124,8 @@ def format_table(rows: List[dict]) -> str:
             f"ceiling on {ceil.get('device')}: copy {ceil['copy_gbps']:.1f} GB/s (read+write), "
             f"matmul {ceil['matmul_tflops']:.2f} TFLOP/s ({ceil.get('matmul_dtype', '?')})"
         )
-    hdr = f"{'model':<9} {'N':>3} {'batch':>5} {'prec':<4} {'storage':<9} {'K':>2} {'method':<17} {'step ms':>10} {'p20-p80':>19} {'peak GB':>8}  note"
+    hdr = (f"{'model':<9} {'N':>3} {'batch':>5} {'prec':<4} {'storage':<9} {'K':>2} {'method':<17} {'step ms':>10} "
+           f"{'p20-p80':>19} {'peak GB':>8}  note")
     lines += [hdr, "-" * len(hdr)]
     for r in rows:
         if r.get("method") == "ceiling":
@@ -143,7 +146,8 @@ def format_table(rows: List[dict]) -> str:
     if rs:
         lines.append("")
         lines.append("ratios (step time; < 1: atlas faster)")
-        h2 = f"{'model':<9} {'N':>3} {'batch':>5} {'prec':<4} {'storage':<9} {'K':>2} {'backend':<7} {'/naive':>7} {'/merge':>7} {'/floor':>7} {'2pass ms':>9} {'(a-f)/2pass':>11}"
+        h2 = (f"{'model':<9} {'N':>3} {'batch':>5} {'prec':<4} {'storage':<9} {'K':>2} {'backend':<7} "
+              f"{'/naive':>7} {'/merge':>7} {'/floor':>7} {'2pass ms':>9} {'(a-f)/2pass':>11}")
         lines += [h2, "-" * len(h2)]
         for d in rs:
             lines.append(

@@ -15,7 +15,7 @@ backend (and triton on CUDA):
 Each records in ``extra_info`` the bytes it must move at least, the achieved bandwidth
 (``achieved_gbps`` = bytes / median time) and its fraction of the measured copy ceiling
 (``fraction_of_copy_ceiling``); ``linear`` also records its fraction of the two-pass limit
-(two passes over the task vectors at copy bandwidth, DESIGN section 3).
+(two passes over the task vectors at copy bandwidth, docs/PERFORMANCE.md).
 """
 from __future__ import annotations
 
@@ -25,8 +25,9 @@ import torch
 pytest.importorskip("pytest_benchmark")
 ak_ops = pytest.importorskip("atlas_kernels.ops")
 from atlas_kernels.partitions import Partition  # noqa: E402
+from atlas_kernels.storage import BYTES_PER_ELEMENT  # noqa: E402
 
-from .workload import BYTES_PER_ELEMENT, measure_ceiling  # noqa: E402
+from .workload import measure_ceiling  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")

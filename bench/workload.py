@@ -36,6 +36,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from atlas_kernels.storage import BYTES_PER_ELEMENT  # noqa: F401  (re-exported: the one storage table)
+
 from .grid import FLOAT_STORAGES, Job
 
 OOM_ERRORS = tuple(
@@ -49,7 +51,6 @@ STORAGE_DTYPES = {
     "int8": torch.int8,
     "float8_e4m3fn": getattr(torch, "float8_e4m3fn", None),
 }
-BYTES_PER_ELEMENT = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "float8_e4m3fn": 1}
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -310,8 +311,8 @@ class StepBuilder:
     # -- floor ---------------------------------------------------------------------------
     def floor_step(self) -> Callable[[], None]:
         """The plain model's training step: forward, backward with weight gradients (set to None
-        before each backward, as ``zero_grad`` does). No optimizer step over the weights: DESIGN
-        section 3 defines the floor as forward + backward with weight gradients, which is what
+        before each backward, as ``zero_grad`` does). No optimizer step over the weights: the floor
+        (docs/PERFORMANCE.md) is forward + backward with weight gradients, which is what
         the fused step has to beat (it needs G); an AdamW step over 88M fp32 weights would add
         several model-sized passes that aTLAS never makes."""
         visual = self.visual
@@ -340,8 +341,9 @@ class StepBuilder:
         separate tensors per block, the tower run through ``torch.func.functional_call``.
         With K partitions each product is ``cat([chunk_k * c[i, k]])`` over the K contiguous chunks
         (the paper multiplies by K one-hot masks instead, which costs more)."""
-        from atlas_kernels.reference import naive_compose
         from torch.func import functional_call
+
+        from atlas_kernels.reference import naive_compose
 
         k = self.job.partitions
         visual = self.visual

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .._env import is_interpreter
 from ..partitions import MODES, Partition
-from ..reference import scale_rows  # noqa: F401  (the scale layout's one definition; used by the launchers)
+from ..storage import scale_rows  # noqa: F401  (the scale layout's one definition; used by the launchers)
 
 INTERPRET = is_interpreter()
 

@@ -134,7 +134,6 @@ def compose(
 # --------------------------------------------------------------------------------------------
 # many small blocks in one launch
 # --------------------------------------------------------------------------------------------
-SEG_START, SEG_NUMEL, SEG_COL, SEG_K, SEG_MODE, SEG_KEY, SEG_ROW_OFF, SEG_ROW_LEN, SEG_TILE0, SEG_NTILES = range(10)
 SEG_COLUMNS = ("start", "numel", "coef_col", "k", "mode", "key", "row_off", "row_len", "tile0", "ntiles")
 _NCOL = len(SEG_COLUMNS)
 PACKED_BLOCK = 1024

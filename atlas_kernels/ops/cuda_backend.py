@@ -22,8 +22,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import torch_backend
 from ..partitions import Partition
+from . import torch_backend
 from .torch_backend import compute_dtype
 
 try:
@@ -35,8 +35,10 @@ __all__ = ["compose", "linear", "compose_packed", "compute_dtype", "has_device_k
 
 _ops = torch.ops.atlas_kernels_ext
 _MODE = {"contiguous": 1, "hash": 2}
-BUILD_HINT = ("rebuild the extension with its CUDA kernels: CUDA_HOME=/usr/local/cuda TORCH_CUDA_ARCH_LIST=\"8.0;9.0\" "
-              "ATLAS_KERNELS_BUILD_EXT=1 pip install -e . --no-build-isolation (or python setup.py build_ext --inplace)")
+BUILD_HINT = ("rebuild the extension with its CUDA kernels: "
+              "CUDA_HOME=/usr/local/cuda TORCH_CUDA_ARCH_LIST=\"8.0;9.0\" "
+              "ATLAS_KERNELS_BUILD_EXT=1 pip install -e . --no-build-isolation "
+              "(or python setup.py build_ext --inplace)")
 
 
 # Device types the built extension has kernels for (fixed once loaded; a constant for torch.compile).

@@ -17,12 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from ..partitions import Partition
-from ..reference import scale_rows
+from ..storage import scale_rows
 
-# Widen at most this many slab elements to fp32 at once. On a GPU, 64 MiB of fp32 temporaries
-# (few, large launches). On a CPU, 2 MiB, so the widened chunk stays in cache for the product:
-# measured on this project's 2-core CPU with an 8 x 3072 x 768 fp16 slab, compose went from
-# 1.6 to 9.9 GB/s and the coefficient gradient from 1.7 to 11.6 GB/s (bf16 alike).
+# Widen at most this many slab elements to fp32 at once: 64 MiB of fp32 temporaries on a GPU (few,
+# large launches), 2 MiB on a CPU (the chunk stays in cache; measured: docs/PERFORMANCE.md).
 _CHUNK_ELEMS = 1 << 24
 _CHUNK_ELEMS_CPU = 1 << 19
 
@@ -32,7 +30,7 @@ def _as2d(coef: torch.Tensor) -> torch.Tensor:
 
 
 def _row_width(shape) -> int:
-    """Elements per scale row (the layout of :func:`atlas_kernels.reference.scale_rows`)."""
+    """Elements per scale row (the layout of :func:`atlas_kernels.storage.scale_rows`)."""
     return max(1, torch.Size(shape).numel() // scale_rows(shape))
 
 
@@ -97,7 +95,7 @@ def compose_values(theta0, tau, coef, partition: Optional[Partition], out_dtype,
         # Contiguous parts are slices: one slab product per piece, no index tensors.
         for s, e, p in _segments(n, numel, k, tau.device, not fast):
             t = tau2d[:, s:e] if fast else _widen(tau2d, s, e, scale, width, acc)
-            # addmv on the transposed view: 2x faster than `c @ t` on CPU BLAS
+            # addmv on the transposed view (faster than `c @ t` on CPU BLAS: docs/PERFORMANCE.md)
             pieces.append(torch.addmv(base[s:e], t.t(), c[:, p]))
     else:
         part = partition.index(numel, device=theta0.device)

@@ -33,7 +33,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .. import kernels as K
+from .. import kernels
 from ..kernels._common import as_partition
 from ..kernels._compose import PackedLayout
 from ..partitions import Partition
@@ -41,11 +41,8 @@ from .torch_backend import compute_dtype
 
 __all__ = ["compose", "linear", "compose_packed", "compute_dtype", "FUSED_MAX_M", "USE_CUSTOM_OPS"]
 
-# Rows (M = prod of x's leading dims) at or below which `linear` uses the fused GEMMs. The fused
-# kernels re-read the N task-vector tiles once per M tile (BLOCK_M <= 64), so they win only while
-# M is about one tile. 64 is a guess: MEASURE the crossover on a GPU (fused_linear + fused_linear_dx
-# + linear_coef_grad versus compose + 2 cuBLAS matmuls + linear_coef_grad, per ViT block shape,
-# N = 21, bf16, M in 1..512) and set it from that. Override per call with ``fused_max_m=``.
+# Rows (M = prod of x's leading dims) at or below which `linear` uses the fused GEMMs; set from the
+# byte model, not yet measured (docs/PERFORMANCE.md, dispatch). Override per call with ``fused_max_m=``.
 FUSED_MAX_M = 64
 
 # "auto": custom ops only while torch.compile traces; True: always; False: never.
@@ -71,11 +68,11 @@ def _no_autocast(device: torch.device):
 # implementations (plain tensors in, plain tensors out; no autograd)
 # ------------------------------------------------------------------------------------------------
 def _compose_impl(theta0, tau, coef, k, mode, key, out_dtype, scale):
-    return K.compose(theta0, tau, coef, Partition(k, mode, key), scale=scale, out_dtype=out_dtype)
+    return kernels.compose(theta0, tau, coef, Partition(k, mode, key), scale=scale, out_dtype=out_dtype)
 
 
 def _coef_grad_impl(grad, tau, k, mode, key, scale):
-    return K.coef_grad(grad, tau, k, Partition(k, mode, key), scale=scale)
+    return kernels.coef_grad(grad, tau, k, Partition(k, mode, key), scale=scale)
 
 
 def _bias(b0, b_tau, b_coef, bk, bmode, bkey, b_scale, dtype):
@@ -83,7 +80,7 @@ def _bias(b0, b_tau, b_coef, bk, bmode, bkey, b_scale, dtype):
         return None
     if b_tau is None:
         return b0.to(dtype)
-    return K.compose(b0, b_tau, b_coef, Partition(bk, bmode, bkey), scale=b_scale, out_dtype=dtype)
+    return kernels.compose(b0, b_tau, b_coef, Partition(bk, bmode, bkey), scale=b_scale, out_dtype=dtype)
 
 
 def _linear_fwd_impl(x, w0, w_tau, w_coef, wk, wmode, wkey, b0, b_tau, b_coef, bk, bmode, bkey,
@@ -97,10 +94,10 @@ def _linear_fwd_impl(x, w0, w_tau, w_coef, wk, wmode, wkey, b0, b_tau, b_coef, b
         if w_tau is None:
             return F.linear(x, w0.to(dtype), b), empty
         if fused:
-            y = K.fused_linear(x, w0, w_tau, w_coef, Partition(wk, wmode, wkey), bias=b, w_scale=w_scale,
+            y = kernels.fused_linear(x, w0, w_tau, w_coef, Partition(wk, wmode, wkey), bias=b, w_scale=w_scale,
                                out_dtype=dtype)
             return y, empty
-        w = K.compose(w0, w_tau, w_coef, Partition(wk, wmode, wkey), scale=w_scale, out_dtype=dtype)
+        w = kernels.compose(w0, w_tau, w_coef, Partition(wk, wmode, wkey), scale=w_scale, out_dtype=dtype)
         return F.linear(x, w, b), w
 
 
@@ -111,13 +108,13 @@ def _linear_dx_impl(dy, w0, w_tau, w_coef, wk, wmode, wkey, w_scale, w_saved, fu
         if w_tau is None:
             return dy @ w0.to(dtype)
         if fused:
-            return K.fused_linear_dx(dy, w0, w_tau, w_coef, Partition(wk, wmode, wkey), w_scale=w_scale,
+            return kernels.fused_linear_dx(dy, w0, w_tau, w_coef, Partition(wk, wmode, wkey), w_scale=w_scale,
                                      out_dtype=dtype)
         return dy @ w_saved
 
 
 def _linear_coef_grad_impl(x, dy, w_tau, wk, wmode, wkey, w_scale):
-    return K.linear_coef_grad(x, dy, w_tau, wk, Partition(wk, wmode, wkey), w_scale=w_scale)
+    return kernels.linear_coef_grad(x, dy, w_tau, wk, Partition(wk, wmode, wkey), w_scale=w_scale)
 
 
 def _layout(table, tile_map, block, kmax, total_numel, total_cols, total_rows) -> PackedLayout:
@@ -127,12 +124,12 @@ def _layout(table, tile_map, block, kmax, total_numel, total_cols, total_rows) -
 def _compose_packed_impl(theta0_flat, tau_flat, coef_flat, table, tile_map, block, kmax, total_cols,
                          total_rows, out_dtype, scale_flat):
     lay = _layout(table, tile_map, block, kmax, theta0_flat.numel(), total_cols, total_rows)
-    return K.compose_packed(theta0_flat, tau_flat, coef_flat, lay, scale_flat=scale_flat, out_dtype=out_dtype)
+    return kernels.compose_packed(theta0_flat, tau_flat, coef_flat, lay, scale_flat=scale_flat, out_dtype=out_dtype)
 
 
 def _coef_grad_packed_impl(grad_flat, tau_flat, table, tile_map, block, kmax, total_cols, total_rows, scale_flat):
     lay = _layout(table, tile_map, block, kmax, grad_flat.numel(), total_cols, total_rows)
-    return K.coef_grad_packed(grad_flat, tau_flat, lay, scale_flat=scale_flat)
+    return kernels.coef_grad_packed(grad_flat, tau_flat, lay, scale_flat=scale_flat)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -370,12 +367,13 @@ class ComposePackedFunction(torch.autograd.Function):
     def forward(ctx, coef_flat, theta0_flat, tau_flat, layout, out_dtype, scale_flat):
         ctx.save_for_backward(tau_flat, scale_flat)
         ctx.layout = layout
-        return K.compose_packed(theta0_flat, tau_flat, coef_flat, layout, scale_flat=scale_flat, out_dtype=out_dtype)
+        return kernels.compose_packed(theta0_flat, tau_flat, coef_flat, layout, scale_flat=scale_flat,
+                                      out_dtype=out_dtype)
 
     @staticmethod
     def backward(ctx, grad):
         tau_flat, scale_flat = ctx.saved_tensors
-        g = K.coef_grad_packed(grad.contiguous(), tau_flat, ctx.layout, scale_flat=scale_flat)
+        g = kernels.coef_grad_packed(grad.contiguous(), tau_flat, ctx.layout, scale_flat=scale_flat)
         return g, None, None, None, None, None
 
 

@@ -10,6 +10,7 @@ import torch
 
 from .config import ConfigError
 
+
 @dataclass
 class Dist:
     rank: int = 0

@@ -34,17 +34,24 @@ import torch.nn.functional as F
 
 from .._io import atomic_save_safetensors, atomic_torch_save, atomic_write_json, clean_leftovers
 from . import data as D
-from .heatmap import save_heatmap
-from .model import (build_model, get_templates, get_tokenizer, logit_scale, read_classnames,
-                    register_model_config, zero_shot_head,
-                    head_logits, load_task_heads)
 from .config import ConfigError, TrainConfig, validate_config
 from .data import TaskData
 from .distributed import Dist, _all_reduce, init_distributed, resolve_device, resolve_precision
-from .state import (CHECKPOINT_FORMAT, check_resume, fingerprint, get_rng_state, load_checkpoint,
-                    set_rng_state)
 from .faults import DivergedError, check_finite_tensors, diverged_message, nonfinite_blocks, skip_report, step_values
+from .heatmap import save_heatmap
+from .model import (
+    build_model,
+    get_templates,
+    get_tokenizer,
+    head_logits,
+    load_task_heads,
+    logit_scale,
+    read_classnames,
+    register_model_config,
+    zero_shot_head,
+)
 from .objectives import Objective, make_objective
+from .state import CHECKPOINT_FORMAT, check_resume, fingerprint, get_rng_state, load_checkpoint, set_rng_state
 
 
 def _default_name(path: str) -> str:

@@ -17,15 +17,14 @@ It prints the training commands to try next.
 from __future__ import annotations
 
 import argparse
-import json
-
-from .._io import atomic_write_json
 import sys
 from pathlib import Path
 from typing import Dict, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from .._io import atomic_write_json
 
 MODEL_NAME = "atlas-toy-vit"
 TINY_CONFIG = {
@@ -154,10 +153,11 @@ def _save(model, path) -> Path:
 def make_demo(directory, *, seed: int = 0, train_per_class: int = 12, val_per_class: int = 8,
               finetune_steps: int = 40) -> Dict[str, object]:
     """Write the whole toy setup into ``directory``; returns the paths."""
-    import atlas_kernels as ak
-    from .model import build_model, register_model_config
-
     import time
+
+    import atlas_kernels as ak
+
+    from .model import build_model, register_model_config
 
     t0 = time.perf_counter()
 
