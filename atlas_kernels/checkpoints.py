@@ -71,6 +71,21 @@ def check_file(path, what: str = "checkpoint") -> None:
         raise ValueError(f"{what} {path!r} is empty (0 bytes): an interrupted download or copy?")
 
 
+def read_safetensors(path) -> Tuple[Dict[str, str], Dict[str, torch.Tensor]]:
+    """``(metadata, tensors)`` of a whole safetensors file; a file that safetensors cannot parse is
+    refused with one message (the one place that says it) rather than safetensors' own error."""
+    from safetensors import safe_open
+
+    path = str(path)
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return dict(f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types for broken headers
+        raise ValueError(f"{path!r} is not a readable safetensors file (truncated or corrupted?): {exc}") from exc
+
+
 def load_state_dict_file(path) -> Dict[str, torch.Tensor]:
     """A state dict from a safetensors file or a torch file, without running code from it.
 
@@ -84,12 +99,7 @@ def load_state_dict_file(path) -> Dict[str, torch.Tensor]:
     with open(path, "rb") as fh:
         head = fh.read(16)
     if path.endswith(".safetensors") or (len(head) >= 9 and head[8:9] == b"{"):
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(path)
-        except Exception as exc:
-            raise ValueError(f"{path!r} is not a readable safetensors file (truncated or corrupted?): {exc}") from exc
+        return read_safetensors(path)[1]
     obj = _read_object(path)
     try:
         from .linearised.checkpoints import is_linearised_state_dict, to_named_state_dict

@@ -564,22 +564,13 @@ def load_coefficients(module: nn.Module, path, *, strict: bool = True) -> nn.Mod
     ``i`` belongs to task vector ``i``). ``strict=False`` accepts other names (a renamed task
     vector), never the same names in another order: that would load every coefficient onto the
     wrong task vector."""
-    from safetensors import safe_open
-
-    from .checkpoints import check_file
+    from .checkpoints import check_file, read_safetensors
 
     state = _state(module)
     coefs = coefficients(module)
     path = str(path)
     check_file(path, "coefficient file")
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            loaded = {k: f.get_tensor(k) for k in f.keys()}
-    except FileNotFoundError:
-        raise
-    except Exception as exc:
-        raise ValueError(f"{path!r} is not a readable safetensors file (truncated or corrupted?): {exc}") from exc
+    meta, loaded = read_safetensors(path)
     if meta.get("format") != _COEF_FORMAT:
         raise ValueError(f"{path!r} is not an atlas_kernels coefficient file (format={meta.get('format')!r})")
     file_lin, model_lin = meta.get("linearised", "0") == "1", bool(state.get("linearised"))

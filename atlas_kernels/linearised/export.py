@@ -91,8 +91,7 @@ def load_linearised(path, module: nn.Module, *, backend: str = "auto") -> nn.Mod
     module of the same architecture (for an open_clip tower: ``create_model(name,
     pretrained=None).visual``), on the device it should run on. Returns ``module``, patched
     linearised, every coefficient 1 and frozen (inference: one forward-mode pass, no training graph)."""
-    from safetensors import safe_open
-
+    from ..checkpoints import read_safetensors
     from ..patching import is_patched, patch
     from ..task_vectors import TaskVectors
 
@@ -101,14 +100,7 @@ def load_linearised(path, module: nn.Module, *, backend: str = "auto") -> nn.Mod
     if is_patched(module):
         raise RuntimeError("load_linearised needs a plain module; this one is already patched")
     path = str(path)
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except FileNotFoundError:
-        raise
-    except Exception as exc:
-        raise ValueError(f"{path!r} is not a readable safetensors file (truncated or corrupted?): {exc}") from exc
+    meta, tensors = read_safetensors(path)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path!r} is not a linearised export of atlas_kernels (format={meta.get('format')!r})")
     theta0 = {k[len("theta0."):]: v for k, v in tensors.items() if k.startswith("theta0.")}

@@ -20,7 +20,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..partitions import Partition
 from . import torch_backend
@@ -148,12 +147,5 @@ def linear(x, w0, w_tau, w_coef, w_partition, b0, b_tau, b_coef, b_partition, w_
     ``G = dy^T x`` (one block, transient), which the compose op's backward reduces against the slab:
     ``dlam_W[i, k] = <G, tau_i>`` over part k; likewise ``dlam_c[i, k] = <sum_rows dy, tau_c_i>``.
     """
-    dtype = compute_dtype(x)
-    w = w0.to(dtype) if w_tau is None else compose(w0, w_tau, w_coef, w_partition, dtype, w_scale)
-    if b0 is None:
-        b = None
-    elif b_tau is None:
-        b = b0.to(dtype)
-    else:
-        b = compose(b0, b_tau, b_coef, b_partition, dtype, b_scale)
-    return F.linear(x.to(dtype), w, b)
+    return torch_backend.linear_with(compose, x, w0, w_tau, w_coef, w_partition, b0, b_tau, b_coef, b_partition,
+                                     w_scale, b_scale)

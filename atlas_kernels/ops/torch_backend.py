@@ -173,14 +173,20 @@ def linear(x, w0, w_tau, w_coef, w_partition, b0, b_tau, b_coef, b_partition, w_
     The weight gradient ``G = dy^T x`` that ``F.linear``'s backward builds (one block, transient) flows
     into :class:`ComposeFunction`, which reduces it against the slab: ``dcoef_i = <G, tau_i>``.
     """
+    return linear_with(compose, x, w0, w_tau, w_coef, w_partition, b0, b_tau, b_coef, b_partition, w_scale, b_scale)
+
+
+def linear_with(compose_fn, x, w0, w_tau, w_coef, w_partition, b0, b_tau, b_coef, b_partition, w_scale, b_scale):
+    """``F.linear`` of ``x`` with ``W`` and ``c`` composed by ``compose_fn`` (a backend's
+    differentiable ``compose``) in the compute dtype; frozen blocks are cast, not composed."""
     dtype = compute_dtype(x)
-    w = w0.to(dtype) if w_tau is None else compose(w0, w_tau, w_coef, w_partition, dtype, w_scale)
+    w = w0.to(dtype) if w_tau is None else compose_fn(w0, w_tau, w_coef, w_partition, dtype, w_scale)
     if b0 is None:
         b = None
     elif b_tau is None:
         b = b0.to(dtype)
     else:
-        b = compose(b0, b_tau, b_coef, b_partition, dtype, b_scale)
+        b = compose_fn(b0, b_tau, b_coef, b_partition, dtype, b_scale)
     return F.linear(x.to(dtype), w, b)
 
 
