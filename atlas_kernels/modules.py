@@ -20,8 +20,9 @@ coefficients.
   the patch-embedding convolution, class and positional embeddings, the final projection, and any
   parameter of any module): a ``torch.nn.utils.parametrize`` parametrization whose value is the
   composed block, so the owning module's own ``forward`` runs unchanged.
-- :class:`SmallBlockGroup` composes the small dense :class:`AtlasParameter` blocks of a patched
-  module together, in one ``compose_packed`` launch per forward of that module (Triton backend).
+- :class:`~atlas_kernels.grouping.SmallBlockGroup` (its own file, :mod:`atlas_kernels.grouping`)
+  composes the small dense :class:`AtlasParameter` blocks of a patched module together, in one
+  ``compose_packed`` launch per forward of that module (Triton backend, or the compiled extension).
 
 Which path a block takes, and why every read of it sees the composed value:
 
@@ -52,7 +53,7 @@ from . import ops
 from .partitions import Partition
 
 __all__ = ["AtlasModule", "AtlasLinear", "AtlasMultiheadAttention", "AtlasParameter", "BlockSpec",
-           "SmallBlockGroup", "SMALL_BLOCK_NUMEL"]
+           "SMALL_BLOCK_NUMEL"]
 
 # AtlasParameter blocks of at most this many elements are composed together by a SmallBlockGroup
 # (one compose_packed launch per forward instead of one compose launch each). 1 << 17 (131,072)
@@ -445,173 +446,3 @@ class AtlasParameter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"coef={tuple(self.coef.shape)}, backend={self.backend!r}"
-
-
-def _version(t: torch.Tensor):
-    """``t._version``, or None for an inference tensor (which has no version counter)."""
-    try:
-        return t._version
-    except RuntimeError:
-        return None
-
-
-class SmallBlockGroup(nn.Module):
-    """The small dense :class:`AtlasParameter` blocks of one patched module, composed in one
-    ``compose_packed`` launch per forward of that module (``patch(..., group_small_blocks=True)``,
-    backend resolving to ``"triton"``).
-
-    Holds (non-persistent buffers: never in a ``state_dict``; they follow ``.to()``) the members'
-    task vectors packed as ``tau_flat [N, P]`` in their storage dtype, ``scale_flat [N, R]`` for
-    int8/fp8 storage, and the :class:`~atlas_kernels.kernels.PackedLayout` table. ``theta0_flat`` is
-    packed from the members' ``parametrizations.<name>.original`` and repacked only when one of them
-    changes (version or storage), so a ``load_state_dict`` into the patched module is always seen. The coefficients stay
-    the members' own ``coef`` parameters; ``coef_flat`` is one differentiable ``torch.cat`` of them.
-    Members are referenced as plain attributes (not submodules): nothing here shows up in
-    :func:`~atlas_kernels.coefficients`, ``parameters()`` or the state dict.
-
-    Cache (correctness first): a forward pre-hook on the patched root drops any cache and composes
-    once, eagerly, before the forward body runs (so outside any activation-checkpointed region);
-    an ``always_call`` forward hook closes the forward but keeps the cache, so that a non-reentrant
-    checkpoint's recomputation during backward is served the very same views and saves the same
-    tensors. The composed flat tensor is cached per (grad mode, inference mode) slot, and a
-    member's view is served only if its own ``theta0`` and ``coef`` still have the ``_version`` and
-    ``data_ptr`` recorded at composition and the flat output itself was not modified in place;
-    otherwise the group composes again inside a forward, or (outside one: a submodule called
-    directly, reading ``module.weight`` by hand after ``optimizer.step()``) the member composes on
-    its own, as without grouping.
-    """
-
-    def __init__(self, members):
-        """``members``: ``[(owner, name, atlas_parameter)]``: dense, un-indexed blocks sharing
-        device, storage dtype, theta0 dtype and scaled-or-not."""
-        super().__init__()
-        from .kernels._compose import make_packed_layout
-
-        params = [p for _, _, p in members]
-        first = params[0]
-        n = first.tau.shape[0]
-        shapes = [tuple(owner.parametrizations[name].original.shape) for owner, name, _ in members]
-        layout = make_packed_layout(shapes, [p.partition for p in params], device=first.tau.device)
-        with torch.no_grad():
-            tau_flat = torch.cat([p.tau.reshape(n, -1) for p in params], dim=1).contiguous()
-            scale_flat = None
-            if first.scale is not None:
-                scale_flat = torch.cat([p.scale.reshape(n, -1) for p in params], dim=1).contiguous()
-        self.register_buffer("tau_flat", tau_flat, persistent=False)
-        self.register_buffer("scale_flat", scale_flat, persistent=False)
-        self.register_buffer("table", layout.table, persistent=False)
-        self.register_buffer("tile_map", layout.tile_map, persistent=False)
-        self._layout_meta = (layout.block, layout.kmax, layout.total_numel, layout.total_cols,
-                             layout.total_rows, layout.offsets, layout.shapes)
-        self._members = list(members)  # a plain list: the members are not submodules of the group
-        self._depth = 0
-        self._cache = {}
-        self._theta0 = (None, None)  # (the members' theta0 (version, data_ptr) keys, packed copy)
-        for j, p in enumerate(params):
-            # Plain attributes (object.__setattr__): not a submodule of every member.
-            object.__setattr__(p, "_atlas_group", self)
-            object.__setattr__(p, "_atlas_slot", j)
-
-    def _apply(self, fn, recurse=True):
-        return _apply_keeping(self, ("tau_flat", "scale_flat"), fn, recurse)
-
-    def layout(self):
-        from .kernels._compose import PackedLayout
-
-        return PackedLayout(self.table, self.tile_map, *self._layout_meta)
-
-    # ------------------------------------------------------------------ hooks on the patched root
-    def attach(self, root: nn.Module) -> None:
-        root.register_forward_pre_hook(self._begin_forward)
-        root.register_forward_hook(self._end_forward, always_call=True)
-
-    def detach(self, root: nn.Module) -> None:
-        """Remove the hooks from ``root`` and the members' references to the group. Hooks are found
-        by identity rather than kept handles, which would point at the wrong module after a
-        ``copy.deepcopy`` of the patched module."""
-        for hooks in (root._forward_pre_hooks, root._forward_hooks):
-            for key, fn in list(hooks.items()):
-                if getattr(fn, "__self__", None) is self:
-                    del hooks[key]
-                    for extra in ("_forward_hooks_always_called", "_forward_hooks_with_kwargs",
-                                  "_forward_pre_hooks_with_kwargs"):
-                        getattr(root, extra, {}).pop(key, None)
-        for _, _, p in self._members:
-            p.__dict__.pop("_atlas_group", None)
-            p.__dict__.pop("_atlas_slot", None)
-        self._cache = {}
-
-    def _begin_forward(self, module, args):
-        if torch.compiler.is_compiling():
-            return None
-        if self._depth == 0:
-            self._cache = {}
-            # Compose eagerly, here, outside any activation-checkpointed region of the forward: the
-            # composition's saved tensors then belong to no checkpoint, and a checkpoint's
-            # recomputation (during backward) is served the same views (see value()).
-            first = self._members[0][2]
-            if ops.resolve(first.backend, self.tau_flat.device) in PACKED_BACKENDS:
-                entry = self._compose()
-                if entry is not None:
-                    self._cache[(torch.is_grad_enabled(), torch.is_inference_mode_enabled())] = entry
-        self._depth += 1
-        return None
-
-    def _end_forward(self, module, args, output):
-        if torch.compiler.is_compiling():
-            return None
-        # The cache is kept until the next forward begins, so non-reentrant activation checkpointing
-        # recomputes with the very same views (no extra saved tensors); value() checks versions.
-        self._depth = max(self._depth - 1, 0)
-        return None
-
-    # --------------------------------------------------------------------------------- compose
-    def value(self, j: int, theta0: torch.Tensor) -> Optional[torch.Tensor]:
-        """Member ``j``'s composed value (a view of the group's packed output), or None when the
-        caller must compose the block itself (outside a forward of the root, or members no longer
-        on one device/dtype)."""
-        p = self._members[j][2]
-        try:
-            key = (theta0._version, theta0.data_ptr(), p.coef._version, p.coef.data_ptr())
-        except RuntimeError:  # inference tensors have no version counter: never cache them
-            return None
-        slot = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
-        entry = self._cache.get(slot)
-        if entry is None or entry[1][j] != key or _version(entry[0]) != entry[3]:
-            if self._depth == 0:
-                return None  # outside a forward of the root: never start a cache, compose per block
-            entry = self._compose()
-            if entry is None:
-                return None
-            self._cache[slot] = entry
-            if entry[1][j] != key:  # theta0 is not the member's original: do not guess
-                return None
-        return entry[2][j]
-
-    def _compose(self):
-        thetas = [owner.parametrizations[name].original for owner, name, _ in self._members]
-        coefs = [p.coef for _, _, p in self._members]
-        device, dtype = self.tau_flat.device, thetas[0].dtype
-        if any(t.device != device or t.dtype != dtype for t in thetas) or any(c.device != device for c in coefs):
-            return None
-        if dtype == torch.float64:
-            return None  # the kernels are fp32-accumulating; float64 goes block by block to torch
-        try:
-            keys = [(t._version, t.data_ptr(), c._version, c.data_ptr()) for t, c in zip(thetas, coefs)]
-        except RuntimeError:
-            return None
-        n = self.tau_flat.shape[0]
-        theta_keys = [k[:2] for k in keys]
-        if self._theta0[0] != theta_keys:  # theta0 is frozen: repack only when one of them changed
-            with torch.no_grad():
-                self._theta0 = (theta_keys, torch.cat([t.reshape(-1) for t in thetas]))
-        theta0_flat = self._theta0[1]
-        coef_flat = torch.cat([c.reshape(n, -1) for c in coefs], dim=1)
-        layout = self.layout()
-        backend = ops.resolve(self._members[0][2].backend, self.tau_flat.device)
-        flat = ops._module(backend).compose_packed(theta0_flat, self.tau_flat, coef_flat, layout, dtype,
-                                                   self.scale_flat)
-        return flat, keys, layout.views(flat), _version(flat)
-
-    def extra_repr(self) -> str:
-        return f"blocks={len(self._members)}, numel={self._layout_meta[2]}"

@@ -31,14 +31,13 @@ from ._patch_guards import (
     _tied_aliases,
     _unfreeze_batchnorm,
 )
+from .grouping import group_small_blocks_of, ungroup_small_blocks
 from .modules import (
-    SMALL_BLOCK_NUMEL,
     AtlasLinear,
     AtlasModule,
     AtlasMultiheadAttention,
     AtlasParameter,
     BlockSpec,
-    SmallBlockGroup,
 )
 from .partitions import MODES, Partition
 from .state_dicts import attach_guard, detach_guard
@@ -47,7 +46,6 @@ from .task_vectors import TaskVectors
 __all__ = ["patch", "unpatch", "is_patched", "coefficients", "save_coefficients", "load_coefficients"]
 
 _STATE = "_atlas_state"
-_GROUP = "_atlas_small_blocks"
 _COEF_FORMAT = "atlas_kernels.coefficients"
 BlockFilter = Union[None, str, Iterable[str], Callable[[str, torch.Tensor], bool]]
 
@@ -76,7 +74,7 @@ def patch(module: nn.Module, task_vectors: TaskVectors, *, partitions: int = 1, 
         group_small_blocks: compose the small dense generic blocks (LayerNorms, embeddings, ...: at
             most :data:`~atlas_kernels.modules.SMALL_BLOCK_NUMEL` elements, not LoRA, not ragged)
             together, in one launch per forward of ``module``, whenever the backend resolves to
-            ``"triton"`` or ``"cuda"`` (see :class:`~atlas_kernels.modules.SmallBlockGroup`). The group is
+            ``"triton"`` or ``"cuda"`` (see :class:`~atlas_kernels.grouping.SmallBlockGroup`). The group is
             registered as ``module._atlas_small_blocks`` (on its first member when ``module`` is a
             container such as ``nn.Sequential``; no parameters, nothing in the state dict).
             False: one launch per block. Never built where ``"auto"`` resolves to the torch
@@ -204,7 +202,7 @@ def patch(module: nn.Module, task_vectors: TaskVectors, *, partitions: int = 1, 
         # to another device after patching composes block by block there: correct, more launches.
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
         if group_small_blocks and ops.resolve(backend, device) in ("triton", "cuda"):
-            _group_small_blocks(module)
+            group_small_blocks_of(module)
     attach_guard(module)  # load_state_dict checks every key and shape before copying anything
     frozen_bn = _freeze_batchnorm(module) if batchnorm == "frozen" else []
     setattr(module, _STATE, {
@@ -223,47 +221,6 @@ def patch(module: nn.Module, task_vectors: TaskVectors, *, partitions: int = 1, 
             unpatch(module)
             raise
     return module
-
-
-def _group_small_blocks(module: nn.Module) -> None:
-    """Collect the small dense AtlasParameter blocks of ``module`` into a SmallBlockGroup (the
-    largest set sharing device, storage dtype, theta0 dtype and scaled-or-not; the rest, if any,
-    stay per block)."""
-    sets = defaultdict(list)
-    seen = set()
-    for _, m in module.named_modules():
-        plist = getattr(m, "parametrizations", None)
-        if not isinstance(plist, nn.ModuleDict):
-            continue
-        for local, chain in plist.items():
-            for p in chain:
-                if not isinstance(p, AtlasParameter) or p.lora_a is not None or p.index is not None:
-                    continue
-                if id(p) in seen:
-                    continue  # a tied block: one member, whichever owner reads it
-                seen.add(id(p))
-                theta0 = chain.original
-                if p.tau is None or theta0.numel() > SMALL_BLOCK_NUMEL or theta0.device != p.tau.device:
-                    continue
-                sets[(str(p.tau.device), p.tau.dtype, theta0.dtype, p.scale is not None)].append((m, local, p))
-    if not sets:
-        return
-    members = max(sets.values(), key=len)
-    if len(members) < 2:
-        return
-    group = SmallBlockGroup(members)
-    # A container's forward runs its children: hold the group on a member there instead.
-    holder = members[0][2] if isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) else module
-    holder.add_module(_GROUP, group)
-    group.attach(module)
-
-
-def _ungroup_small_blocks(module: nn.Module) -> None:
-    for m in list(module.modules()):
-        group = m._modules.get(_GROUP)
-        if isinstance(group, SmallBlockGroup):
-            group.detach(module)
-            del m._modules[_GROUP]
 
 
 def _spec(tvs: TaskVectors, name: str, partition: Partition) -> BlockSpec:
@@ -443,7 +400,7 @@ def unpatch(module: nn.Module) -> nn.Module:
     for name, c in coefficients(module).items():
         if not torch.isfinite(c).all():
             raise ValueError(f"coefficients of block {name!r} hold NaN or inf; refusing to merge them")
-    _ungroup_small_blocks(module)
+    ungroup_small_blocks(module)
     atlas = [(p, m) for p, m in module.named_modules() if isinstance(m, AtlasModule)]
     # Deepest first: an MHA's out_proj hands its merged weights to the original out_proj object,
     # which the original MHA still holds.

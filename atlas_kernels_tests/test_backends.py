@@ -313,7 +313,7 @@ def test_tiny_vit_cuda_backend_matches_float64_reference(tiny_vit):
 
     _ext_on_dev()
     m, coefs, tvs, x = _patched_tiny(tiny_vit, 3, 2, "hash", "cuda")
-    assert any(isinstance(mod, ak.modules.SmallBlockGroup) for mod in m.modules())
+    assert any(isinstance(mod, ak.grouping.SmallBlockGroup) for mod in m.modules())
     out = m(x)
     m64 = copy.deepcopy(tiny_vit).double()
     c64 = {k: c.detach().double().requires_grad_(True) for k, c in coefs.items()}

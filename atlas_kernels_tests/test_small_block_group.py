@@ -12,7 +12,7 @@ from torch.func import functional_call
 
 import atlas_kernels as ak
 from atlas_kernels import modules, reference
-from atlas_kernels.modules import SmallBlockGroup
+from atlas_kernels.grouping import SmallBlockGroup
 from atlas_kernels.ops import triton_backend
 
 from ._util import DEV, make_tiny_vit, rel_err
