@@ -37,20 +37,9 @@ def _fsync_dir(folder: str) -> None:
 def atomic_write(path, mode: str = "wb", encoding: Optional[str] = None) -> Iterator:
     """Context manager yielding a file object; on a clean exit the data replaces ``path`` atomically.
     On an exception the temporary file is removed and ``path`` is untouched."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + TMP_MARK, dir=folder)
-    try:
-        with os.fdopen(fd, mode, encoding=encoding) as fh:
+    with atomic_path(path) as tmp:  # atomic_path fsyncs, renames and cleans up
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_TRUNC), mode, encoding=encoding) as fh:
             yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(folder)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 @contextlib.contextmanager
