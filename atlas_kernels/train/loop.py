@@ -417,14 +417,15 @@ def train(s: Setup) -> Dict[str, Any]:
             sched.step()
             state["global_step"] += 1
             # One synchronisation per step (the loss is logged anyway): loss, gradient norm and
-            # the coefficients' norm after the step, checked together.
+            # the number of non-finite coefficients after the step, read back together.
             loss_val, gnorm, n_bad = step_values(loss_t, gnorm_t, params)
             if not math.isfinite(gnorm) and fp16 and math.isfinite(loss_val) and not n_bad:
                 state["skipped_steps"] += 1  # GradScaler skipped this step and lowered its scale
             else:
-                bad = next(((q, v) for q, v in (("loss", loss_val), ("gradient norm", gnorm),
-                                                ("number of NaN/inf coefficients", n_bad if n_bad else 0.0))
-                            if not math.isfinite(v) or (q.startswith("number") and v)), None)
+                checks = (("loss", loss_val, not math.isfinite(loss_val)),
+                          ("gradient norm", gnorm, not math.isfinite(gnorm)),
+                          ("number of NaN/inf coefficients", n_bad, n_bad > 0))
+                bad = next(((q, v) for q, v, failed in checks if failed), None)
                 if bad is not None:
                     raise DivergedError(diverged_message(
                         step=state["global_step"], epoch=epoch + 1, quantity=bad[0], value=bad[1], lr=cfg.lr,
