@@ -71,6 +71,17 @@ def _seed():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: small float64/fp32 models run several times faster on one
+    thread than on two of a busy 2-core machine. Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tiny_vit():
     """A tiny open_clip image tower (see _util.make_tiny_vit), on the GPU where there is one."""

@@ -18,13 +18,7 @@ from ._util import assert_close, make_tiny_vit, rel_err
 pytest.importorskip("open_clip")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # small float64 models: one thread is several times faster than two on a busy 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _taus64(tvs, name, n):

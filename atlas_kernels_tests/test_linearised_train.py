@@ -6,7 +6,9 @@ import atlas_kernels as ak
 from atlas_kernels.train import run
 from atlas_kernels.train.cli import build_parser, config_from_args
 
-from .test_train import _cfg, _one_thread, demo, toy_model  # noqa: F401  (shared fixtures and helpers)
+from .test_train import _cfg, demo, toy_model  # noqa: F401  (shared fixtures and helpers)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_cli_flag_reaches_the_config(tmp_path):

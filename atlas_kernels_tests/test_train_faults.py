@@ -15,14 +15,12 @@ from atlas_kernels.train import ConfigError, TrainConfig, run, setup, toy
 from atlas_kernels.train.cli import main as cli_main
 from atlas_kernels.train.faults import DivergedError, skip_report
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(autouse=True)
-def _one_thread(monkeypatch, tmp_path):
+def _digest_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("ATLAS_KERNELS_CACHE", str(tmp_path / "cache"))
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
