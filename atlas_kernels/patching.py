@@ -33,6 +33,7 @@ from ._patch_guards import (
 )
 from .grouping import group_small_blocks_of, ungroup_small_blocks
 from .modules import (
+    PACKED_BACKENDS,
     AtlasLinear,
     AtlasModule,
     AtlasMultiheadAttention,
@@ -201,7 +202,7 @@ def patch(module: nn.Module, task_vectors: TaskVectors, *, partitions: int = 1, 
         # extension): the torch backend never uses a group, so none is built for it. A module moved
         # to another device after patching composes block by block there: correct, more launches.
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
-        if group_small_blocks and ops.resolve(backend, device) in ("triton", "cuda"):
+        if group_small_blocks and ops.resolve(backend, device) in PACKED_BACKENDS:
             group_small_blocks_of(module)
     attach_guard(module)  # load_state_dict checks every key and shape before copying anything
     frozen_bn = _freeze_batchnorm(module) if batchnorm == "frozen" else []
