@@ -149,7 +149,7 @@ def patch(module: nn.Module, task_vectors: TaskVectors, *, partitions: int = 1, 
     for name in chosen:
         _check_block(tv_name[name], params[name], task_vectors)
 
-    specs = {name: _spec(task_vectors, tv_name[name], Partition.for_block(name, partitions, partition_mode, seed))
+    specs = {name: task_vectors.block_spec(tv_name[name], Partition.for_block(name, partitions, partition_mode, seed))
              for name in chosen}
     requires_grad = {name: p.requires_grad for name, p in params.items()}
 
@@ -222,12 +222,6 @@ def patch(module: nn.Module, task_vectors: TaskVectors, *, partitions: int = 1, 
             unpatch(module)
             raise
     return module
-
-
-def _spec(tvs: TaskVectors, name: str, partition: Partition) -> BlockSpec:
-    if tvs.is_lora(name):
-        return BlockSpec(None, None, partition, lora=tvs.lora(name), index=tvs.index(name), n=len(tvs))
-    return BlockSpec(tvs[name], tvs.scale(name), partition, index=tvs.index(name), n=len(tvs))
 
 
 def _join(a: str, b: str) -> str:

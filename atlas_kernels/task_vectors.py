@@ -30,7 +30,9 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
+from .blocks import BlockSpec
 from .checkpoints import convert_checkpoint, dropped_note, load_state_dict_file, select_tower
+from .partitions import Partition
 from .peft import lora_pair, read_peft_adapter
 from .storage import NAMES as _STORAGE_NAMES
 from .storage import QMAX as _QMAX
@@ -226,6 +228,15 @@ class TaskVectors:
         if block not in self._lora:
             raise KeyError(f"block {block!r} is not a LoRA block")
         return self._lora[block]
+
+    def block_spec(self, block: str, partition: Partition) -> BlockSpec:
+        """One block's :class:`~atlas_kernels.blocks.BlockSpec` (slab or LoRA factors, scale, index, N)
+        for coefficients split by ``partition``: what patching hands the module that holds it."""
+        if block not in self:
+            raise KeyError(f"no block {block!r} in these task vectors")
+        if block in self._lora:
+            return BlockSpec(None, None, partition, lora=self._lora[block], index=self.index(block), n=self._n)
+        return BlockSpec(self._slabs[block], self.scale(block), partition, index=self.index(block), n=self._n)
 
     def index(self, block: str) -> Optional[torch.Tensor]:
         """For a ragged block (a per-block budget): the task-vector numbers its slab holds, else None."""
