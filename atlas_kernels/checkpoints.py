@@ -26,6 +26,7 @@ from typing import Dict, NamedTuple, Optional, Tuple
 import torch
 
 from . import safe_pickle
+from ._checks import prefix_matches_nothing
 
 __all__ = ["load_state_dict_file", "convert_checkpoint", "load_head", "Head", "select_tower",
            "find_tower_prefix"]
@@ -71,9 +72,15 @@ def check_file(path, what: str = "checkpoint") -> None:
         raise ValueError(f"{what} {path!r} is empty (0 bytes): an interrupted download or copy?")
 
 
+def unreadable_safetensors(path, exc: BaseException) -> ValueError:
+    """The error for a file that safetensors cannot parse (the one place that says it), instead of
+    safetensors' own error types; the caller raises it ``from exc``."""
+    return ValueError(f"{str(path)!r} is not a readable safetensors file (truncated or corrupted?): {exc}")
+
+
 def read_safetensors(path) -> Tuple[Dict[str, str], Dict[str, torch.Tensor]]:
     """``(metadata, tensors)`` of a whole safetensors file; a file that safetensors cannot parse is
-    refused with one message (the one place that says it) rather than safetensors' own error."""
+    refused with :func:`unreadable_safetensors` rather than safetensors' own error."""
     from safetensors import safe_open
 
     path = str(path)
@@ -83,7 +90,7 @@ def read_safetensors(path) -> Tuple[Dict[str, str], Dict[str, torch.Tensor]]:
     except FileNotFoundError:
         raise
     except Exception as exc:  # safetensors raises its own error types for broken headers
-        raise ValueError(f"{path!r} is not a readable safetensors file (truncated or corrupted?): {exc}") from exc
+        raise unreadable_safetensors(path, exc) from exc
 
 
 def load_state_dict_file(path) -> Dict[str, torch.Tensor]:
@@ -161,8 +168,7 @@ def select_tower(sd: Mapping, prefix: Optional[str], label: str = "checkpoint"
         else:
             dropped[str(k)] = v
     if not kept:
-        raise ValueError(f"prefix {prefix!r} matches no key of {label} (its keys look like "
-                         f"{[str(k) for k in list(sd)[:3]]})")
+        raise ValueError(prefix_matches_nothing("prefix", prefix, f"no key of {label}", sd))
     return kept, dropped, prefix
 
 
