@@ -15,12 +15,6 @@ pickled whole modules the task-vector papers released) the restricted reader of
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # `python -m atlas_kernels.task_vectors import|build|convert|info`: the CLI
-    # runs before this file's own imports, so that --help answers without importing torch.
-    from ._tv_cli import main as _main
-
-    raise SystemExit(_main())
-
 import json
 import logging
 import os
@@ -30,13 +24,13 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
-from .blocks import BlockSpec
-from .checkpoints import convert_checkpoint, dropped_note, load_state_dict_file, select_tower
-from .partitions import Partition
-from .peft import lora_pair, read_peft_adapter
-from .storage import NAMES as _STORAGE_NAMES
-from .storage import QMAX as _QMAX
-from .storage import scale_rows
+from ..blocks import BlockSpec
+from ..checkpoints import convert_checkpoint, dropped_note, load_state_dict_file, select_tower
+from ..partitions import Partition
+from ..peft import lora_pair, read_peft_adapter
+from ..storage import NAMES as _STORAGE_NAMES
+from ..storage import QMAX as _QMAX
+from ..storage import scale_rows
 
 __all__ = ["TaskVectors", "STORAGES", "load_state_dict_file", "convert_checkpoint"]
 
@@ -535,7 +529,7 @@ class TaskVectors:
     def save(self, path) -> None:
         """Write a safetensors file: ``tau/<block>`` slabs, ``scale/<block>`` scales, and metadata
         (format, version, names, blocks, shapes, storage, and a CRC32 per tensor)."""
-        from ._io import atomic_save_safetensors
+        from .._io import atomic_save_safetensors
 
         tensors = {}
         for b, s in self._slabs.items():
@@ -566,7 +560,7 @@ class TaskVectors:
         from safetensors import safe_open
 
         path = str(path)
-        from .checkpoints import check_file
+        from ..checkpoints import check_file
 
         check_file(path, "task-vector file")
         try:

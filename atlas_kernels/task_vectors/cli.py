@@ -127,7 +127,7 @@ def _cmd_convert(args, out) -> int:
 
 
 def _cmd_import(args, out) -> int:
-    from ._tv_import import run_import
+    from .importer import run_import
 
     return run_import(args, out)
 
@@ -158,6 +158,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{PROG} {args.command}: error: {msg}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .checkpoints import dropped_note, load_head, load_state_dict_file, save_head, select_tower
+from ..checkpoints import dropped_note, load_head, load_state_dict_file, save_head, select_tower
 
 _EXTS = (".pt", ".pth", ".safetensors")
 
@@ -145,7 +145,7 @@ def build(entries, key, *, model, prefix, storage, out, label="task vectors"):
     """TaskVectors from the ``key`` (``finetuned`` / ``linear_finetuned``) files of ``entries``."""
     from tqdm.auto import tqdm
 
-    from .task_vectors import TaskVectors
+    from .core import TaskVectors
 
     shapes = expected_shapes(model)
     zkey = key.replace("finetuned", "zeroshot")
@@ -218,7 +218,7 @@ def run_import(args, out) -> int:
               f"{tvs.nbytes / 2**20:.1f} MiB", file=out)
     if linear:
         try:
-            from .linearised import checkpoints as lin_ckpt
+            from ..linearised import checkpoints as lin_ckpt
         except ImportError:
             lin_ckpt = None
         files = [e["linear_finetuned"] for e in linear] + sorted({e["linear_zeroshot"] for e in linear
@@ -232,7 +232,7 @@ def run_import(args, out) -> int:
             # which from_checkpoints reads through: its output is already a named state dict.
             if zs is None:
                 raise ValueError(f"linearised checkpoints without a linear_zeroshot.pt: {files}")
-            from .task_vectors import TaskVectors
+            from .core import TaskVectors
 
             ltv = TaskVectors.from_checkpoints(zs, [e["linear_finetuned"] for e in linear],
                                                names=[e["name"] for e in linear], prefix=args.prefix,
