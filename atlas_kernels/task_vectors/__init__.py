@@ -13,16 +13,16 @@ Files are read without running code: safetensors, ``torch.load(weights_only=True
 pickled whole modules the task-vector papers released) the restricted reader of
 :mod:`atlas_kernels.safe_pickle`, which imports and calls nothing from the file.
 
-The package: ``core`` (the class), ``cli`` / ``importer`` (``python -m atlas_kernels.task_vectors``).
-Names are imported on first use (PEP 562), so that ``python -m atlas_kernels.task_vectors --help``
-answers without importing torch.
+The package: ``core`` (the class), ``cli`` / ``importer`` (``python -m atlas_kernels.task_vectors``);
+quantising lives in :mod:`atlas_kernels.storage`. Names are imported on first use (PEP 562), so
+that ``python -m atlas_kernels.task_vectors --help`` answers without importing torch.
 """
 import importlib as _importlib
 
 # Public name -> (module, name there), relative to this package.
 _EXPORTS = {
     "TaskVectors": (".core", "TaskVectors"), "STORAGES": (".core", "STORAGES"),
-    "quantize": (".core", "quantize"), "dequantize_one": (".core", "dequantize_one"),
+    "quantize": ("..storage", "quantize"), "dequantize_one": ("..storage", "dequantize_one"),
     "load_state_dict_file": ("..checkpoints", "load_state_dict_file"),
     "convert_checkpoint": ("..checkpoints", "convert_checkpoint"),
     # the file format's metadata checksum (tests and the adversarial files rewrite metadata with it)

@@ -28,62 +28,17 @@ from ..blocks import BlockSpec
 from ..checkpoints import convert_checkpoint, dropped_note, load_state_dict_file, select_tower
 from ..partitions import Partition
 from ..peft import lora_pair, read_peft_adapter
-from ..storage import NAMES as _STORAGE_NAMES
 from ..storage import QMAX as _QMAX
-from ..storage import scale_rows
+from ..storage import dequantize_one, quantize, scale_rows, torch_dtypes
+from ..storage import storage_name as _storage_name
 
 __all__ = ["TaskVectors", "STORAGES", "load_state_dict_file", "convert_checkpoint"]
 
-# The storage names (atlas_kernels.storage: bytes, per-row scales, largest quantized magnitude _QMAX)
-# as torch dtypes.
-STORAGES: Dict[str, torch.dtype] = {name: getattr(torch, name) for name in _STORAGE_NAMES}
+# The storage names (atlas_kernels.storage: bytes, per-row scales, largest quantized magnitude) as
+# torch dtypes.
+STORAGES: Dict[str, torch.dtype] = torch_dtypes()
 _FORMAT = "atlas_kernels.task_vectors"
 _VERSION = "1"
-
-
-def _storage_name(storage) -> str:
-    if storage is None:
-        return "float32"
-    if isinstance(storage, torch.dtype):
-        for k, v in STORAGES.items():
-            if v == storage:
-                return k
-    if isinstance(storage, str) and storage in STORAGES:
-        return storage
-    raise ValueError(f"storage must be one of {sorted(STORAGES)}, got {storage!r}")
-
-
-def quantize(t: torch.Tensor, storage: str, what: str = "a task vector"):
-    """One task vector's block (float) in ``storage``: ``(data, scale or None)``; scale is ``[R]``.
-    A finite value that overflows a float storage (|x| > 65504 in float16) is refused, naming the
-    storage and the largest value."""
-    if storage not in _QMAX:
-        out = t.to(STORAGES[storage])
-        if out.is_floating_point() and t.device.type != "meta" and out.numel() and not bool(torch.isfinite(out).all()) \
-                and bool(torch.isfinite(t).all()):
-            big = float(t.abs().max())
-            raise ValueError(f"{what} overflows {storage} storage: its largest magnitude is {big:.6g}, above "
-                             f"{storage}'s largest finite value {torch.finfo(STORAGES[storage]).max:.6g}; use "
-                             f"storage='bfloat16', 'float32' or 'int8' (scaled) for it")
-        return out, None
-    t = t.float()
-    r = scale_rows(t.shape)
-    rows = t.reshape(r, -1)
-    amax = rows.abs().amax(dim=1)
-    scale = torch.where(amax > 0, amax / _QMAX[storage], torch.ones_like(amax))
-    q = rows / scale[:, None]
-    if storage == "int8":
-        q = q.round().clamp_(-127, 127)
-    return q.to(STORAGES[storage]).reshape(t.shape), scale
-
-
-def dequantize_one(data: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
-    """One task vector's block back in float32."""
-    t = data.float()
-    if scale is None:
-        return t
-    r = scale_rows(t.shape)
-    return (t.reshape(r, -1) * scale.float()[:, None]).reshape(t.shape)
 
 
 class TaskVectors:
