@@ -108,13 +108,22 @@ def load_state_dict_file(path) -> Dict[str, torch.Tensor]:
     if path.endswith(".safetensors") or (len(head) >= 9 and head[8:9] == b"{"):
         return read_safetensors(path)[1]
     obj = _read_object(path)
-    try:
-        from .linearised.checkpoints import is_linearised_state_dict, to_named_state_dict
-    except ImportError:  # an install without the linearised mode: plain and pickled state dicts only
-        return _unwrap(obj, path)
-    if is_linearised_state_dict(obj):  # tangent_task_arithmetic's positional format: named, shape-checked
-        return to_named_state_dict(obj, what=repr(path))
+    lin = linearised_formats()
+    if lin is not None and lin.is_linearised_state_dict(obj):
+        # tangent_task_arithmetic's positional format: named, shape-checked
+        return lin.to_named_state_dict(obj, what=repr(path))
     return _unwrap(obj, path)
+
+
+def linearised_formats():
+    """The reader of the published linearised checkpoints (:mod:`atlas_kernels.linearised.checkpoints`),
+    or None in an install without the linearised mode (then plain and pickled state dicts only).
+    The one place that looks: the task-vector import asks here too."""
+    try:
+        from .linearised import checkpoints
+    except ImportError:
+        return None
+    return checkpoints
 
 
 def _unwrap(obj, path) -> Dict[str, torch.Tensor]:

@@ -13,7 +13,9 @@ Files are read without running code: safetensors, ``torch.load(weights_only=True
 pickled whole modules the task-vector papers released) the restricted reader of
 :mod:`atlas_kernels.safe_pickle`, which imports and calls nothing from the file.
 
-The package: ``core`` (the class), ``cli`` / ``importer`` (``python -m atlas_kernels.task_vectors``);
+The package: ``core`` (the class and its views), ``validation`` (what the constructor accepts),
+``builders`` (from state dicts, checkpoints, LoRA factors, PEFT adapters), ``files`` (the file
+format and its checksums), ``cli`` / ``importer`` (``python -m atlas_kernels.task_vectors``);
 quantising lives in :mod:`atlas_kernels.storage`. Names are imported on first use (PEP 562), so
 that ``python -m atlas_kernels.task_vectors --help`` answers without importing torch.
 """
@@ -26,7 +28,7 @@ _EXPORTS = {
     "load_state_dict_file": ("..checkpoints", "load_state_dict_file"),
     "convert_checkpoint": ("..checkpoints", "convert_checkpoint"),
     # the file format's metadata checksum (tests and the adversarial files rewrite metadata with it)
-    "_META_CRC": (".core", "_META_CRC"), "_meta_crc": (".core", "_meta_crc"),
+    "_META_CRC": (".files", "_META_CRC"), "_meta_crc": (".files", "_meta_crc"),
 }
 
 __all__ = ["TaskVectors", "STORAGES", "load_state_dict_file", "convert_checkpoint"]
