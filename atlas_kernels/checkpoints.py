@@ -213,11 +213,9 @@ def load_head(path, *, normalize: Optional[bool] = None) -> Head:
         raise FileNotFoundError(f"head file {path!r} does not exist")
     flag = None
     if path.endswith(".safetensors"):
-        from safetensors import safe_open
-
-        sd = load_state_dict_file(path)
-        with safe_open(path, framework="pt") as f:
-            meta = (f.metadata() or {}).get("normalize")
+        check_file(path)
+        meta, sd = read_safetensors(path)
+        meta = meta.get("normalize")
         flag = None if meta is None else meta.lower() == "true"
     else:
         obj = _read_object(path)

@@ -97,11 +97,12 @@ def quantize(t: "torch.Tensor", storage: str, what: str = "a task vector"):
     storage and the largest value."""
     import torch
 
+    from ._checks import all_finite
+
     dtype = torch_dtypes()[storage]
     if storage not in QMAX:
         out = t.to(dtype)
-        if out.is_floating_point() and t.device.type != "meta" and out.numel() and not bool(torch.isfinite(out).all()) \
-                and bool(torch.isfinite(t).all()):
+        if out.is_floating_point() and not all_finite(out) and all_finite(t):
             big = float(t.abs().max())
             raise ValueError(f"{what} overflows {storage} storage: its largest magnitude is {big:.6g}, above "
                              f"{storage}'s largest finite value {torch.finfo(dtype).max:.6g}; use "

@@ -13,7 +13,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 
-from .._checks import require_finite
+from .._checks import all_finite, require_finite
 from ..storage import QMAX, scale_rows, storage_name, torch_dtypes
 
 __all__ = ["Checked", "validate"]
@@ -46,7 +46,7 @@ def _check_scales(name: str, st: str, slab: torch.Tensor, sc: Optional[torch.Ten
             got = "none" if sc is None else f"{tuple(sc.shape)} {sc.dtype}"
             raise ValueError(f"block {name!r}: {st} storage needs float32 scales of shape {want}, "
                              f"got {got}")
-        if not torch.isfinite(sc).all():
+        if not all_finite(sc):
             raise ValueError(f"block {name!r}: scales hold NaN or inf")
     elif sc is not None:
         raise ValueError(f"block {name!r}: scales are only for int8/float8_e4m3fn storage, not {st}")
