@@ -29,13 +29,14 @@ def all_finite(t: torch.Tensor) -> bool:
     return bad is None or not bool(bad.any())
 
 
-def require_finite(t: torch.Tensor, what: str) -> None:
-    """ValueError ``"<what> holds K NaN/inf value(s), first at index (i, j, ...)"`` unless ``t`` is
-    finite everywhere. ``what`` names the tensor (e.g. ``"task vectors of block 'w'"``)."""
+def require_finite(t: torch.Tensor, what: str, then: str = "") -> None:
+    """ValueError ``"<what> holds K NaN/inf value(s), first at index (i, j, ...)<then>"`` unless
+    ``t`` is finite everywhere. ``what`` names the tensor (e.g. ``"task vectors of block 'w'"``);
+    ``then`` may add what follows from it (``"; training from it cannot ..."``)."""
     bad = _bad(t)
     if bad is not None and bad.any():
         idx = tuple(int(i) for i in torch.nonzero(bad)[0])
-        raise ValueError(f"{what} holds {int(bad.sum())} NaN/inf value(s), first at index {idx}")
+        raise ValueError(f"{what} holds {int(bad.sum())} NaN/inf value(s), first at index {idx}{then}")
 
 
 def stripped_prefix(name: str, names) -> Optional[str]:
