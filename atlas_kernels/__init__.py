@@ -9,7 +9,7 @@
 
 Layout: ``reference`` (the specification), ``kernels/`` (Triton kernels), ``ops/`` (autograd and
 backend dispatch), ``modules`` (AtlasLinear and friends), ``storage`` (the storage table: bytes,
-per-row scales), ``task_vectors`` (loading and quantising),
+per-row scales, quantising), ``task_vectors/`` (building, files, the CLI),
 ``patching`` (patch / unpatch / coefficient files).
 """
 import importlib as _importlib
@@ -18,8 +18,7 @@ __version__ = "0.1.0"
 
 # Public name -> the module that defines it. Imported on first use (PEP 562), so that
 # `python -m atlas_kernels.train --help` and `python -m atlas_kernels.task_vectors --help` answer
-# without importing torch, and so that `python -m atlas_kernels.task_vectors` does not run a module
-# this package already imported.
+# without importing torch.
 _EXPORTS = {
     "TaskVectors": "task_vectors", "STORAGES": "task_vectors",
     "convert_checkpoint": "checkpoints", "load_state_dict_file": "checkpoints", "load_head": "checkpoints",

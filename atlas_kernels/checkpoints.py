@@ -26,6 +26,7 @@ from typing import Dict, NamedTuple, Optional, Tuple
 import torch
 
 from . import safe_pickle
+from ._checks import prefix_matches_nothing
 
 __all__ = ["load_state_dict_file", "convert_checkpoint", "load_head", "Head", "select_tower",
            "find_tower_prefix"]
@@ -71,9 +72,15 @@ def check_file(path, what: str = "checkpoint") -> None:
         raise ValueError(f"{what} {path!r} is empty (0 bytes): an interrupted download or copy?")
 
 
+def unreadable_safetensors(path, exc: BaseException) -> ValueError:
+    """The error for a file that safetensors cannot parse (the one place that says it), instead of
+    safetensors' own error types; the caller raises it ``from exc``."""
+    return ValueError(f"{str(path)!r} is not a readable safetensors file (truncated or corrupted?): {exc}")
+
+
 def read_safetensors(path) -> Tuple[Dict[str, str], Dict[str, torch.Tensor]]:
     """``(metadata, tensors)`` of a whole safetensors file; a file that safetensors cannot parse is
-    refused with one message (the one place that says it) rather than safetensors' own error."""
+    refused with :func:`unreadable_safetensors` rather than safetensors' own error."""
     from safetensors import safe_open
 
     path = str(path)
@@ -83,7 +90,7 @@ def read_safetensors(path) -> Tuple[Dict[str, str], Dict[str, torch.Tensor]]:
     except FileNotFoundError:
         raise
     except Exception as exc:  # safetensors raises its own error types for broken headers
-        raise ValueError(f"{path!r} is not a readable safetensors file (truncated or corrupted?): {exc}") from exc
+        raise unreadable_safetensors(path, exc) from exc
 
 
 def load_state_dict_file(path) -> Dict[str, torch.Tensor]:
@@ -101,13 +108,22 @@ def load_state_dict_file(path) -> Dict[str, torch.Tensor]:
     if path.endswith(".safetensors") or (len(head) >= 9 and head[8:9] == b"{"):
         return read_safetensors(path)[1]
     obj = _read_object(path)
-    try:
-        from .linearised.checkpoints import is_linearised_state_dict, to_named_state_dict
-    except ImportError:  # an install without the linearised mode: plain and pickled state dicts only
-        return _unwrap(obj, path)
-    if is_linearised_state_dict(obj):  # tangent_task_arithmetic's positional format: named, shape-checked
-        return to_named_state_dict(obj, what=repr(path))
+    lin = linearised_formats()
+    if lin is not None and lin.is_linearised_state_dict(obj):
+        # tangent_task_arithmetic's positional format: named, shape-checked
+        return lin.to_named_state_dict(obj, what=repr(path))
     return _unwrap(obj, path)
+
+
+def linearised_formats():
+    """The reader of the published linearised checkpoints (:mod:`atlas_kernels.linearised.checkpoints`),
+    or None in an install without the linearised mode (then plain and pickled state dicts only).
+    The one place that looks: the task-vector import asks here too."""
+    try:
+        from .linearised import checkpoints
+    except ImportError:
+        return None
+    return checkpoints
 
 
 def _unwrap(obj, path) -> Dict[str, torch.Tensor]:
@@ -161,8 +177,7 @@ def select_tower(sd: Mapping, prefix: Optional[str], label: str = "checkpoint"
         else:
             dropped[str(k)] = v
     if not kept:
-        raise ValueError(f"prefix {prefix!r} matches no key of {label} (its keys look like "
-                         f"{[str(k) for k in list(sd)[:3]]})")
+        raise ValueError(prefix_matches_nothing("prefix", prefix, f"no key of {label}", sd))
     return kept, dropped, prefix
 
 
@@ -198,11 +213,9 @@ def load_head(path, *, normalize: Optional[bool] = None) -> Head:
         raise FileNotFoundError(f"head file {path!r} does not exist")
     flag = None
     if path.endswith(".safetensors"):
-        from safetensors import safe_open
-
-        sd = load_state_dict_file(path)
-        with safe_open(path, framework="pt") as f:
-            meta = (f.metadata() or {}).get("normalize")
+        check_file(path)
+        meta, sd = read_safetensors(path)
+        meta = meta.get("normalize")
         flag = None if meta is None else meta.lower() == "true"
     else:
         obj = _read_object(path)

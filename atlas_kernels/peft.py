@@ -41,6 +41,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from ._checks import all_finite, deeper_name, prefix_matches_nothing, require_finite, stripped_prefix
 from ._peft_config import check_values, pattern_value, read_config
 
 __all__ = ["read_peft_adapter", "write_peft_adapter", "match_blocks", "lora_scaling"]
@@ -145,13 +146,6 @@ def _bad_key(weights: str, key: str) -> ValueError:
     return ValueError(f"{weights!r}: key {key!r}: {why}")
 
 
-def _check_finite(t: torch.Tensor, weights: str, key: str) -> None:
-    bad = ~torch.isfinite(t)
-    if bad.any():
-        idx = tuple(int(i) for i in torch.nonzero(bad)[0])
-        raise ValueError(f"{weights!r}: key {key!r} holds {int(bad.sum())} NaN/inf value(s), first at index {idx}")
-
-
 def read_peft_adapter(path, *, module_prefix: Optional[str] = None) -> Factors:
     """LoRA factors of a PEFT adapter, keyed by the block they change.
 
@@ -221,7 +215,7 @@ def read_peft_adapter(path, *, module_prefix: Optional[str] = None) -> Factors:
             if t.dim() != 2:
                 raise ValueError(f"{weights!r}: key {key!r} has shape {tuple(t.shape)}; only LoRA on linear layers "
                                  f"(2-D factors) is supported, not convolution LoRA")
-            _check_finite(t, weights, key)
+            require_finite(t, f"{weights!r}: key {key!r}")
         if a.shape[0] != b.shape[1]:
             raise ValueError(f"{weights!r}: ranks disagree: {ka!r} has shape {tuple(a.shape)} (rank {a.shape[0]}), "
                              f"{kb!r} has shape {tuple(b.shape)} (rank {b.shape[1]})")
@@ -240,7 +234,7 @@ def read_peft_adapter(path, *, module_prefix: Optional[str] = None) -> Factors:
             module_path = module_path[len(module_prefix):]
         a32 = a.detach().to(torch.float32)
         b32 = b.detach().to(torch.float32) * scaling
-        if not bool(torch.isfinite(b32).all()):
+        if not all_finite(b32):
             raise ValueError(f"{config_path!r}: the scaling lora_alpha / r = {scaling:.6g} of module {config_path_!r} "
                              f"makes {kb!r} overflow float32 (its factor B is finite; check 'lora_alpha' / "
                              f"'alpha_pattern' and 'r')")
@@ -251,9 +245,8 @@ def read_peft_adapter(path, *, module_prefix: Optional[str] = None) -> Factors:
             raise ValueError(f"{weights!r}: two modules map to block {block!r}")
         out[block] = (a32.contiguous(), b32.contiguous())
     if not out:
-        sample = sorted(pairs)[:3]
-        raise ValueError(f"{weights!r}: module_prefix {module_prefix!r} matches none of its modules "
-                         f"(they look like {sample})")
+        why = prefix_matches_nothing("module_prefix", module_prefix, "none of its modules", sorted(pairs), their="they")
+        raise ValueError(f"{weights!r}: {why}")
     return out
 
 
@@ -381,10 +374,10 @@ def match_blocks(factors: Mapping, module: nn.Module) -> Factors:
 def _deeper_hint(name: str, shape, params: Mapping) -> str:
     """A parameter deeper in the module with the same name suffix and the right shape (a whole CLIP
     passed where its image tower was meant: the text tower has 'transformer.resblocks.*' too)."""
-    for other, p in params.items():
-        if other.endswith("." + name) and tuple(p.shape) == tuple(shape):
-            sub = other[: -len(name) - 1]
-            return f" The module holds {other!r} of that shape: pass the submodule instead (module.{sub})."
+    other = deeper_name(name, params, lambda o: tuple(params[o].shape) == tuple(shape))
+    if other is not None:
+        sub = other[: -len(name) - 1]
+        return f" The module holds {other!r} of that shape: pass the submodule instead (module.{sub})."
     return ""
 
 
@@ -392,30 +385,24 @@ def _other_prefix_hint(factors: Mapping, params: Mapping) -> str:
     """When other blocks carry a prefix that would make them match (an adapter over a whole CLIP
     names both towers), say so."""
     for other in factors:
-        if other in params:
-            continue
-        parts = other.split(".")
-        for i in range(1, len(parts)):
-            if ".".join(parts[i:]) in params:
-                pre = ".".join(parts[:i]) + "."
-                return (f" Other blocks carry the prefix {pre!r} (e.g. {other!r}): if the adapter covers several "
-                        f"towers, read it with module_prefix={pre!r}")
+        pre = None if other in params else stripped_prefix(other, params)
+        if pre is not None:
+            return (f" Other blocks carry the prefix {pre!r} (e.g. {other!r}): if the adapter covers several "
+                    f"towers, read it with module_prefix={pre!r}")
     return ""
 
 
 def _prefix_hint(block: str, params: Mapping) -> str:
     # The adapter's names carry a prefix the module lacks: read it with module_prefix=...
-    parts = block.split(".")
-    for i in range(1, len(parts)):
-        if ".".join(parts[i:]) in params:
-            pre = ".".join(parts[:i]) + "."
-            return (f"; without the prefix {pre!r} it would match: read the adapter with "
-                    f"module_prefix={pre!r}")
+    pre = stripped_prefix(block, params)
+    if pre is not None:
+        return (f"; without the prefix {pre!r} it would match: read the adapter with "
+                f"module_prefix={pre!r}")
     # The module holds it deeper: match against a submodule (e.g. model.visual) instead.
-    for name in params:
-        if name.endswith("." + block):
-            sub = name[: -len(block) - 1]
-            return (f"; the module holds it as {name!r}: pass the submodule instead (module.{sub}, e.g. "
-                    f"model.{sub} of an open_clip model)")
+    name = deeper_name(block, params)
+    if name is not None:
+        sub = name[: -len(block) - 1]
+        return (f"; the module holds it as {name!r}: pass the submodule instead (module.{sub}, e.g. "
+                f"model.{sub} of an open_clip model)")
     sample = list(params)[:3]
     return f" (its parameters look like {sample})"

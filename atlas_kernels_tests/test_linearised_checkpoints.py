@@ -101,7 +101,7 @@ def test_import_command_reads_published_linearised_files(arch, tmp_path, capsys)
     """`task_vectors import` on a task_vectors-layout folder holding linear_zeroshot.pt and
     <Dataset>/linear_finetuned.pt beside the standard files writes OUT.linear.safetensors with
     tau = params - params0 per image-tower block."""
-    from atlas_kernels._tv_cli import main
+    from atlas_kernels.task_vectors.cli import main
 
     enc = _ImageEncoder(arch)
     names = [k for k, _ in enc.named_parameters()]

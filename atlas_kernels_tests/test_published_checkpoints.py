@@ -185,7 +185,7 @@ def test_import_cli(published, tmp_path):
              "--out", str(tmp_path / f"{lay}.safetensors"), "--heads", str(tmp_path / f"heads-{lay}")]
             for lay in ("tv", "atlas")]
     r = run_py(f"""
-        from atlas_kernels._tv_cli import main
+        from atlas_kernels.task_vectors.cli import main
         for cmd in {cmds!r}:
             assert main(cmd) == 0, cmd
             print("=====")
@@ -204,7 +204,7 @@ def test_import_cli(published, tmp_path):
 
 
 def test_import_checks_the_model_and_datasets(published, tmp_path, capsys):
-    from atlas_kernels._tv_cli import main
+    from atlas_kernels.task_vectors.cli import main
 
     d = published["dir"]
     rc = main(["import", str(published["tv"]), "--model-config", str(d / "tiny-rn.json"),
@@ -226,7 +226,7 @@ def test_import_linearised_files(published, tmp_path, capsys, monkeypatch):
     import shutil
     import types
 
-    from atlas_kernels._tv_cli import main
+    from atlas_kernels.task_vectors.cli import main
 
     d = published["dir"]
     root = tmp_path / "root"
@@ -257,7 +257,7 @@ def test_train_with_published_weights_and_head(published, tmp_path, capsys):
     training runs, and the zero-shot accuracy it reports is the head's own on the validation set."""
     from PIL import Image
 
-    from atlas_kernels._tv_cli import main as tv_main
+    from atlas_kernels.task_vectors.cli import main as tv_main
     from atlas_kernels.train.cli import main as train_main
     from atlas_kernels.train.model import build_model, head_logits, load_task_heads
 

@@ -95,7 +95,7 @@ def test_the_payloads_are_live(payloads, tmp_path):
 
 
 def test_nothing_runs_at_any_entry_point(payloads, tmp_path, capsys):
-    from atlas_kernels._tv_cli import main as tv_main
+    from atlas_kernels.task_vectors.cli import main as tv_main
 
     marker, objs, raw = payloads
     files = _write_all(tmp_path, objs, raw)
@@ -137,7 +137,7 @@ def test_import_cli_and_train_cli_run_nothing(payloads, tmp_path, capsys):
     pytest.importorskip("open_clip")
     from PIL import Image
 
-    from atlas_kernels._tv_cli import main as tv_main
+    from atlas_kernels.task_vectors.cli import main as tv_main
     from atlas_kernels.train.cli import main as train_main
     from atlas_kernels.train.model import build_model, register_model_config
 

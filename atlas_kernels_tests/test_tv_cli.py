@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import atlas_kernels as ak
-from atlas_kernels._tv_cli import main
+from atlas_kernels.task_vectors.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -17,6 +17,7 @@ import re
 import torch
 import torch.nn as nn
 
+from .._checks import all_finite
 from .._io import atomic_save_safetensors
 from ..modules import AtlasModule, AtlasParameter
 from .modules import block_delta
@@ -54,7 +55,7 @@ def _deltas(module: nn.Module):
     for name, (owner, local, dtype) in out.items():
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         d = block_delta(owner, local, acc, "torch")
-        if not torch.isfinite(d).all():
+        if not all_finite(d):
             raise ValueError(f"block {name!r}: its displacement D holds NaN or inf (non-finite coefficients?); "
                              f"not exporting it")
         deltas[name] = d.detach().cpu().contiguous()
@@ -115,7 +116,7 @@ def load_linearised(path, module: nn.Module, *, backend: str = "auto") -> nn.Mod
             raise ValueError(f"{path!r}: {k!r} has shape {tuple(v.shape)} in the file, the module expects "
                              f"{tuple(own[k].shape)}")
     for k, d in deltas.items():
-        if k not in theta0 or d.shape != theta0[k].shape or not torch.isfinite(d).all():
+        if k not in theta0 or d.shape != theta0[k].shape or not all_finite(d):
             raise ValueError(f"{path!r}: displacement of block {k!r} does not match theta0 or is not finite")
     with torch.no_grad():
         module.load_state_dict(theta0, strict=True)

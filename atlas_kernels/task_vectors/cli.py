@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_build(args, out) -> int:
-    import atlas_kernels as ak
+    from .core import TaskVectors
 
     if args.names is not None and len(args.names) != len(args.finetuned):
         raise ValueError(
@@ -111,7 +111,7 @@ def _cmd_build(args, out) -> int:
     kwargs = {"names": args.names, "storage": args.storage}
     if args.prefix is not None:
         kwargs["prefix"] = args.prefix
-    tvs = ak.TaskVectors.from_checkpoints(args.pretrained, list(args.finetuned), **kwargs)
+    tvs = TaskVectors.from_checkpoints(args.pretrained, list(args.finetuned), **kwargs)
     tvs.save(args.out)
     print(f"wrote {args.out}: {len(tvs)} task vectors ({', '.join(map(str, tvs.names))}), "
           f"{len(tvs.blocks)} blocks, {_fmt_bytes(int(tvs.nbytes))}", file=out)
@@ -119,7 +119,7 @@ def _cmd_build(args, out) -> int:
 
 
 def _cmd_convert(args, out) -> int:
-    from atlas_kernels.checkpoints import convert_checkpoint
+    from ..checkpoints import convert_checkpoint
 
     sd = convert_checkpoint(args.src, args.dst, prefix=args.prefix)
     print(f"wrote {args.dst} (safetensors state dict, {len(sd)} tensors) from {args.src}", file=out)
@@ -127,15 +127,15 @@ def _cmd_convert(args, out) -> int:
 
 
 def _cmd_import(args, out) -> int:
-    from ._tv_import import run_import
+    from .importer import run_import
 
     return run_import(args, out)
 
 
 def _cmd_info(args, out) -> int:
-    import atlas_kernels as ak
+    from .core import TaskVectors
 
-    tvs = ak.TaskVectors.load(args.path)
+    tvs = TaskVectors.load(args.path)
     print(f"{args.path}: {len(tvs)} task vectors, {len(tvs.blocks)} blocks, "
           f"{_fmt_bytes(int(tvs.nbytes))}", file=out)
     print(f"storage: {tvs.storage}", file=out)
@@ -158,6 +158,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{PROG} {args.command}: error: {msg}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .checkpoints import dropped_note, load_head, load_state_dict_file, save_head, select_tower
+from ..checkpoints import dropped_note, linearised_formats, load_head, load_state_dict_file, save_head, select_tower
 
 _EXTS = (".pt", ".pth", ".safetensors")
 
@@ -145,7 +145,8 @@ def build(entries, key, *, model, prefix, storage, out, label="task vectors"):
     """TaskVectors from the ``key`` (``finetuned`` / ``linear_finetuned``) files of ``entries``."""
     from tqdm.auto import tqdm
 
-    from .task_vectors import TaskVectors
+    from .builders import build as build_task_vectors
+    from .core import TaskVectors
 
     shapes = expected_shapes(model)
     zkey = key.replace("finetuned", "zeroshot")
@@ -159,7 +160,7 @@ def build(entries, key, *, model, prefix, storage, out, label="task vectors"):
     with tqdm(total=len(entries), desc=f"reading {label}", unit="ckpt", file=sys.stderr,
               disable=None) as bar:
         lazy = _Finetuned(entries, key, prefix, shapes, model, pre, pre_path, bar, out)
-        return TaskVectors._build(pre, lazy, [e["name"] for e in entries], None, storage,
+        return build_task_vectors(TaskVectors, pre, lazy, [e["name"] for e in entries], None, storage,
                                   labels=[e[key] for e in entries])
 
 
@@ -217,10 +218,7 @@ def run_import(args, out) -> int:
         print(f"wrote {args.out}: {len(tvs)} task vectors, {len(tvs.blocks)} blocks, "
               f"{tvs.nbytes / 2**20:.1f} MiB", file=out)
     if linear:
-        try:
-            from .linearised import checkpoints as lin_ckpt
-        except ImportError:
-            lin_ckpt = None
+        lin_ckpt = linearised_formats()
         files = [e["linear_finetuned"] for e in linear] + sorted({e["linear_zeroshot"] for e in linear
                                                                  if e["linear_zeroshot"]})
         if lin_ckpt is None:
@@ -232,7 +230,7 @@ def run_import(args, out) -> int:
             # which from_checkpoints reads through: its output is already a named state dict.
             if zs is None:
                 raise ValueError(f"linearised checkpoints without a linear_zeroshot.pt: {files}")
-            from .task_vectors import TaskVectors
+            from .core import TaskVectors
 
             ltv = TaskVectors.from_checkpoints(zs, [e["linear_finetuned"] for e in linear],
                                                names=[e["name"] for e in linear], prefix=args.prefix,

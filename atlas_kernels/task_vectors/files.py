@@ -1,0 +1,170 @@
+"""The task-vector file: one safetensors file, checked when read.
+
+Tensors: ``tau/<block>`` (dense slabs ``[N, *shape]``), ``scale/<block>`` (their float32 per-row
+scales, compact storages only), ``lora_a/<block>`` and ``lora_b/<block>`` (LoRA factors),
+``index/<block>`` (the task vectors a ragged block holds). Metadata: ``format``
+(``atlas_kernels.task_vectors``), ``version`` (``1``), ``n``, ``names``, ``blocks``, ``shapes``
+(JSON), ``storage``, ``crc32`` (a CRC32 per tensor, JSON) and ``metadata_crc32`` (a CRC32 of every
+other metadata entry). :func:`load` refuses a file whose checksums, shapes or listings disagree,
+naming the file and what is wrong, rather than returning task vectors that differ from those saved.
+"""
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Mapping
+
+import torch
+
+from .._io import atomic_save_safetensors
+from ..checkpoints import check_file, unreadable_safetensors
+
+__all__ = ["save", "load", "FORMAT", "VERSION"]
+
+FORMAT = "atlas_kernels.task_vectors"
+VERSION = "1"
+_META_CRC = "metadata_crc32"
+_KINDS = ("tau/", "scale/", "lora_a/", "lora_b/", "index/")
+
+
+def _meta_crc(meta: Mapping[str, str]) -> int:
+    """CRC32 of every metadata entry but itself, in a fixed order."""
+    body = json.dumps({k: v for k, v in meta.items() if k != _META_CRC}, sort_keys=True)
+    return zlib.crc32(body.encode("utf-8")) & 0xFFFFFFFF
+
+
+def _meta_json(meta: Mapping[str, str], key: str, kind, path: str, default=None):
+    """Metadata entry ``key`` parsed as JSON of type ``kind``; errors name the file and the key."""
+    raw = meta.get(key, default)
+    if raw is None:
+        raise ValueError(f"{path!r}: task-vector metadata lacks key {key!r}")
+    try:
+        val = json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"{path!r}: task-vector metadata key {key!r} is not valid JSON ({exc}): "
+                         f"{raw[:80]!r}") from None
+    if not isinstance(val, kind):
+        raise ValueError(f"{path!r}: task-vector metadata key {key!r} must be a JSON {kind.__name__}, "
+                         f"got {type(val).__name__}")
+    return val
+
+
+def _crc(t: torch.Tensor) -> int:
+    return zlib.crc32(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()) & 0xFFFFFFFF
+
+
+def save(tv, path) -> None:
+    """Write a safetensors file: ``tau/<block>`` slabs, ``scale/<block>`` scales, and metadata
+    (format, version, names, blocks, shapes, storage, and a CRC32 per tensor), atomically.
+    ``TaskVectors.save(path)``."""
+    tensors = {}
+    for b, s in tv._slabs.items():
+        tensors["tau/" + b] = s.detach().contiguous().cpu()
+    for b, s in tv._scales.items():
+        tensors["scale/" + b] = s.detach().contiguous().cpu()
+    for b, (a, bb) in tv._lora.items():
+        tensors["lora_a/" + b] = a.detach().contiguous().cpu()
+        tensors["lora_b/" + b] = bb.detach().contiguous().cpu()
+    for b, idx in tv._index.items():
+        tensors["index/" + b] = idx.detach().contiguous().cpu()
+    meta = {
+        "n": str(tv._n),
+        "format": FORMAT,
+        "version": VERSION,
+        "names": json.dumps(tv._names),
+        "blocks": json.dumps(tv.blocks),
+        "shapes": json.dumps({b: list(tv.shape(b)) for b in tv.blocks}),
+        "storage": tv._storage,
+        "crc32": json.dumps({k: _crc(v) for k, v in tensors.items()}),
+    }
+    meta[_META_CRC] = str(_meta_crc(meta))  # the metadata is checked too, not only the tensors
+    atomic_save_safetensors(tensors, str(path), metadata=meta)
+
+
+def _check_header(meta: Mapping[str, str], path: str, verify: bool) -> None:
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path!r} is a safetensors file but not an atlas_kernels task-vector file "
+                         f"(metadata format={meta.get('format')!r}, expected {FORMAT!r})")
+    if meta.get("version") != VERSION:
+        raise ValueError(f"{path!r}: task-vector file version {meta.get('version')!r} is not "
+                         f"supported (expected {VERSION!r})")
+    if verify and _META_CRC in meta and meta[_META_CRC] != str(_meta_crc(meta)):
+        raise ValueError(f"{path!r}: the metadata fails its CRC32 check (names, blocks, shapes, "
+                         f"storage or the tensor checksums were changed): the file is corrupted")
+
+
+def _read(f, path: str, verify: bool):
+    """``(meta, names, blocks, crcs, slabs, scales, lora, index)`` from an open safetensors file."""
+    meta = f.metadata() or {}
+    _check_header(meta, path, verify)
+    names = _meta_json(meta, "names", list, path)
+    blocks = _meta_json(meta, "blocks", list, path)
+    shapes = _meta_json(meta, "shapes", dict, path)
+    crcs = _meta_json(meta, "crc32", dict, path, default="{}")
+    keys = set(f.keys())
+    listed = {p + b for b in blocks for p in _KINDS}
+    unlisted = sorted(keys - listed)
+    if unlisted:
+        raise ValueError(f"{path!r} holds {len(unlisted)} tensor(s) for blocks its metadata 'blocks' "
+                         f"does not list, e.g. {unlisted[:3]}: refusing to drop them silently "
+                         f"(the file is corrupted or was edited)")
+    missing_shape = [b for b in blocks if b not in shapes]
+    if missing_shape:
+        raise ValueError(f"{path!r}: metadata 'shapes' has no entry for block(s) {missing_shape[:3]}")
+    slabs, scales = {}, {}
+    lora, index = {}, {}
+    for b in blocks:
+        if "index/" + b in keys:
+            index[b] = f.get_tensor("index/" + b)
+        rows = len(names) if b not in index else index[b].numel()
+        if "lora_a/" + b in keys and "lora_b/" + b in keys:
+            a, bb = f.get_tensor("lora_a/" + b), f.get_tensor("lora_b/" + b)
+            got = [bb.shape[1], a.shape[2]] if a.dim() == 3 and bb.dim() == 3 else None
+            if got != shapes[b] or a.shape[0] != rows:
+                raise ValueError(f"{path!r}: LoRA block {b!r} has factors {tuple(a.shape)}, "
+                                 f"{tuple(bb.shape)}; "
+                                 f"metadata says {rows} task vectors of shape {shapes[b]}")
+            lora[b] = (a, bb)
+            continue
+        if "tau/" + b not in keys:
+            raise ValueError(f"{path!r} lists block {b!r} but holds no tensor for it")
+        t = f.get_tensor("tau/" + b)
+        if list(t.shape[1:]) != shapes[b] or t.shape[0] != rows:
+            raise ValueError(f"{path!r}: block {b!r} has shape {tuple(t.shape)}, metadata says "
+                             f"[{rows}, {', '.join(map(str, shapes[b]))}]")
+        slabs[b] = t
+        if "scale/" + b in keys:
+            scales[b] = f.get_tensor("scale/" + b)
+    return meta, names, blocks, crcs, slabs, scales, lora, index
+
+
+def load(cls, path, device=None, *, verify: bool = True):
+    """Read a file written by :meth:`save`. ``verify`` checks every tensor's CRC32 (and the
+    metadata's own). ``TaskVectors.load(path, device=None, verify=True)``."""
+    from safetensors import safe_open
+
+    path = str(path)
+    check_file(path, "task-vector file")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta, names, blocks, crcs, slabs, scales, lora, index = _read(f, path, verify)
+    except ValueError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types for broken headers
+        raise unreadable_safetensors(path, exc) from exc
+    if verify:
+        checks = [("tau/" + b, s) for b, s in slabs.items()] + [("scale/" + b, s) for b, s in scales.items()]
+        checks += [(f"lora_{w}/" + b, t) for b, ab in lora.items() for w, t in zip("ab", ab)]
+        checks += [("index/" + b, t) for b, t in index.items()]
+        for key, t in checks:
+            if key not in crcs or _crc(t) != crcs[key]:
+                raise ValueError(f"{path!r}: tensor {key!r} fails its CRC32 check: the file is corrupted")
+    try:
+        n_meta = int(meta.get("n", len(names)))
+    except ValueError:
+        raise ValueError(f"{path!r}: metadata key 'n' must be an integer, got {meta.get('n')!r}") from None
+    tv = cls(slabs, names, scales, lora=lora, index=index, n=n_meta)
+    tv._order = list(blocks)
+    if meta.get("storage") != tv.storage:
+        raise ValueError(f"{path!r}: metadata says storage {meta.get('storage')!r}, tensors are {tv.storage}")
+    return tv if device is None else tv.to(device)
