@@ -48,6 +48,7 @@ from typing import Dict, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 from . import ops
 from .blocks import BlockSpec
@@ -281,6 +282,19 @@ class AtlasLinear(AtlasModule):
             self._add_block(name, getattr(linear, name), specs.get(name))
         self._keep_original(linear)
 
+    @staticmethod
+    def accepts(module: nn.Module) -> bool:
+        """An ``nn.Linear`` running ``nn.Linear.forward`` (a subclass with its own forward is not
+        swapped: its blocks take the :class:`AtlasParameter` path)."""
+        return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+
+    @classmethod
+    def from_module(cls, linear: nn.Linear, specs: Dict[str, BlockSpec], backend: str = "auto") -> "AtlasLinear":
+        """The module that replaces ``linear`` (what torchao's ``from_float`` is to its swap): its
+        ``weight`` and ``bias`` become blocks, adapted where ``specs`` (local name -> spec) names
+        them; ``linear`` itself is kept for unpatch."""
+        return cls(linear, specs, backend)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._linear(x, "weight", "bias")
 
@@ -312,6 +326,21 @@ class AtlasMultiheadAttention(AtlasModule):
         return (mha._qkv_same_embed_dim and mha.in_proj_weight is not None and mha.bias_k is None
                 and mha.bias_v is None and not mha.add_zero_attn
                 and type(mha.out_proj).forward is nn.Linear.forward)
+
+    @classmethod
+    def accepts(cls, module: nn.Module) -> bool:
+        """An ``nn.MultiheadAttention`` of a configuration this class runs (see :meth:`supports`)."""
+        return isinstance(module, nn.MultiheadAttention) and cls.supports(module)
+
+    @classmethod
+    def from_module(cls, mha: nn.MultiheadAttention, specs: Dict[str, BlockSpec],
+                    backend: str = "auto") -> "AtlasMultiheadAttention":
+        """The module that replaces ``mha``: ``specs`` (local name -> spec) names its own blocks
+        (``in_proj_weight``, ``in_proj_bias``) and its out-projection's (``out_proj.weight``,
+        ``out_proj.bias``), which go to the :class:`AtlasLinear` child."""
+        own = {k: s for k, s in specs.items() if not k.startswith("out_proj.")}
+        out = {k[len("out_proj."):]: s for k, s in specs.items() if k.startswith("out_proj.")}
+        return cls(mha, own, out, backend)
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
@@ -390,6 +419,19 @@ class AtlasParameter(nn.Module):
         self.backend = ops.check_backend(backend)
         spec.register(self, "")
         self.partition = spec.partition
+
+    @classmethod
+    def from_module(cls, owner: nn.Module, specs: Dict[str, BlockSpec], backend: str = "auto",
+                    shared: Optional[Dict[int, "AtlasParameter"]] = None) -> nn.Module:
+        """Parametrize ``owner`` in place (and return it): each tensor ``specs`` names (local name ->
+        spec) reads its composed value from then on. ``shared`` (``id(spec)`` -> parametrization,
+        filled as it goes) gives a tied tensor, whose owners all hold the same spec, one
+        parametrization: one set of coefficients, one value for every owner."""
+        shared = {} if shared is None else shared
+        for name, spec in specs.items():
+            atlas_p = shared.get(id(spec)) or shared.setdefault(id(spec), cls(spec, backend))
+            parametrize.register_parametrization(owner, name, atlas_p, unsafe=True)
+        return owner
 
     def _apply(self, fn, recurse=True):
         return _apply_keeping(self, _KEEP_DTYPE, fn, recurse)
