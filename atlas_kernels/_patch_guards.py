@@ -1,20 +1,19 @@
 """Patch-time guards and fix-ups of :func:`atlas_kernels.patch`: block names the module lacks (with
 a hint at the prefix that would fit), shapes, dtypes and devices of the blocks, tied parameters,
 the Triton backend on the wrong device, BatchNorm running statistics. Used by
-:mod:`atlas_kernels.patching` only."""
+:mod:`atlas_kernels.patching` only. ``tvs`` is always the
+:class:`~atlas_kernels.task_vectors.TaskVectors` being patched in (only its reading methods are
+used: this file imports nothing above it)."""
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Dict
+from typing import Dict
 
 import torch
 import torch.nn as nn
 
-if TYPE_CHECKING:  # annotations only: nothing here needs the class at run time
-    from .task_vectors import TaskVectors
 
-
-def _buffers_named(tvs: TaskVectors, module: nn.Module, params) -> set:
+def _buffers_named(tvs, module: nn.Module, params) -> set:
     """Blocks that are buffers of the module (a state dict holds BatchNorm running statistics
     beside the parameters): not parameters, so not adapted; said once, then skipped."""
     bufs = {k for k, _ in module.named_buffers()}
@@ -26,7 +25,7 @@ def _buffers_named(tvs: TaskVectors, module: nn.Module, params) -> set:
     return named
 
 
-def _check_blocks_exist(tvs: TaskVectors, params, buffers=frozenset()) -> None:
+def _check_blocks_exist(tvs, params, buffers=frozenset()) -> None:
     missing = [b for b in tvs.blocks if b not in params and b not in buffers]
     if missing:
         hint = ""
@@ -51,7 +50,7 @@ def _check_blocks_exist(tvs: TaskVectors, params, buffers=frozenset()) -> None:
                          f"{missing[:3]}{hint}")
 
 
-def _check_block(name: str, p: torch.Tensor, tvs: TaskVectors) -> None:
+def _check_block(name: str, p: torch.Tensor, tvs) -> None:
     shape = tvs.shape(name)
     if shape != p.shape:
         raise ValueError(f"block {name!r}: the model's parameter has shape {tuple(p.shape)}, the task vectors "
@@ -76,7 +75,7 @@ def _tied_aliases(module: nn.Module) -> Dict[str, str]:
     return aliases
 
 
-def _check_tied_agree(tvs: TaskVectors, aliases: Dict[str, str]) -> None:
+def _check_tied_agree(tvs, aliases: Dict[str, str]) -> None:
     """Task vectors naming two names of one tied tensor must hold the same update for both."""
     for alias, canonical in aliases.items():
         if alias not in tvs or canonical not in tvs:

@@ -283,16 +283,13 @@ class AtlasLinear(AtlasModule):
         self._keep_original(linear)
 
     @staticmethod
-    def accepts(module: nn.Module) -> bool:
-        """An ``nn.Linear`` running ``nn.Linear.forward`` (a subclass with its own forward is not
-        swapped: its blocks take the :class:`AtlasParameter` path)."""
+    def supports(module: nn.Module) -> bool:
+        """An ``nn.Linear`` running ``nn.Linear.forward`` (a subclass with its own forward is not)."""
         return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
 
     @classmethod
     def from_module(cls, linear: nn.Linear, specs: Dict[str, BlockSpec], backend: str = "auto") -> "AtlasLinear":
-        """The module that replaces ``linear`` (what torchao's ``from_float`` is to its swap): its
-        ``weight`` and ``bias`` become blocks, adapted where ``specs`` (local name -> spec) names
-        them; ``linear`` itself is kept for unpatch."""
+        """What replaces ``linear`` (torchao's ``from_float``); ``specs``: local block name -> spec."""
         return cls(linear, specs, backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -322,22 +319,15 @@ class AtlasMultiheadAttention(AtlasModule):
         self._keep_original(mha)
 
     @staticmethod
-    def supports(mha: nn.MultiheadAttention) -> bool:
-        return (mha._qkv_same_embed_dim and mha.in_proj_weight is not None and mha.bias_k is None
-                and mha.bias_v is None and not mha.add_zero_attn
-                and type(mha.out_proj).forward is nn.Linear.forward)
-
-    @classmethod
-    def accepts(cls, module: nn.Module) -> bool:
-        """An ``nn.MultiheadAttention`` of a configuration this class runs (see :meth:`supports`)."""
-        return isinstance(module, nn.MultiheadAttention) and cls.supports(module)
+    def supports(mha: nn.Module) -> bool:
+        return (isinstance(mha, nn.MultiheadAttention) and mha._qkv_same_embed_dim
+                and mha.in_proj_weight is not None and mha.bias_k is None and mha.bias_v is None
+                and not mha.add_zero_attn and type(mha.out_proj).forward is nn.Linear.forward)
 
     @classmethod
     def from_module(cls, mha: nn.MultiheadAttention, specs: Dict[str, BlockSpec],
                     backend: str = "auto") -> "AtlasMultiheadAttention":
-        """The module that replaces ``mha``: ``specs`` (local name -> spec) names its own blocks
-        (``in_proj_weight``, ``in_proj_bias``) and its out-projection's (``out_proj.weight``,
-        ``out_proj.bias``), which go to the :class:`AtlasLinear` child."""
+        """What replaces ``mha``; ``specs`` names its blocks and its ``out_proj.weight``/``.bias``."""
         own = {k: s for k, s in specs.items() if not k.startswith("out_proj.")}
         out = {k[len("out_proj."):]: s for k, s in specs.items() if k.startswith("out_proj.")}
         return cls(mha, own, out, backend)
@@ -423,10 +413,8 @@ class AtlasParameter(nn.Module):
     @classmethod
     def from_module(cls, owner: nn.Module, specs: Dict[str, BlockSpec], backend: str = "auto",
                     shared: Optional[Dict[int, "AtlasParameter"]] = None) -> nn.Module:
-        """Parametrize ``owner`` in place (and return it): each tensor ``specs`` names (local name ->
-        spec) reads its composed value from then on. ``shared`` (``id(spec)`` -> parametrization,
-        filled as it goes) gives a tied tensor, whose owners all hold the same spec, one
-        parametrization: one set of coefficients, one value for every owner."""
+        """Parametrize the blocks ``specs`` names on ``owner``, in place. ``shared`` (``id(spec)`` ->
+        parametrization, filled as it goes) gives every owner of a tied tensor the same one."""
         shared = {} if shared is None else shared
         for name, spec in specs.items():
             atlas_p = shared.get(id(spec)) or shared.setdefault(id(spec), cls(spec, backend))

@@ -214,15 +214,15 @@ def _specs_by_owner(root: nn.Module, specs: Dict[str, BlockSpec], aliases: Dict[
 
 
 def _swap_class(owner: nn.Module, parent: Optional[nn.Module], tied: bool):
-    """Which class takes ``owner``'s blocks (torchao's ``module_filter_fn``, with the class's
-    ``from_module`` as ``from_float``). :class:`AtlasParameter` (in place) for the root, which
+    """Which class takes ``owner``'s blocks (torchao's ``module_filter_fn``: the class's ``supports``,
+    then its ``from_module`` as ``from_float``). :class:`AtlasParameter` (in place) for the root, which
     cannot be swapped; for an owner of a tied block, which shares it with other owners; and for a
     linear inside an attention module, whose weight the attention module reads directly."""
     if parent is None or tied:
         return AtlasParameter
-    if AtlasMultiheadAttention.accepts(owner):
+    if AtlasMultiheadAttention.supports(owner):
         return AtlasMultiheadAttention
-    if AtlasLinear.accepts(owner) and not isinstance(parent, nn.MultiheadAttention):
+    if AtlasLinear.supports(owner) and not isinstance(parent, nn.MultiheadAttention):
         return AtlasLinear
     return AtlasParameter
 
@@ -255,7 +255,7 @@ def _promote_out_proj(root: nn.Module, by_owner) -> None:
         parent, _, last = path.rpartition(".")
         if last == "out_proj" and path:
             owner = root.get_submodule(parent) if parent else root
-            if isinstance(owner, nn.MultiheadAttention) and AtlasMultiheadAttention.supports(owner):
+            if AtlasMultiheadAttention.supports(owner):
                 by_owner.setdefault(parent, {})
 
 
