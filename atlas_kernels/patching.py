@@ -1,4 +1,5 @@
-"""patch / unpatch / coefficients, and coefficient files.
+"""patch / unpatch (coefficients and the coefficient files are re-exported from
+:mod:`atlas_kernels._adapted` and :mod:`atlas_kernels.coefficient_files`).
 
 ``patch(module, task_vectors)`` swaps, in place:
 
@@ -11,6 +12,12 @@
 Every parameter of the patched module stops requiring gradients; the coefficients are the only
 trainable parameters. ``unpatch`` merges ``theta0 + sum_i lam_i tau_i`` (float32) back into plain
 modules of the original classes, with the original parameter names and ``requires_grad`` flags.
+
+The flow: check the arguments and the blocks (:mod:`atlas_kernels._patch_guards`); take one
+:class:`~atlas_kernels.blocks.BlockSpec` per block from the task vectors; group the specs by owning
+module; hand each owner to the class that supports it (``AtlasMultiheadAttention``, ``AtlasLinear``,
+else ``AtlasParameter``) through its ``from_module``; freeze, group or linearise; record a
+:class:`~atlas_kernels.patch_config.PatchConfig` on the module.
 """
 from __future__ import annotations
 
@@ -294,13 +301,17 @@ def _choose_blocks(tvs: TaskVectors, params, blocks: BlockFilter):
 # ----------------------------------------------------------------------- unpatch
 @torch.no_grad()
 def unpatch(module: nn.Module) -> nn.Module:
-    """Merge ``theta0 + sum_i lam_i tau_i`` (float32) into plain modules and return ``module``."""
-    config = PatchConfig.of(module)
+    """Merge ``theta0 + sum_i lam_i tau_i`` (float32) into plain modules and return ``module``
+    (a ``torch.compile``/DDP/DataParallel wrapper is returned as given, the module inside unpatched)."""
+    wrapper, config = module, PatchConfig.of(module)
     if config.linearised:
         raise RuntimeError("unpatch cannot merge a linearised module: no plain model equals the linearised one "
                            "(f(x; theta0) + J f(x; theta0) . D); use atlas_kernels.export_linearised(module, path) "
                            "and atlas_kernels.load_linearised(path, model) to evaluate it")
-    restore = getattr(unwrap(module), RESTORE_ATTR)
+    # Work on the module inside a wrapper: its names are the ones requires_grad was recorded under,
+    # and it holds the config.
+    module = unwrap(module)
+    restore = getattr(module, RESTORE_ATTR)
     requires_grad = restore["requires_grad"]
     # Validate every coefficient first, so a failure leaves the module patched and whole.
     for name, c in coefficients(module).items():
@@ -343,7 +354,7 @@ def unpatch(module: nn.Module) -> nn.Module:
     _unfreeze_batchnorm(module, restore["frozen_bn"])
     delattr(module, CONFIG_ATTR)
     delattr(module, RESTORE_ATTR)
-    return module
+    return wrapper
 
 
 def _own_class(m: nn.Module) -> None:

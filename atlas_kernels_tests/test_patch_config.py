@@ -93,3 +93,18 @@ def test_from_module_constructors():
     AtlasParameter.from_module(ln2, {"bias": tied}, backend="torch", shared=shared)
     p1, p2 = ln1.parametrizations.bias[0], ln2.parametrizations.bias[0]
     assert isinstance(p1, AtlasParameter) and p1 is p2  # one parametrization for both owners of the spec
+
+
+def test_unpatch_through_a_wrapper_unpatches_the_module_inside_whole():
+    m, tvs = _tiny()
+    flags = {n: p.requires_grad for n, p in m.named_parameters()}
+    want = m[0].weight.detach().double() + 0.5 * tvs["0.weight"].double().sum(0)
+    ak.patch(m, tvs, backend="torch")
+    with torch.no_grad():
+        for c in ak.coefficients(m).values():
+            c.fill_(0.5)
+    w = nn.DataParallel(m)
+    assert ak.unpatch(w) is w
+    assert not ak.is_patched(m) and type(m[0]) is nn.Linear
+    assert {n: p.requires_grad for n, p in m.named_parameters()} == flags
+    torch.testing.assert_close(m[0].weight.double(), want, rtol=1e-6, atol=1e-6)
