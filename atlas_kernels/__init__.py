@@ -10,7 +10,8 @@
 Layout: ``reference`` (the specification), ``kernels/`` (Triton kernels), ``ops/`` (autograd and
 backend dispatch), ``modules`` (AtlasLinear and friends), ``storage`` (the storage table: bytes,
 per-row scales, quantising), ``task_vectors/`` (building, files, the CLI),
-``patching`` (patch / unpatch / coefficient files).
+``patching`` (patch / unpatch, with its :class:`PatchConfig` in ``patch_config``),
+``coefficient_files`` (save / load coefficients).
 """
 import importlib as _importlib
 
@@ -24,7 +25,7 @@ _EXPORTS = {
     "convert_checkpoint": "checkpoints", "load_state_dict_file": "checkpoints", "load_head": "checkpoints",
     "Head": "checkpoints",
     "patch": "patching", "unpatch": "patching", "is_patched": "patching", "coefficients": "patching",
-    "save_coefficients": "patching", "load_coefficients": "patching",
+    "save_coefficients": "coefficient_files", "load_coefficients": "coefficient_files", "PatchConfig": "patch_config",
     "AtlasLinear": "modules", "AtlasMultiheadAttention": "modules", "AtlasParameter": "modules",
     "Partition": "partitions",
     "select_task_vectors": "budget", "budget_report": "budget",

@@ -1,14 +1,65 @@
-"""Patch-time guards and fix-ups of :func:`atlas_kernels.patch`: tied parameters, the Triton
-backend on the wrong device, BatchNorm running statistics. Used by :mod:`atlas_kernels.patching`
-only."""
+"""Patch-time guards and fix-ups of :func:`atlas_kernels.patch`: block names the module lacks (with
+a hint at the prefix that would fit), shapes, dtypes and devices of the blocks, tied parameters,
+the Triton backend on the wrong device, BatchNorm running statistics. Used by
+:mod:`atlas_kernels.patching` only. ``tvs`` is always the
+:class:`~atlas_kernels.task_vectors.TaskVectors` being patched in (only its reading methods are
+used: this file imports nothing above it)."""
 from __future__ import annotations
 
+import warnings
 from typing import Dict
 
 import torch
 import torch.nn as nn
 
-from .task_vectors import TaskVectors
+
+def _buffers_named(tvs, module: nn.Module, params) -> set:
+    """Blocks that are buffers of the module (a state dict holds BatchNorm running statistics
+    beside the parameters): not parameters, so not adapted; said once, then skipped."""
+    bufs = {k for k, _ in module.named_buffers()}
+    named = {b for b in tvs.blocks if b not in params and b in bufs}
+    if named:
+        warnings.warn(f"task vectors name {len(named)} buffer(s) of the module, e.g. {sorted(named)[:3]}; buffers "
+                      f"(such as BatchNorm running statistics) are not parameters and stay as they are",
+                      stacklevel=3)
+    return named
+
+
+def _check_blocks_exist(tvs, params, buffers=frozenset()) -> None:
+    missing = [b for b in tvs.blocks if b not in params and b not in buffers]
+    if missing:
+        hint = ""
+        sample = missing[0]
+        # Look at every missing name, not the first one (which sorts to a text-tower key of a
+        # whole-CLIP state dict): a prefix that maps many of them onto the module's names is the hint.
+        for p in ("visual.", "module.", "model.", "vision_model.", "model.visual."):
+            fits = [b for b in missing if b.startswith(p) and b[len(p):] in params]
+            if fits:
+                whole = any(not b.startswith(p) for b in missing)
+                what = "these look like whole-model task vectors; " if whole else ""
+                hint = (f" ({what}{len(fits)} of them are the module's names behind a {p!r} prefix: build the task "
+                        f"vectors with prefix={p!r}, or patch the whole model)")
+                break
+        dotted = [b for b in missing if b.startswith(".") and b[1:] in params]
+        if not hint and dotted:
+            hint = (f" (names such as {dotted[0]!r} start with a dot: the prefix given when building them lacked its "
+                    f"trailing dot; pass e.g. prefix='visual.' rather than prefix='visual')")
+        if not hint and any(f"visual.{sample}" == k or k.endswith("." + sample) for k in params):
+            hint = " (the model holds it under a longer path: patch the submodule, e.g. model.visual)"
+        raise ValueError(f"task vectors name {len(missing)} block(s) the model does not have, e.g. "
+                         f"{missing[:3]}{hint}")
+
+
+def _check_block(name: str, p: torch.Tensor, tvs) -> None:
+    shape = tvs.shape(name)
+    if shape != p.shape:
+        raise ValueError(f"block {name!r}: the model's parameter has shape {tuple(p.shape)}, the task vectors "
+                         f"have {tuple(shape)} (task vectors of another model?)")
+    if not p.is_floating_point():
+        raise TypeError(f"block {name!r}: the model's parameter is {p.dtype}; only floating blocks can be adapted")
+    if tvs.device != p.device:
+        raise ValueError(f"block {name!r}: task vectors are on {tvs.device}, the model's parameter on {p.device}; "
+                         f"move them with task_vectors.to({str(p.device)!r})")
 
 
 def _tied_aliases(module: nn.Module) -> Dict[str, str]:
@@ -24,7 +75,7 @@ def _tied_aliases(module: nn.Module) -> Dict[str, str]:
     return aliases
 
 
-def _check_tied_agree(tvs: TaskVectors, aliases: Dict[str, str]) -> None:
+def _check_tied_agree(tvs, aliases: Dict[str, str]) -> None:
     """Task vectors naming two names of one tied tensor must hold the same update for both."""
     for alias, canonical in aliases.items():
         if alias not in tvs or canonical not in tvs:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .partitions import Partition
+from .partitions import Partition, coef_shape
 
 __all__ = ["BlockSpec"]
 
@@ -33,9 +33,9 @@ class BlockSpec:
         return (self.tau if self.lora is None else self.lora[0]).device
 
     def new_coef(self) -> nn.Parameter:
-        shape = (self.n,) if self.partition.k == 1 else (self.n, self.partition.k)
         # Coefficients start at 0: the patched model starts as the pre-trained one (as in the paper).
-        return nn.Parameter(torch.zeros(shape, dtype=torch.float32, device=self.device))
+        return nn.Parameter(torch.zeros(coef_shape(self.n, self.partition.k), dtype=torch.float32,
+                                        device=self.device))
 
     def register(self, owner: nn.Module, prefix: str) -> None:
         """Register the block's tensors on ``owner`` as ``<prefix>tau`` etc. (non-persistent: task

@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 
 from . import ops
-from .modules import PACKED_BACKENDS, SMALL_BLOCK_NUMEL, AtlasParameter, _apply_keeping
+from ._adapted import atlas_parametrizations
+from .modules import PACKED_BACKENDS, SMALL_BLOCK_NUMEL, _apply_keeping
 
 __all__ = ["SmallBlockGroup", "group_small_blocks_of", "ungroup_small_blocks", "GROUP_ATTR"]
 
@@ -201,20 +202,16 @@ def group_small_blocks_of(module: nn.Module) -> None:
     sets = defaultdict(list)
     seen = set()
     for _, m in module.named_modules():
-        plist = getattr(m, "parametrizations", None)
-        if not isinstance(plist, nn.ModuleDict):
-            continue
-        for local, chain in plist.items():
-            for p in chain:
-                if not isinstance(p, AtlasParameter) or p.lora_a is not None or p.index is not None:
-                    continue
-                if id(p) in seen:
-                    continue  # a tied block: one member, whichever owner reads it
-                seen.add(id(p))
-                theta0 = chain.original
-                if p.tau is None or theta0.numel() > SMALL_BLOCK_NUMEL or theta0.device != p.tau.device:
-                    continue
-                sets[(str(p.tau.device), p.tau.dtype, theta0.dtype, p.scale is not None)].append((m, local, p))
+        for local, chain, p in atlas_parametrizations(m):
+            if p.lora_a is not None or p.index is not None:
+                continue
+            if id(p) in seen:
+                continue  # a tied block: one member, whichever owner reads it
+            seen.add(id(p))
+            theta0 = chain.original
+            if p.tau is None or theta0.numel() > SMALL_BLOCK_NUMEL or theta0.device != p.tau.device:
+                continue
+            sets[(str(p.tau.device), p.tau.dtype, theta0.dtype, p.scale is not None)].append((m, local, p))
     if not sets:
         return
     members = max(sets.values(), key=len)

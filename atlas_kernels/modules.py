@@ -48,6 +48,7 @@ from typing import Dict, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 from . import ops
 from .blocks import BlockSpec
@@ -281,6 +282,16 @@ class AtlasLinear(AtlasModule):
             self._add_block(name, getattr(linear, name), specs.get(name))
         self._keep_original(linear)
 
+    @staticmethod
+    def supports(module: nn.Module) -> bool:
+        """An ``nn.Linear`` running ``nn.Linear.forward`` (a subclass with its own forward is not)."""
+        return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+
+    @classmethod
+    def from_module(cls, linear: nn.Linear, specs: Dict[str, BlockSpec], backend: str = "auto") -> "AtlasLinear":
+        """What replaces ``linear`` (torchao's ``from_float``); ``specs``: local block name -> spec."""
+        return cls(linear, specs, backend)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._linear(x, "weight", "bias")
 
@@ -308,10 +319,18 @@ class AtlasMultiheadAttention(AtlasModule):
         self._keep_original(mha)
 
     @staticmethod
-    def supports(mha: nn.MultiheadAttention) -> bool:
-        return (mha._qkv_same_embed_dim and mha.in_proj_weight is not None and mha.bias_k is None
-                and mha.bias_v is None and not mha.add_zero_attn
-                and type(mha.out_proj).forward is nn.Linear.forward)
+    def supports(mha: nn.Module) -> bool:
+        return (isinstance(mha, nn.MultiheadAttention) and mha._qkv_same_embed_dim
+                and mha.in_proj_weight is not None and mha.bias_k is None and mha.bias_v is None
+                and not mha.add_zero_attn and type(mha.out_proj).forward is nn.Linear.forward)
+
+    @classmethod
+    def from_module(cls, mha: nn.MultiheadAttention, specs: Dict[str, BlockSpec],
+                    backend: str = "auto") -> "AtlasMultiheadAttention":
+        """What replaces ``mha``; ``specs`` names its blocks and its ``out_proj.weight``/``.bias``."""
+        own = {k: s for k, s in specs.items() if not k.startswith("out_proj.")}
+        out = {k[len("out_proj."):]: s for k, s in specs.items() if k.startswith("out_proj.")}
+        return cls(mha, own, out, backend)
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
@@ -390,6 +409,17 @@ class AtlasParameter(nn.Module):
         self.backend = ops.check_backend(backend)
         spec.register(self, "")
         self.partition = spec.partition
+
+    @classmethod
+    def from_module(cls, owner: nn.Module, specs: Dict[str, BlockSpec], backend: str = "auto",
+                    shared: Optional[Dict[int, "AtlasParameter"]] = None) -> nn.Module:
+        """Parametrize the blocks ``specs`` names on ``owner``, in place. ``shared`` (``id(spec)`` ->
+        parametrization, filled as it goes) gives every owner of a tied tensor the same one."""
+        shared = {} if shared is None else shared
+        for name, spec in specs.items():
+            atlas_p = shared.get(id(spec)) or shared.setdefault(id(spec), cls(spec, backend))
+            parametrize.register_parametrization(owner, name, atlas_p, unsafe=True)
+        return owner
 
     def _apply(self, fn, recurse=True):
         return _apply_keeping(self, _KEEP_DTYPE, fn, recurse)

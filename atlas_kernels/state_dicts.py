@@ -17,6 +17,8 @@ from typing import Dict, Mapping
 import torch
 import torch.nn as nn
 
+from .patch_config import is_patched, unwrap
+
 __all__ = ["load_plain_state_dict", "attach_guard", "detach_guard"]
 
 _PARAM = ".parametrizations."
@@ -82,9 +84,7 @@ def load_plain_state_dict(module: nn.Module, state_dict: Mapping[str, torch.Tens
     is checked before anything is copied. Returns ``module``.
 
     ``strict``: every theta0 / parameter / buffer of the module must be given, and nothing else."""
-    from .patching import _unwrap, is_patched
-
-    module = _unwrap(module)
+    module = unwrap(module)
     if not is_patched(module):
         raise RuntimeError("load_plain_state_dict is for modules patched by atlas_kernels.patch; use "
                            "module.load_state_dict for a plain module")

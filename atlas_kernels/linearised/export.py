@@ -17,19 +17,17 @@ import re
 import torch
 import torch.nn as nn
 
+from .._adapted import atlas_parametrizations, coefficients, join
 from .._checks import all_finite
 from .._io import atomic_save_safetensors
-from ..modules import AtlasModule, AtlasParameter
+from ..modules import AtlasModule
+from ..patch_config import PatchConfig
 from .modules import block_delta
 
 __all__ = ["export_linearised", "load_linearised", "FORMAT"]
 
 FORMAT = "atlas_kernels.linearised"
 _PARAM = re.compile(r"(^|\.)parametrizations\.([^.]+)\.original$")
-
-
-def _join(a: str, b: str) -> str:
-    return f"{a}.{b}" if a else b
 
 
 def _plain_name(key: str) -> str:
@@ -44,13 +42,9 @@ def _deltas(module: nn.Module):
         if isinstance(m, AtlasModule):
             for local in m._partitions:
                 theta0 = m._theta0(local)
-                out[_join(path, local)] = (m, local, theta0.dtype)
-        plist = getattr(m, "parametrizations", None)
-        if isinstance(plist, nn.ModuleDict):
-            for local, chain in plist.items():
-                for p in chain:
-                    if isinstance(p, AtlasParameter):
-                        out[_join(path, local)] = (p, "", chain.original.dtype)
+                out[join(path, local)] = (m, local, theta0.dtype)
+        for local, chain, p in atlas_parametrizations(m):
+            out[join(path, local)] = (p, "", chain.original.dtype)
     deltas = {}
     for name, (owner, local, dtype) in out.items():
         acc = torch.float64 if dtype == torch.float64 else torch.float32
@@ -65,14 +59,10 @@ def _deltas(module: nn.Module):
 def export_linearised(module: nn.Module, path) -> None:
     """Write a linearised patched ``module`` as theta0 (the plain state dict's names) plus ``D`` per
     adapted block, to the safetensors file ``path`` (written atomically)."""
-    from ..patching import _state
-
-    state = _state(module)
-    if not state.get("linearised"):
+    config = PatchConfig.of(module)
+    if not config.linearised:
         raise ValueError("export_linearised needs a module patched with linearised=True; a standard patched "
                          "module merges into a plain model with atlas_kernels.unpatch(module)")
-    from ..patching import coefficients
-
     coef_ids = {id(c) for c in coefficients(module).values()}
     tensors = {}
     for key, value in module.state_dict(keep_vars=True).items():
@@ -83,7 +73,7 @@ def export_linearised(module: nn.Module, path) -> None:
     for name, d in deltas.items():
         tensors["delta." + name] = d
     meta = {"format": FORMAT, "version": "1", "blocks": json.dumps(sorted(deltas)),
-            "names": json.dumps(list(state["names"]))}
+            "names": json.dumps(list(config.names))}
     atomic_save_safetensors(tensors, path, metadata=meta)
 
 
@@ -123,8 +113,6 @@ def load_linearised(path, module: nn.Module, *, backend: str = "auto") -> nn.Mod
     device = next(iter(module.parameters())).device
     tvs = TaskVectors({k: d[None] for k, d in deltas.items()}, names=["linearised"]).to(device)
     patch(module, tvs, backend=backend, linearised=True)
-    from ..patching import coefficients
-
     with torch.no_grad():
         for c in coefficients(module).values():
             c.fill_(1.0)

@@ -531,7 +531,7 @@ def export_merged(s: Setup, path) -> None:
     """Merge the coefficients into plain weights and write the whole model's state dict."""
     import atlas_kernels as ak
 
-    if ak.is_patched(s.model.visual) and getattr(s.model.visual, "_atlas_state", {}).get("linearised"):
+    if ak.is_patched(s.model.visual) and ak.PatchConfig.of(s.model.visual).linearised:
         # no plain model equals a linearised one: theta0 plus D per block (atlas_kernels.load_linearised)
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         ak.export_linearised(s.model.visual, path)

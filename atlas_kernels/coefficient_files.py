@@ -1,0 +1,135 @@
+"""Coefficient files: :func:`save_coefficients` and :func:`load_coefficients`.
+
+A coefficient file is a safetensors file: one float32 tensor per adapted block, named as
+:func:`~atlas_kernels.coefficients` names it, and string metadata:
+
+- ``format`` (``"atlas_kernels.coefficients"``), ``version`` (``"1"``);
+- what a load checks against the patched module: ``n``, ``partitions``, ``partition_mode``,
+  ``seed``, ``names`` (JSON list: the task vectors in coefficient order), ``blocks`` (JSON list of
+  the tensor names), ``linearised`` (``"1"``/``"0"``);
+- ``patch_config``: the module's whole :class:`~atlas_kernels.patch_config.PatchConfig` as JSON
+  (backend, BatchNorm and grouping choices too), a record of how the coefficients were trained.
+  Files written before it existed lack it; nothing reads it back, so they load as before.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+
+import torch
+import torch.nn as nn
+
+from ._adapted import coefficients
+from .patch_config import PatchConfig
+
+__all__ = ["save_coefficients", "load_coefficients"]
+
+FORMAT = "atlas_kernels.coefficients"
+
+
+def _identity(config: PatchConfig) -> dict:
+    """The metadata values a load compares, as this module's config writes them."""
+    return {"n": str(config.n), "partitions": str(config.partitions), "partition_mode": config.partition_mode,
+            "seed": str(config.seed), "names": json.dumps(list(config.names)),
+            "linearised": "1" if config.linearised else "0"}
+
+
+def save_coefficients(module: nn.Module, path) -> None:
+    """Write the coefficients to a safetensors file with metadata (N, K, partition layout, block
+    list, task-vector names, the patch config). Refuses NaN or inf."""
+    from ._io import atomic_save_safetensors
+
+    config = PatchConfig.of(module)
+    coefs = coefficients(module)
+    if not str(path).endswith(".safetensors"):
+        warnings.warn(f"save_coefficients writes a safetensors file; {str(path)!r} does not end in .safetensors "
+                      f"(it is not a torch.save/pickle file: read it with load_coefficients or safetensors)",
+                      stacklevel=2)
+    tensors = {}
+    for name, c in coefs.items():
+        if not torch.isfinite(c).all():
+            raise ValueError(f"coefficients of block {name!r} hold NaN or inf; not saving them")
+        tensors[name] = c.detach().float().cpu().contiguous()
+    meta = {"format": FORMAT, "version": "1", **_identity(config), "blocks": json.dumps(sorted(coefs)),
+            "patch_config": config.to_json()}
+    atomic_save_safetensors(tensors, str(path), metadata=meta)
+
+
+def _names_diff(meta, names, strict: bool):
+    """What differs between the file's task-vector names and the module's (see load_coefficients)."""
+    raw = meta.get("names")
+    try:
+        got = json.loads(raw) if raw is not None else None
+    except ValueError:
+        return [f"its metadata 'names' is not JSON ({raw[:60]!r})"]
+    if got is None:
+        return ["it names no task vectors (metadata 'names' is missing)"] if strict else []
+    if not isinstance(got, list):
+        return [f"its metadata 'names' is not a list ({type(got).__name__})"]
+    got = [str(n) for n in got]
+    if got == names:
+        return []
+    if len(got) == len(names) and sorted(got) == sorted(names):
+        return [f"the task vectors are in another order: file {got}, model {names} (coefficient i belongs to "
+                f"task vector i; patch with the file's order, or save again)"]
+    if strict:
+        return [f"task-vector names differ: file {got}, model {names} (load_coefficients(..., strict=False) "
+                f"accepts renamed task vectors, if the order is the same)"]
+    if set(got) & set(names) and len(got) == len(names):
+        moved = [n for i, n in enumerate(got) if n in names and names.index(n) != i]
+        if moved:
+            return [f"task vectors {moved} are at other positions: file {got}, model {names}"]
+    return []
+
+
+def _layout_diffs(meta, config: PatchConfig) -> list:
+    """Where the file's N, K and (for K > 1) partition layout differ from this module's config."""
+    ours = _identity(config)
+    keys = ("n", "partitions") + (("partition_mode", "seed") if config.partitions > 1 else ())
+    return [f"{key}: file {meta.get(key)}, model {ours[key]}" for key in keys if meta.get(key) != ours[key]]
+
+
+@torch.no_grad()
+def load_coefficients(module: nn.Module, path, *, strict: bool = True) -> nn.Module:
+    """Load coefficients written by :func:`save_coefficients`. A file for other blocks, another N or
+    K, another partition layout, other task vectors, or holding non-finite values is refused before
+    anything is written: nothing is half-loaded.
+
+    The file's task-vector names must equal the patched module's, in the same order (coefficient
+    ``i`` belongs to task vector ``i``). ``strict=False`` accepts other names (a renamed task
+    vector), never the same names in another order: that would load every coefficient onto the
+    wrong task vector."""
+    from .checkpoints import check_file, read_safetensors
+
+    config = PatchConfig.of(module)
+    coefs = coefficients(module)
+    path = str(path)
+    check_file(path, "coefficient file")
+    meta, loaded = read_safetensors(path)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path!r} is not an atlas_kernels coefficient file (format={meta.get('format')!r})")
+    file_lin, model_lin = meta.get("linearised", "0") == "1", config.linearised
+    if file_lin != model_lin:
+        mode = {True: "linearised (patch(..., linearised=True))", False: "standard"}
+        raise ValueError(f"{path!r} holds coefficients learned by a {mode[file_lin]} model; this module is "
+                         f"patched {mode[model_lin]}: the coefficients of one mode mean nothing in the other")
+    diffs = _layout_diffs(meta, config)
+    missing = sorted(set(coefs) - set(loaded))
+    extra = sorted(set(loaded) - set(coefs))
+    if missing:
+        diffs.append(f"the file lacks {len(missing)} block(s) the model has, e.g. {missing[:3]}")
+    if extra:
+        diffs.append(f"the file has {len(extra)} block(s) the model lacks, e.g. {extra[:3]}")
+    diffs += _names_diff(meta, list(config.names), strict)
+    if diffs:
+        raise ValueError(f"{path!r} does not match this patched module: " + "; ".join(diffs))
+    for name, c in coefs.items():
+        t = loaded[name]
+        if t.shape != c.shape:
+            raise ValueError(f"{path!r}: block {name!r} has coefficients of shape {tuple(t.shape)}, "
+                             f"the model expects {tuple(c.shape)}")
+        if not t.is_floating_point() or not torch.isfinite(t).all():
+            raise ValueError(f"{path!r}: coefficients of block {name!r} are not finite floats")
+    for name, c in coefs.items():
+        c.copy_(loaded[name].to(c.device, c.dtype))
+    return module
