@@ -16,6 +16,8 @@ from atlas_kernels import reference as R
 from atlas_kernels.partitions import Partition
 from atlas_kernels.task_vectors import quantize
 
+from ._util import assert_close as check  # the tolerance rule of the module docstring
+
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 STORAGES = ["float32", "bfloat16", "float16", "int8", "float8_e4m3fn"]
@@ -54,21 +56,6 @@ def _poison(monkeypatch):
     monkeypatch.setattr(_common, "POISON_SCRATCH", True)
     monkeypatch.setenv("ATLAS_KERNELS_EXT_POISON", "1")
     yield
-
-
-def check(out, ref64, ref_low=None, ref_abs=None, rtol=ACC_RTOL, name="out"):
-    o, r = out.detach().double().cpu(), ref64.detach().double().cpu()
-    assert o.shape == r.shape, f"{name}: shape {tuple(o.shape)} != {tuple(r.shape)}"
-    assert not torch.isnan(o).any(), f"{name}: NaN (unwritten?) at {torch.nonzero(torch.isnan(o))[0].tolist()}"
-    tol = rtol * (r.abs() if ref_abs is None else ref_abs.double().cpu())
-    if ref_low is not None:
-        tol = tol + 2 * (ref_low.double().cpu() - r).abs()
-    err = (o - r).abs()
-    if (err > tol).any():
-        i = int(torch.argmax(err - tol))
-        raise AssertionError(f"{name}: {int((err > tol).sum())} of {o.numel()} out of tolerance; worst flat {i}: "
-                             f"out={o.reshape(-1)[i].item():.8g} ref={r.reshape(-1)[i].item():.8g} "
-                             f"err={err.reshape(-1)[i].item():.3g} tol={tol.reshape(-1)[i].item():.3g}")
 
 
 def make_slab(n, shape, storage, device=DEV):
