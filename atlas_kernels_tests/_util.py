@@ -63,3 +63,73 @@ def rel_err(out, ref):
     out = out.detach().double().cpu()
     ref = ref.detach().double().cpu()
     return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+# ---------------------------------------------------------------------------------------------
+# whole patched towers against float64: the set-up the whole-model tests share
+
+
+def random_task_vectors(module, n, generator, std=0.05, device=DEV):
+    """``n`` task vectors for every parameter of ``module``, ``N(0, std^2)`` drawn from ``generator``
+    on the CPU (block by block, in parameter order), then moved to ``device``."""
+    import atlas_kernels as ak
+
+    return ak.TaskVectors({k: torch.randn((n, *p.shape), generator=generator) * std
+                           for k, p in module.named_parameters()}).to(device)
+
+
+def randomize_coefficients(model, generator, scale=None):
+    """Every coefficient of a patched ``model`` set to ``N(0, 1)`` (times ``scale``) drawn from
+    ``generator`` on the CPU (nonzero, so the composition is not theta0); returns them by block."""
+    import atlas_kernels as ak
+
+    coefs = ak.coefficients(model)
+    with torch.no_grad():
+        for c in coefs.values():
+            v = torch.randn(c.shape, generator=generator)
+            c.copy_(v if scale is None else v * scale)
+    return coefs
+
+
+def float64_reference(module, tvs, coefs, x, partitions, mode, seed):
+    """The patched tower's output by the specification: ``module`` in float64 run (functional_call)
+    on ``theta0 + reference.compose(...)`` per block with float64 copies of ``coefs`` (leaf tensors,
+    so gradients can be compared). Returns ``(ref, c64)``."""
+    import copy
+
+    from torch.func import functional_call
+
+    from atlas_kernels import reference
+    from atlas_kernels.partitions import Partition
+
+    m64 = copy.deepcopy(module).double()
+    c64 = {k: c.detach().double().requires_grad_(True) for k, c in coefs.items()}
+    params = {k: reference.compose(p.detach(), tvs[k], c64[k], Partition.for_block(k, partitions, mode, seed))
+              for k, p in m64.named_parameters()}
+    return functional_call(m64, params, (x.double(),)), c64
+
+
+def coefficient_gradient_errors(out, ref, coefs, c64, generator=None):
+    """Backpropagate one random weighting ``w`` (float64, drawn from ``generator`` on the CPU) of
+    ``out`` and of its float64 reference ``ref``; the relative error of every block's coefficient
+    gradient against the float64 one."""
+    w = torch.randn(ref.shape, generator=generator, dtype=torch.float64).to(ref.device)
+    (out * w.float()).sum().backward()
+    (ref * w).sum().backward()
+    return {k: rel_err(coefs[k].grad, c64[k].grad) for k in coefs}
+
+
+def assert_compiles_like_eager(model, coefs, x):
+    """``torch.compile(model, fullgraph=True)`` (aot_eager: no compiler needed) traces without graph
+    breaks and gives the eager output (rel. err < 1e-6) and coefficient gradients (< 1e-5)."""
+    y = model(x)
+    y.sum().backward()
+    eager = {k: c.grad.clone() for k, c in coefs.items()}
+    for c in coefs.values():
+        c.grad = None
+    torch._dynamo.reset()
+    yc = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+    yc.sum().backward()
+    assert rel_err(yc, y) < 1e-6, rel_err(yc, y)
+    for k, c in coefs.items():
+        assert rel_err(c.grad, eager[k]) < 1e-5, k
