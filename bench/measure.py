@@ -57,6 +57,16 @@ def max_rss_bytes() -> int:
 # timing
 
 
+def _cuda_ms(fn: Callable[[], None]) -> float:
+    """One call of ``fn`` between two CUDA events, synchronised after: its device time in ms."""
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    fn()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b)
+
+
 def _quantiles(times_ms: List[float]) -> dict:
     t = torch.tensor(times_ms, dtype=torch.float64)
     q = torch.quantile(t, torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)).tolist()
@@ -78,12 +88,7 @@ def time_step(step: Callable[[], None], dev: torch.device, settings: Settings) -
         step()
     _sync(dev)
     if dev.type == "cuda":
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        step()
-        b.record()
-        torch.cuda.synchronize()
-        est_ms = max(a.elapsed_time(b), 1e-3)
+        est_ms = max(_cuda_ms(step), 1e-3)
         n = settings.steps or int(min(50, max(5, round(settings.target_s * 1e3 / est_ms))))
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
         torch.cuda.reset_peak_memory_stats(dev)
@@ -146,12 +151,7 @@ def measure_ceiling(dev: torch.device) -> dict:
         ts = []
         for _ in range(reps):
             if dev.type == "cuda":
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                torch.cuda.synchronize()
-                ts.append(a.elapsed_time(b) / 1e3)
+                ts.append(_cuda_ms(fn) / 1e3)
             else:
                 t0 = time.perf_counter()
                 fn()
