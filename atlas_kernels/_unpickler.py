@@ -8,12 +8,9 @@ import _compat_pickle
 import io
 import pickle
 from collections import OrderedDict
-from typing import TYPE_CHECKING
+from typing import Any, Optional, Protocol
 
 import torch
-
-if TYPE_CHECKING:  # the reader lives in safe_pickle, which imports this module
-    from .safe_pickle import _Reader
 
 MAX_PICKLE_BYTES = 1 << 28       # the pickle program of a checkpoint (not its tensor data)
 MAX_OBJECTS = 20_000_000         # elements built by container calls, stand-ins and tensors together
@@ -118,6 +115,23 @@ class _Budget:
                                 f"memory exhaustion)")
 
 
+class _Reader(Protocol):
+    """What this half needs of the file-level reader (``safe_pickle._Reader``, which imports this
+    module; the dependency runs that way only): the shared object budget, the nesting depth, the
+    global lookup, the allowlist, and a constructor for a nested (pickled-storage) file."""
+
+    budget: _Budget
+    nested: int
+
+    def __init__(self, fh, size: int, *, budget: Optional[_Budget] = None, nested: int = 0): ...
+
+    def find_class(self, module: str, name: str) -> Any: ...
+
+    def callable_of(self, func) -> Any: ...
+
+    def load_legacy_or_plain(self) -> Any: ...
+
+
 def _ints(x, what) -> tuple:
     if not isinstance(x, (tuple, list, torch.Size)) or not all(type(v) is int and v >= 0 for v in x):
         raise RefusedPickle(f"tensor {what} must be a tuple of non-negative ints, got {_name(x)}")
@@ -127,7 +141,7 @@ def _ints(x, what) -> tuple:
 class _Rebuilders:
     """The allowlisted callables, each a checked implementation (never torch's own via the file)."""
 
-    def __init__(self, reader: "_Reader"):
+    def __init__(self, reader: _Reader):
         self.reader = reader
 
     def tensor(self, storage, offset, size, stride, *_ignored):
@@ -207,7 +221,7 @@ class _Unpickler(pickle._Unpickler):
 
     dispatch = dict(pickle._Unpickler.dispatch)
 
-    def __init__(self, fh, reader: "_Reader", persistent_load):
+    def __init__(self, fh, reader: _Reader, persistent_load):
         super().__init__(fh, encoding="utf-8")
         self.reader = reader
         self._pload = persistent_load

@@ -16,6 +16,9 @@ from atlas_kernels import reference as R
 from atlas_kernels.partitions import Partition
 from atlas_kernels.task_vectors import quantize
 
+from ._util import assert_close as check  # the tolerance rule of the module docstring
+from ._util import assert_compiles_like_eager, float64_reference, random_task_vectors, randomize_coefficients
+
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 STORAGES = ["float32", "bfloat16", "float16", "int8", "float8_e4m3fn"]
@@ -54,21 +57,6 @@ def _poison(monkeypatch):
     monkeypatch.setattr(_common, "POISON_SCRATCH", True)
     monkeypatch.setenv("ATLAS_KERNELS_EXT_POISON", "1")
     yield
-
-
-def check(out, ref64, ref_low=None, ref_abs=None, rtol=ACC_RTOL, name="out"):
-    o, r = out.detach().double().cpu(), ref64.detach().double().cpu()
-    assert o.shape == r.shape, f"{name}: shape {tuple(o.shape)} != {tuple(r.shape)}"
-    assert not torch.isnan(o).any(), f"{name}: NaN (unwritten?) at {torch.nonzero(torch.isnan(o))[0].tolist()}"
-    tol = rtol * (r.abs() if ref_abs is None else ref_abs.double().cpu())
-    if ref_low is not None:
-        tol = tol + 2 * (ref_low.double().cpu() - r).abs()
-    err = (o - r).abs()
-    if (err > tol).any():
-        i = int(torch.argmax(err - tol))
-        raise AssertionError(f"{name}: {int((err > tol).sum())} of {o.numel()} out of tolerance; worst flat {i}: "
-                             f"out={o.reshape(-1)[i].item():.8g} ref={r.reshape(-1)[i].item():.8g} "
-                             f"err={err.reshape(-1)[i].item():.3g} tol={tol.reshape(-1)[i].item():.3g}")
 
 
 def make_slab(n, shape, storage, device=DEV):
@@ -293,21 +281,14 @@ def _patched_tiny(tiny_vit, n, partitions, mode, backend):
     import atlas_kernels as ak
 
     g = torch.Generator().manual_seed(0)
-    tvs = ak.TaskVectors({k: torch.randn((n, *p.shape), generator=g) * 0.05
-                          for k, p in tiny_vit.named_parameters()}).to(DEV)
+    tvs = random_task_vectors(tiny_vit, n, g, device=DEV)
     m = ak.patch(copy.deepcopy(tiny_vit), tvs, partitions=partitions, partition_mode=mode, seed=3, backend=backend)
-    coefs = ak.coefficients(m)
-    with torch.no_grad():
-        for c in coefs.values():
-            c.copy_(torch.randn(c.shape, generator=g))
+    coefs = randomize_coefficients(m, g)
     return m, coefs, tvs, torch.randn(2, 3, 32, 32, generator=g).to(DEV)
 
 
 def test_tiny_vit_cuda_backend_matches_float64_reference(tiny_vit):
     """A whole patched tower on the extension (small blocks grouped: the packed ops) against float64."""
-    import copy
-
-    from torch.func import functional_call
 
     import atlas_kernels as ak
 
@@ -315,11 +296,7 @@ def test_tiny_vit_cuda_backend_matches_float64_reference(tiny_vit):
     m, coefs, tvs, x = _patched_tiny(tiny_vit, 3, 2, "hash", "cuda")
     assert any(isinstance(mod, ak.grouping.SmallBlockGroup) for mod in m.modules())
     out = m(x)
-    m64 = copy.deepcopy(tiny_vit).double()
-    c64 = {k: c.detach().double().requires_grad_(True) for k, c in coefs.items()}
-    params = {k: R.compose(p.detach(), tvs[k], c64[k], Partition.for_block(k, 2, "hash", 3))
-              for k, p in m64.named_parameters()}
-    ref = functional_call(m64, params, (x.double(),))
+    ref, c64 = float64_reference(tiny_vit, tvs, coefs, x, 2, "hash", 3)
     rel = ((out.double() - ref).norm() / ref.norm()).item()
     assert rel < 1e-5, rel
     w = torch.randn(ref.shape, dtype=torch.float64, device=ref.device)
@@ -335,14 +312,4 @@ def test_patched_tower_cuda_backend_compiles_fullgraph(tiny_vit):
     ops (C++ Meta kernels, autograd registered from Python) and matches eager."""
     _ext_on_dev()
     m, coefs, _, x = _patched_tiny(tiny_vit, 2, 2, "hash", "cuda")
-    y = m(x)
-    y.sum().backward()
-    eager = {k: c.grad.clone() for k, c in coefs.items()}
-    for c in coefs.values():
-        c.grad = None
-    torch._dynamo.reset()
-    yc = torch.compile(m, fullgraph=True, backend="aot_eager")(x)
-    yc.sum().backward()
-    assert ((yc - y).norm() / y.norm()).item() < 1e-6
-    for k, c in coefs.items():
-        assert ((c.grad - eager[k]).norm() / eager[k].norm()).item() < 1e-5, k
+    assert_compiles_like_eager(m, coefs, x)

@@ -22,6 +22,8 @@ from atlas_kernels import reference as R
 from atlas_kernels.kernels import _common
 from atlas_kernels.partitions import Partition
 
+from ._util import assert_close
+
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (kernels at real shapes)")
@@ -36,33 +38,6 @@ def _poison(monkeypatch):
     """Scratch buffers (partials) start as NaN: an element a kernel forgets poisons the result."""
     monkeypatch.setattr(_common, "POISON_SCRATCH", True)
     yield
-
-
-def assert_close(out, ref64, ref_low=None, ref_abs=None, rtol=ACC_RTOL, atol=0.0, name="out"):
-    """The tolerance rule of the module docstring; the message names the worst element."""
-    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
-    o = out.detach().double().cpu()
-    r = ref64.detach().double().cpu()
-    nan = torch.isnan(o)
-    if nan.any():
-        idx = tuple(int(v) for v in torch.nonzero(nan)[0])
-        raise AssertionError(f"{name}: {int(nan.sum())} NaN of {o.numel()} (unwritten or poisoned); first at {idx}")
-    err = (o - r).abs()
-    tol = torch.full_like(r, atol)
-    if ref_low is not None:
-        tol = tol + 2 * (ref_low.detach().double().cpu() - r).abs()
-    scale = ref_abs.detach().double().cpu() if ref_abs is not None else r.abs()
-    tol = tol + rtol * scale
-    bad = err > tol
-    if bad.any():
-        flat = int(torch.argmax(err - tol))
-        idx = tuple(int(v) for v in torch.unravel_index(torch.tensor(flat), r.shape)) if r.dim() else ()
-        lo = "" if ref_low is None else f" ref_low={ref_low.detach().double().cpu().reshape(-1)[flat].item():.8g}"
-        raise AssertionError(
-            f"{name}: {int(bad.sum())} of {o.numel()} elements out of tolerance; worst at {idx}: "
-            f"out={o.reshape(-1)[flat].item():.8g} ref64={r.reshape(-1)[flat].item():.8g}{lo} "
-            f"err={err.reshape(-1)[flat].item():.3g} tol={tol.reshape(-1)[flat].item():.3g}"
-        )
 
 
 def nan_like(shape, dtype):

@@ -18,6 +18,8 @@ from atlas_kernels.kernels import _common
 from atlas_kernels.ops import triton_backend as TB
 from atlas_kernels.partitions import Partition
 
+from ._util import assert_close
+
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (real shapes, inductor)")
@@ -36,27 +38,6 @@ def _poison(monkeypatch):
 def custom_ops(request, monkeypatch):
     monkeypatch.setattr(TB, "USE_CUSTOM_OPS", request.param)
     return request.param
-
-
-def assert_close(out, ref64, ref_low=None, ref_abs=None, rtol=ACC_RTOL, name="out"):
-    assert out is not None, f"{name}: no gradient"
-    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
-    o = out.detach().double().cpu()
-    r = ref64.detach().double().cpu()
-    assert not torch.isnan(o).any(), f"{name}: NaN at {tuple(int(v) for v in torch.nonzero(torch.isnan(o))[0])}"
-    err = (o - r).abs()
-    tol = rtol * (ref_abs.detach().double().cpu() if ref_abs is not None else r.abs())
-    if ref_low is not None:
-        tol = tol + 2 * (ref_low.detach().double().cpu() - r).abs()
-    bad = err > tol
-    if bad.any():
-        flat = int(torch.argmax(err - tol))
-        idx = tuple(int(v) for v in torch.unravel_index(torch.tensor(flat), r.shape))
-        raise AssertionError(
-            f"{name}: {int(bad.sum())} of {o.numel()} out of tolerance; worst at {idx}: "
-            f"out={o.reshape(-1)[flat].item():.8g} ref64={r.reshape(-1)[flat].item():.8g} "
-            f"err={err.reshape(-1)[flat].item():.3g} tol={tol.reshape(-1)[flat].item():.3g}"
-        )
 
 
 def _slab(n, shape, int8):

@@ -5,12 +5,11 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
-from torch.func import functional_call
 
 import atlas_kernels as ak
 from atlas_kernels import reference
 
-from ._util import assert_close, rel_err
+from ._util import assert_close, coefficient_gradient_errors, float64_reference, rel_err
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -44,17 +43,10 @@ def test_whole_vit_b32_against_float64_reference(vit, partitions, mode):
     x = torch.randn(1, 3, 224, 224, generator=g)
     out = patched(x)
 
-    m64 = copy.deepcopy(vit).double()
-    c64 = {k: c.detach().double().requires_grad_(True) for k, c in coefs.items()}
-    params = {k: reference.compose(p.detach(), tvs[k], c64[k], ak.Partition.for_block(k, partitions, mode, 11))
-              for k, p in m64.named_parameters()}
-    ref = functional_call(m64, params, (x.double(),))
+    ref, c64 = float64_reference(vit, tvs, coefs, x, partitions, mode, 11)
     assert rel_err(out, ref) < 1e-5
     assert_close(out, ref, rtol=1e-3, atol=1e-4 * ref.abs().max().item())
-    w = torch.randn(ref.shape, generator=g, dtype=torch.float64)
-    (out * w.float()).sum().backward()
-    (ref * w).sum().backward()
-    worst = max(rel_err(coefs[k].grad, c64[k].grad) for k in coefs)
+    worst = max(coefficient_gradient_errors(out, ref, coefs, c64, g).values())
     assert worst < 1e-4, worst
 
 

@@ -8,14 +8,21 @@ import copy
 
 import pytest
 import torch
-from torch.func import functional_call
 
 import atlas_kernels as ak
-from atlas_kernels import modules, reference
+from atlas_kernels import modules
 from atlas_kernels.grouping import SmallBlockGroup
 from atlas_kernels.ops import triton_backend
 
-from ._util import DEV, make_tiny_vit, rel_err
+from ._util import (
+    DEV,
+    coefficient_gradient_errors,
+    float64_reference,
+    make_tiny_vit,
+    random_task_vectors,
+    randomize_coefficients,
+    rel_err,
+)
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -24,27 +31,18 @@ N = 3
 
 @pytest.fixture(scope="module")
 def tvs(tiny_vit):
-    g = torch.Generator().manual_seed(0)
-    return ak.TaskVectors({k: torch.randn((N, *p.shape), generator=g) * 0.05
-                           for k, p in tiny_vit.named_parameters()}).to(DEV)
+    return random_task_vectors(tiny_vit, N, torch.Generator().manual_seed(0))
 
 
 def _patched(vit, tvs, partitions=1, mode="contiguous", **kw):
     patched = ak.patch(copy.deepcopy(vit), tvs, partitions=partitions, partition_mode=mode, seed=3,
                        backend="triton", **kw)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for c in ak.coefficients(patched).values():
-            c.copy_(torch.randn(c.shape, generator=g))
+    randomize_coefficients(patched, torch.Generator().manual_seed(1))
     return patched
 
 
 def _reference(vit, tvs, coefs, x, partitions, mode):
-    m64 = copy.deepcopy(vit).double()
-    c64 = {k: c.detach().double().requires_grad_(True) for k, c in coefs.items()}
-    params = {k: reference.compose(p.detach(), tvs[k], c64[k], ak.Partition.for_block(k, partitions, mode, 3))
-              for k, p in m64.named_parameters()}
-    return functional_call(m64, params, (x.double(),)), c64
+    return float64_reference(vit, tvs, coefs, x, partitions, mode, 3)
 
 
 class _Count:
@@ -77,10 +75,7 @@ def test_grouped_matches_float64_reference(tiny_vit, tvs, partitions, mode):
     out = patched(x)
     ref, c64 = _reference(tiny_vit, tvs, coefs, x, partitions, mode)
     assert rel_err(out, ref) < 1e-5, rel_err(out, ref)
-    w = torch.randn(ref.shape, generator=g, dtype=torch.float64).to(ref.device)
-    (out * w.float()).sum().backward()
-    (ref * w).sum().backward()
-    errs = {k: rel_err(coefs[k].grad, c64[k].grad) for k in coefs}
+    errs = coefficient_gradient_errors(out, ref, coefs, c64, g)
     worst = max(errs, key=errs.get)
     assert errs[worst] < 1e-4, (worst, errs[worst])
 

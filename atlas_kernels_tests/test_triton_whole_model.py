@@ -9,13 +9,19 @@ import copy
 
 import pytest
 import torch
-from torch.func import functional_call
 
 import atlas_kernels as ak
-from atlas_kernels import reference
 from atlas_kernels.ops import triton_backend
 
-from ._util import DEV, rel_err
+from ._util import (
+    DEV,
+    assert_compiles_like_eager,
+    coefficient_gradient_errors,
+    float64_reference,
+    random_task_vectors,
+    randomize_coefficients,
+    rel_err,
+)
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -28,25 +34,15 @@ def test_tiny_vit_triton_matches_float64_reference(tiny_vit, partitions, mode, f
     vit = tiny_vit
     n = 3
     g = torch.Generator().manual_seed(0)
-    tvs = ak.TaskVectors({k: torch.randn((n, *p.shape), generator=g) * 0.05 for k, p in vit.named_parameters()}).to(DEV)
+    tvs = random_task_vectors(vit, n, g)
     patched = ak.patch(copy.deepcopy(vit), tvs, partitions=partitions, partition_mode=mode, seed=3, backend="triton")
-    coefs = ak.coefficients(patched)
-    with torch.no_grad():
-        for c in coefs.values():
-            c.copy_(torch.randn(c.shape, generator=g))
+    coefs = randomize_coefficients(patched, g)
     x = torch.randn(2, 3, 32, 32, generator=g).to(DEV)
     out = patched(x)
 
-    m64 = copy.deepcopy(vit).double()
-    c64 = {k: c.detach().double().requires_grad_(True) for k, c in coefs.items()}
-    params = {k: reference.compose(p.detach(), tvs[k], c64[k], ak.Partition.for_block(k, partitions, mode, 3))
-              for k, p in m64.named_parameters()}
-    ref = functional_call(m64, params, (x.double(),))
+    ref, c64 = float64_reference(vit, tvs, coefs, x, partitions, mode, 3)
     assert rel_err(out, ref) < 1e-5, rel_err(out, ref)
-    w = torch.randn(ref.shape, generator=g, dtype=torch.float64).to(ref.device)
-    (out * w.float()).sum().backward()
-    (ref * w).sum().backward()
-    errs = {k: rel_err(coefs[k].grad, c64[k].grad) for k in coefs}
+    errs = coefficient_gradient_errors(out, ref, coefs, c64, g)
     worst = max(errs, key=errs.get)
     assert errs[worst] < 1e-4, (worst, errs[worst])
 
@@ -56,22 +52,8 @@ def test_patched_vit_compiles_fullgraph(tiny_vit, backend):
     """torch.compile(patched, fullgraph=True) traces the whole patched tower without graph breaks
     (aot_eager here; inductor on a GPU) and gives the eager outputs and coefficient gradients."""
     g = torch.Generator().manual_seed(0)
-    tvs = ak.TaskVectors({k: torch.randn((2, *p.shape), generator=g) * 0.05
-                          for k, p in tiny_vit.named_parameters()}).to(DEV)
+    tvs = random_task_vectors(tiny_vit, 2, g)
     m = ak.patch(copy.deepcopy(tiny_vit), tvs, partitions=2, partition_mode="hash", backend=backend)
-    coefs = ak.coefficients(m)
-    with torch.no_grad():
-        for c in coefs.values():
-            c.copy_(torch.randn(c.shape, generator=g))
+    coefs = randomize_coefficients(m, g)
     x = torch.randn(2, 3, 32, 32, generator=g).to(DEV)
-    y = m(x)
-    y.sum().backward()
-    eager = {k: c.grad.clone() for k, c in coefs.items()}
-    for c in coefs.values():
-        c.grad = None
-    torch._dynamo.reset()
-    yc = torch.compile(m, fullgraph=True, backend="aot_eager")(x)
-    yc.sum().backward()
-    assert rel_err(yc, y) < 1e-6
-    for k, c in coefs.items():
-        assert rel_err(c.grad, eager[k]) < 1e-5, k
+    assert_compiles_like_eager(m, coefs, x)

@@ -14,7 +14,7 @@ mkdir -p "$OUT"
 if ! python -c "import open_clip" >/dev/null 2>&1; then
   # open_clip_torch (+ ftfy, wcwidth, regex, ...) wheels from a git-ignored folder; with only the
   # open_clip_torch wheel, bench builds the image tower from open_clip.model without the package's
-  # __init__ (see bench/workload.py), so missing tokenizer/transform dependencies do not matter.
+  # __init__ (see bench/towers.py), so missing tokenizer/transform dependencies do not matter.
   ls "${WHEELS:-wheels}"/*.whl >/dev/null 2>&1 && pip install --no-index --no-deps "${WHEELS:-wheels}"/*.whl >"$OUT/pip.log" 2>&1
 fi
 python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/bench.log"

@@ -1,4 +1,5 @@
-"""Jobs and grids: which (configuration, method) pairs a run measures, and in which order.
+"""Jobs and grids: which (configuration, method) pairs a run measures, and in which order; and
+the :class:`Settings` every job of a run shares.
 
 A *job* is one configuration (model, N, batch, precision, storage, partitions) and one method
 (with a backend for ``atlas``). Its :meth:`Job.key` is the identity used for resuming: a job whose
@@ -56,6 +57,25 @@ class Job:
             parts += [self.storage, f"K{self.partitions}"]
         m = self.method if self.backend is None else f"{self.method}:{self.backend}"
         return f"{m:<16} " + " ".join(str(p) for p in parts)
+
+
+@dataclass
+class Settings:
+    """Knobs that are the same for every job of a run (not part of a job's key)."""
+
+    warmup: int = 2
+    steps: Optional[int] = None  # timed steps; None: 5 on CPU, adaptive (target_s) on GPU
+    target_s: float = 1.0  # GPU: time about this long per job (5 to 50 steps)
+    classes: int = 10
+    seed: int = 0
+    tau_scale: float = 1e-3
+    coef_scale: float = 0.1
+    lr: float = 1e-3
+    profile: bool = True  # count launches (GPU) / aten ops with torch.profiler after timing
+    threads: Optional[int] = None  # CPU: torch.set_num_threads (None: torch's default)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
 def row_key(row: dict) -> tuple:

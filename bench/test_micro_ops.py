@@ -81,13 +81,23 @@ def _block(storage, seed=0):
     return theta0, tau
 
 
-@pytest.mark.parametrize("k", [1, 4])
-@pytest.mark.parametrize("storage", STORAGES)
-@pytest.mark.parametrize("backend", BACKENDS)
+def _coef(k, **kw):
+    return torch.full((N, k) if k > 1 else (N,), 0.1, device=DEV, **kw)
+
+
+def _per_block(test):
+    """compose and coef_grad run over every backend, storage and K = 1, 4."""
+    for mark in (pytest.mark.parametrize("backend", BACKENDS), pytest.mark.parametrize("storage", STORAGES),
+                 pytest.mark.parametrize("k", [1, 4])):
+        test = mark(test)
+    return test
+
+
+@_per_block
 def test_compose(benchmark, ceiling, backend, storage, k):
     benchmark.group = f"compose N={N}"
     theta0, tau = _block(storage)
-    coef = torch.full((N, k) if k > 1 else (N,), 0.1, device=DEV)
+    coef = _coef(k)
     part = Partition(k)
     _run(benchmark, lambda: ak_ops.compose(theta0, tau, coef, part, COMPUTE, backend=backend))
     p = theta0.numel()
@@ -95,13 +105,11 @@ def test_compose(benchmark, ceiling, backend, storage, k):
     _record(benchmark, ceiling, nbytes, dict(backend=backend, storage=storage, partitions=k))
 
 
-@pytest.mark.parametrize("k", [1, 4])
-@pytest.mark.parametrize("storage", STORAGES)
-@pytest.mark.parametrize("backend", BACKENDS)
+@_per_block
 def test_coef_grad(benchmark, ceiling, backend, storage, k):
     benchmark.group = f"coef_grad N={N}"
     theta0, tau = _block(storage)
-    coef = torch.full((N, k) if k > 1 else (N,), 0.1, device=DEV, requires_grad=True)
+    coef = _coef(k, requires_grad=True)
     w = ak_ops.compose(theta0, tau, coef, Partition(k), COMPUTE, backend=backend)
     grad_w = torch.randn(w.shape, device=DEV, dtype=w.dtype) * 1e-3
     _run(benchmark, lambda: torch.autograd.grad(w, coef, grad_w, retain_graph=True))

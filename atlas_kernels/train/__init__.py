@@ -11,7 +11,7 @@ import importlib as _importlib
 
 # Imported on first use (PEP 562): `python -m atlas_kernels.train --help` then needs no torch.
 _EXPORTS = {"TrainConfig": "config", "ConfigError": "config", "validate_config": "config",
-            "run": "loop", "setup": "loop", "train": "loop", "evaluate": "loop", "write_outputs": "loop",
+            "run": "loop", "setup": "prepare", "train": "loop", "evaluate": "evaluation", "write_outputs": "outputs",
             "OBJECTIVES": "config", "make_objective": "objectives", "DataError": "data",
             "save_heatmap": "heatmap"}
 

@@ -47,6 +47,21 @@ def _all_reduce(t: torch.Tensor, d: Dist) -> torch.Tensor:
     return t
 
 
+def sum_gradients(params, loss_sum: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Sum the coefficient gradients (a missing one counts as zeros) and the local loss over the
+    processes with one ``all_reduce`` of one flat buffer; sets every ``p.grad`` to the sum and
+    returns the summed loss (float32)."""
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                      for p in params] + [loss_sum.float().reshape(1)])
+    _all_reduce(flat, d)
+    off = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[off:off + n].view_as(p).clone()
+        off += n
+    return flat[-1]
+
+
 def resolve_device(spec: str, d: Dist) -> torch.device:
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,214 @@
+"""Everything a training run builds before its first step: the datasets (scanned and checked),
+the task vectors, the model and its patched image tower, the heads, the objective and the data
+sets, gathered in one :class:`Setup`; and the forward pass the loop and the evaluation share.
+Every input error is raised here, before the first training step."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from . import data as D
+from .config import ConfigError, TrainConfig, validate_config
+from .data import TaskData
+from .distributed import Dist, init_distributed, resolve_device, resolve_precision
+from .faults import check_finite_tensors
+from .model import (
+    build_model,
+    get_templates,
+    get_tokenizer,
+    head_logits,
+    load_task_heads,
+    logit_scale,
+    read_classnames,
+    register_model_config,
+    zero_shot_head,
+)
+from .objectives import Objective, make_objective
+from .state import check_resume, fingerprint, load_checkpoint
+
+
+def _default_name(path: str) -> str:
+    p = Path(path).resolve()
+    if p.name.lower() in {"train", "val", "valid", "validation", "test", "images", "unlabelled",
+                          "unlabeled"} and p.parent.name:
+        return p.parent.name
+    return p.name or "data"
+
+
+def load_tasks(cfg: TrainConfig) -> List[TaskData]:
+    """Scan and check every data folder (missing, empty, mismatched classes), apply k-shot
+    sampling, and name the datasets. Raises :class:`~atlas_kernels.train.data.DataError`."""
+    pairs = list(zip(cfg.train, cfg.val))
+    if cfg.objective == "negation":
+        pairs.append((cfg.control_train, cfg.control_val))
+    roles = (["target", "control"] if cfg.objective == "negation" else
+             ["unlabelled" if cfg.objective == "tta" else "train"] * len(pairs))
+    tasks = []
+    used = set()
+    for i, ((tr, va), role) in enumerate(zip(pairs, roles)):
+        vrole = "control validation" if role == "control" else "validation"
+        if cfg.objective == "tta":
+            tr_classes, tr_samples = D.scan_unlabelled_folder(tr, f"{role} (--train)")
+            va_classes, va_samples = D.scan_image_folder(va, f"{vrole} (--val)")
+            if tr_classes is not None:
+                D.check_same_classes(tr_classes, va_classes, tr, va)
+            tr_samples = [(p, -1) for p, _ in tr_samples]  # never look at labels
+        else:
+            flag = "--control-train" if role == "control" else "--train"
+            tr_classes, tr_samples = D.scan_image_folder(tr, f"{role} ({flag})")
+            va_classes, va_samples = D.scan_image_folder(
+                va, f"{vrole} ({'--control-val' if role == 'control' else '--val'})")
+            D.check_same_classes(tr_classes, va_classes, tr, va)
+            tr_samples = D.k_shot(tr_samples, cfg.shots, cfg.seed + i)
+        classes = va_classes
+        names = (read_classnames(cfg.classnames[i], classes) if cfg.classnames
+                 else D.classnames_from_folders(classes))
+        name = cfg.names[i] if cfg.names else _default_name(tr)
+        base, k = name, 1
+        while name in used:
+            k += 1
+            name = f"{base}_{k}"
+        used.add(name)
+        tasks.append(TaskData(name, classes, names, tr_samples, va_samples, str(tr), str(va)))
+    return tasks
+
+
+class Logger:
+    """Progress lines on stderr, from the main process only (none with --quiet)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __call__(self, msg: str) -> None:
+        if self.enabled:
+            print(f"[atlas_kernels.train] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Setup:
+    """Everything built before the first step (see :func:`setup`)."""
+    cfg: TrainConfig
+    dist: Dist
+    device: torch.device
+    precision: str
+    model: Any
+    coefs: Dict[str, torch.nn.Parameter]
+    tvs: Any
+    tasks: List[TaskData]
+    heads: List[torch.Tensor]
+    scale: float
+    objective: Objective
+    train_sets: List[D.ImageDataset]
+    eval_sets: List[D.ImageDataset]
+    fingerprint: Dict[str, Any]
+    ckpt: Optional[Dict[str, Any]]
+    log: Logger
+
+
+def setup(cfg: TrainConfig) -> Setup:
+    """Check inputs, build the model and heads, patch the image tower. Every input error is
+    raised here, before the first training step."""
+    import atlas_kernels as ak
+
+    validate_config(cfg)
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise ConfigError(f"--out '{cfg.out}' exists and is not a folder; give a new or existing output folder")
+    d = init_distributed("cuda" if (cfg.device == "auto" and torch.cuda.is_available())
+                         or cfg.device.startswith("cuda") else "cpu")
+    log = Logger(d.main and not cfg.quiet)
+    device = resolve_device(cfg.device, d)
+    precision = resolve_precision(cfg.precision, device)
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("--precision bf16 is not supported by this GPU; use fp16")
+    if cfg.batch_size % d.world:
+        raise ConfigError(f"--batch-size {cfg.batch_size} (the global batch) is not divisible by "
+                          f"the {d.world} processes")
+
+    tasks = load_tasks(cfg)
+    ckpt = load_checkpoint(cfg.resume) if cfg.resume else None
+    model_name = cfg.model
+    if cfg.model_config:
+        registered = register_model_config(cfg.model_config)
+        model_name = model_name or registered
+    get_templates(cfg.templates)  # fail early on a bad templates spec
+
+    p = Path(cfg.task_vectors)
+    if not p.is_file():
+        raise ConfigError(f"task-vector file '{p}' does not exist")
+    tvs = ak.TaskVectors.load(str(p))
+    if cfg.storage is not None and cfg.storage != tvs.storage:
+        tvs = tvs.to_storage(cfg.storage)
+    fp = fingerprint(cfg, tasks, tvs)
+    fp["model"] = model_name
+    if ckpt is not None:
+        check_resume(ckpt, fp, cfg.resume)
+
+    objective = make_objective(cfg.objective, n_tasks=len(tasks), augment=cfg.augment,
+                               tta_loss=cfg.tta_loss, confidence=cfg.confidence,
+                               control_threshold=cfg.control_threshold,
+                               control_weight=cfg.control_weight)
+
+    model = build_model(model_name, cfg.weights, seed=cfg.seed, text_tower=not cfg.head)
+    if cfg.weights:
+        try:
+            check_finite_tensors(model.state_dict(), f"--weights '{cfg.weights}'")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    model.requires_grad_(False)
+    model.to(device)
+    visual_params = dict(model.visual.named_parameters())
+    if not any(b in visual_params for b in tvs.blocks) and \
+            any(str(b).startswith("visual.") for b in tvs.blocks):
+        raise ConfigError(
+            f"task-vector file '{p}' names whole-model blocks (e.g. {tvs.blocks[0]!r}); the image "
+            "tower is patched, so rebuild it with: python -m atlas_kernels.task_vectors build ... "
+            "--prefix visual.")
+    tvs = tvs.to(device)
+    blocks = cfg.blocks
+    if blocks is not None and len(blocks) == 1 and blocks[0] in ("all", "weights"):
+        blocks = blocks[0]
+    model.visual = ak.patch(model.visual, tvs, partitions=cfg.partitions,
+                            partition_mode=cfg.partition_mode, seed=cfg.seed,
+                            backend=cfg.backend, blocks=blocks, linearised=cfg.linearised)
+    coefs = ak.coefficients(model.visual)
+    if not coefs:
+        raise ConfigError("patching adapted no block: nothing to train (check --blocks)")
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    for prm in coefs.values():
+        prm.requires_grad_(True)
+    model.eval()
+
+    tokenizer = get_tokenizer(model_name)
+    templates = get_templates(cfg.templates)
+    heads = (load_task_heads(cfg.head, tasks, model, device) if cfg.head else
+             [zero_shot_head(model, tokenizer, t.classnames, templates, device) for t in tasks])
+    scale = logit_scale(model)
+
+    pre = D.model_preprocess(model)
+    train_sets = [D.ImageDataset(t.train, [D.train_transform(pre, v) for v in objective.views(i)])
+                  for i, t in enumerate(tasks)]
+    eval_sets = [D.ImageDataset(t.val, [pre.eval]) for t in tasks]
+    if ckpt is not None:
+        names = list(coefs)
+        if list(ckpt["coefficients"]) != names or any(
+                ckpt["coefficients"][k].shape != coefs[k].shape for k in names):
+            raise ConfigError(f"resume file '{cfg.resume}' holds coefficients of other shapes")
+    return Setup(cfg, d, device, precision, model, coefs, tvs, tasks, heads, scale, objective,
+                 train_sets, eval_sets, fp, ckpt, log)
+
+
+def make_forward(s: Setup):
+    """``forward(images, task) -> logits`` (float32): the patched image tower under autocast,
+    normalised features against the task's head (zero-shot, or a --head file)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(s.precision)
+
+    def forward(images: torch.Tensor, task: int) -> torch.Tensor:
+        with torch.autocast(s.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            feats = s.model.visual(images)
+        return head_logits(s.heads[task], feats, s.scale)
+    return forward

@@ -1,0 +1,187 @@
+"""Measuring one step: timing (warm-up, then CUDA events or perf_counter), op counting under
+torch.profiler, the machine's copy/matmul ceiling, and the memory helpers (RSS, peak, OOM
+recognition, freeing between jobs)."""
+from __future__ import annotations
+
+import gc
+import os
+import resource
+import time
+from typing import Callable, List, Optional
+
+import torch
+
+from .grid import Settings
+
+OOM_ERRORS = tuple(
+    {getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError, MemoryError}
+)
+
+
+def is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, OOM_ERRORS):
+        return True
+    msg = str(exc)
+    return isinstance(exc, RuntimeError) and (
+        "out of memory" in msg.lower() or "can't allocate memory" in msg or "DefaultCPUAllocator" in msg
+    )
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def rss_bytes() -> Optional[int]:
+    """Current resident set size of this process."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except Exception:
+        return None
+
+
+def max_rss_bytes() -> int:
+    """Peak resident set size of this process (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# --------------------------------------------------------------------------------------------
+# timing
+
+
+def _cuda_ms(fn: Callable[[], None]) -> float:
+    """One call of ``fn`` between two CUDA events, synchronised after: its device time in ms."""
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    fn()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b)
+
+
+def _quantiles(times_ms: List[float]) -> dict:
+    t = torch.tensor(times_ms, dtype=torch.float64)
+    q = torch.quantile(t, torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)).tolist()
+    return {"step_ms": q[0], "step_ms_p20": q[1], "step_ms_p80": q[2]}
+
+
+def time_step(step: Callable[[], None], dev: torch.device, settings: Settings) -> dict:
+    """Warm up, then time. GPU: CUDA events around every step, peak from max_memory_allocated
+    (reset after warm-up, so it is the steady-state step's peak including everything resident).
+    CPU: time.perf_counter around every step, peak RSS of this process (ru_maxrss)."""
+    # The first call apart: Triton compiles and autotunes here (and the caching allocator grows), so
+    # first_step_ms is compile + autotune + one step; step_ms below is the steady state only.
+    _sync(dev)
+    t0 = time.perf_counter()
+    step()
+    _sync(dev)
+    first_ms = (time.perf_counter() - t0) * 1e3
+    for _ in range(max(0, settings.warmup - 1)):
+        step()
+    _sync(dev)
+    if dev.type == "cuda":
+        est_ms = max(_cuda_ms(step), 1e-3)
+        n = settings.steps or int(min(50, max(5, round(settings.target_s * 1e3 / est_ms))))
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+        torch.cuda.reset_peak_memory_stats(dev)
+        for s, e in events:
+            s.record()
+            step()
+            e.record()
+        torch.cuda.synchronize()
+        times = [s.elapsed_time(e) for s, e in events]
+        out = _quantiles(times)
+        out.update(peak_bytes=int(torch.cuda.max_memory_allocated(dev)),
+                   peak_reserved_bytes=int(torch.cuda.max_memory_reserved(dev)),
+                   peak_kind="cuda.max_memory_allocated")
+    else:
+        n = settings.steps or 5
+        load0 = os.getloadavg()[0]
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+        out = _quantiles(times)
+        # the machine may be shared: the 1-minute load average before and after says how much
+        out.update(peak_bytes=max_rss_bytes(), peak_kind="ru_maxrss", threads=torch.get_num_threads(),
+                   loadavg_1m=[round(load0, 2), round(os.getloadavg()[0], 2)])
+    out.update(steps_timed=n, warmup=settings.warmup, first_step_ms=first_ms)
+    return out
+
+
+def count_ops(step: Callable[[], None], dev: torch.device) -> dict:
+    """One more step under torch.profiler: ``launches`` (GPU activities: kernels, memcpy, memset)
+    and ``aten_ops`` (aten:: operator calls, nested ones included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        step()
+        _sync(dev)
+    evs = prof.events()
+    out = {"aten_ops": sum(1 for e in evs if e.name.startswith("aten::"))}
+    if dev.type == "cuda":
+        cuda_t = torch.autograd.DeviceType.CUDA
+        out["launches"] = sum(1 for e in evs if getattr(e, "device_type", None) == cuda_t)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the ceiling
+
+
+def measure_ceiling(dev: torch.device) -> dict:
+    """Copy bandwidth (bytes read + written per second, in 1e9) and matmul rate (1e12 flop/s):
+    GPU: a 1 GiB device-to-device copy and a bf16 8192^3 matmul, CUDA events, medians of 20;
+    CPU: a 256 MiB copy and an fp32 2048^3 matmul, perf_counter, medians of 10 and 5."""
+
+    def med(fn, reps, warm=3):
+        for _ in range(warm):
+            fn()
+        _sync(dev)
+        ts = []
+        for _ in range(reps):
+            if dev.type == "cuda":
+                ts.append(_cuda_ms(fn) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t0)
+        ts.sort()
+        return ts[len(ts) // 2]
+
+    gpu = dev.type == "cuda"
+    nbytes = (1 << 30) if gpu else (1 << 28)
+    n = 8192 if gpu else 2048
+    mdt = torch.bfloat16 if gpu else torch.float32
+
+    def copy_time():
+        src = torch.empty(nbytes, dtype=torch.uint8, device=dev).fill_(1)
+        dst = torch.empty_like(src)
+        return med(lambda: dst.copy_(src), 20 if gpu else 10)
+
+    def mm_time():
+        a = torch.randn(n, n, device=dev, dtype=mdt)
+        b = torch.randn(n, n, device=dev, dtype=mdt)
+        c = torch.empty(n, n, device=dev, dtype=mdt)
+        return med(lambda: torch.mm(a, b, out=c), 20 if gpu else 5)
+
+    t_copy = copy_time()
+    t_mm = mm_time()
+    free_memory()
+    return {
+        "copy_gbps": 2 * nbytes / t_copy / 1e9,
+        "matmul_tflops": 2 * n**3 / t_mm / 1e12,
+        "copy_bytes": nbytes,
+        "matmul_n": n,
+        "matmul_dtype": str(mdt).replace("torch.", ""),
+    }
