@@ -12,6 +12,8 @@ from typing import Dict
 import torch
 import torch.nn as nn
 
+from ._checks import deeper_name
+
 
 def _buffers_named(tvs, module: nn.Module, params) -> set:
     """Blocks that are buffers of the module (a state dict holds BatchNorm running statistics
@@ -44,7 +46,7 @@ def _check_blocks_exist(tvs, params, buffers=frozenset()) -> None:
         if not hint and dotted:
             hint = (f" (names such as {dotted[0]!r} start with a dot: the prefix given when building them lacked its "
                     f"trailing dot; pass e.g. prefix='visual.' rather than prefix='visual')")
-        if not hint and any(f"visual.{sample}" == k or k.endswith("." + sample) for k in params):
+        if not hint and (f"visual.{sample}" in params or deeper_name(sample, params) is not None):
             hint = " (the model holds it under a longer path: patch the submodule, e.g. model.visual)"
         raise ValueError(f"task vectors name {len(missing)} block(s) the model does not have, e.g. "
                          f"{missing[:3]}{hint}")

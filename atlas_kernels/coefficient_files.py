@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from ._adapted import coefficients
+from ._checks import all_finite
 from .patch_config import PatchConfig
 
 __all__ = ["save_coefficients", "load_coefficients"]
@@ -47,7 +48,7 @@ def save_coefficients(module: nn.Module, path) -> None:
                       stacklevel=2)
     tensors = {}
     for name, c in coefs.items():
-        if not torch.isfinite(c).all():
+        if not all_finite(c):
             raise ValueError(f"coefficients of block {name!r} hold NaN or inf; not saving them")
         tensors[name] = c.detach().float().cpu().contiguous()
     meta = {"format": FORMAT, "version": "1", **_identity(config), "blocks": json.dumps(sorted(coefs)),
@@ -128,7 +129,7 @@ def load_coefficients(module: nn.Module, path, *, strict: bool = True) -> nn.Mod
         if t.shape != c.shape:
             raise ValueError(f"{path!r}: block {name!r} has coefficients of shape {tuple(t.shape)}, "
                              f"the model expects {tuple(c.shape)}")
-        if not t.is_floating_point() or not torch.isfinite(t).all():
+        if not t.is_floating_point() or not all_finite(t):
             raise ValueError(f"{path!r}: coefficients of block {name!r} are not finite floats")
     for name, c in coefs.items():
         c.copy_(loaded[name].to(c.device, c.dtype))

@@ -30,6 +30,7 @@ from torch.nn.utils import parametrize
 
 from . import ops
 from ._adapted import atlas_parametrizations, coefficients, join
+from ._checks import all_finite
 from ._patch_guards import (
     _buffers_named,
     _check_backend_device,
@@ -315,7 +316,7 @@ def unpatch(module: nn.Module) -> nn.Module:
     requires_grad = restore["requires_grad"]
     # Validate every coefficient first, so a failure leaves the module patched and whole.
     for name, c in coefficients(module).items():
-        if not torch.isfinite(c).all():
+        if not all_finite(c):
             raise ValueError(f"coefficients of block {name!r} hold NaN or inf; refusing to merge them")
     ungroup_small_blocks(module)
     atlas = [(p, m) for p, m in module.named_modules() if isinstance(m, AtlasModule)]

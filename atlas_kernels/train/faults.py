@@ -12,6 +12,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from .._checks import all_finite, require_finite
+
 __all__ = ["DivergedError", "SKIP_WARN_FRACTION", "step_values", "diverged_message",
            "check_finite_tensors", "skip_report"]
 
@@ -60,11 +62,7 @@ def check_finite_tensors(tensors: Mapping[str, torch.Tensor], what: str) -> None
     """Raise ValueError naming the first tensor of ``tensors`` that holds NaN or inf."""
     for k, v in tensors.items():
         if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel():
-            bad = ~torch.isfinite(v)
-            if bad.any():
-                idx = tuple(int(i) for i in torch.nonzero(bad)[0])
-                raise ValueError(f"{what}: tensor {k!r} holds {int(bad.sum())} NaN/inf value(s), first at index "
-                                 f"{idx}; training from it cannot give finite coefficients")
+            require_finite(v, f"{what}: tensor {k!r}", then="; training from it cannot give finite coefficients")
 
 
 def skip_report(skipped: int, steps: int) -> Optional[Dict[str, object]]:
@@ -80,4 +78,4 @@ def skip_report(skipped: int, steps: int) -> Optional[Dict[str, object]]:
 
 
 def nonfinite_blocks(coefs: Mapping[str, torch.Tensor]) -> List[str]:
-    return [k for k, v in coefs.items() if not bool(torch.isfinite(v).all())]
+    return [k for k, v in coefs.items() if not all_finite(v)]
