@@ -57,14 +57,15 @@ class Block(NamedTuple):
     @property
     def adapted(self) -> bool:
         """Whether the block has task vectors (dense or LoRA) and coefficients."""
-        return self.theta0 is not None and (self.tau is not None or self.lora is not None)
+        return self.tau is not None or self.lora is not None
 
     @classmethod
     def read(cls, owner: nn.Module, prefix: str, theta0: Optional[torch.Tensor],
              partition: Optional[Partition]) -> "Block":
         """The block registered on ``owner`` by :meth:`BlockSpec.register` under ``prefix``, with
-        ``theta0`` and its current coefficients (``partition`` None: not adapted, frozen)."""
-        if partition is None or theta0 is None:
+        ``theta0`` and its current coefficients (``partition`` None: not adapted, frozen).
+        ``theta0`` may be None where only the displacement is wanted (the slab gives the shape)."""
+        if partition is None:
             return cls(theta0)
         coef = getattr(owner, prefix + "coef")
         index = getattr(owner, prefix + "index")

@@ -74,13 +74,6 @@ def _block_compose(theta0, owner, prefix, partition, dtype, backend):
     return ops.compose(Block.read(owner, prefix, theta0, partition), dtype, backend=backend)
 
 
-def _held_coef(owner, prefix):
-    """The coefficients of the task vectors the block holds (all N, or a budget's subset)."""
-    coef = getattr(owner, prefix + "coef")
-    index = getattr(owner, prefix + "index")
-    return coef if index is None else coef.index_select(0, index)
-
-
 # Tensors a dtype conversion of the model must not touch: coefficients stay float32 (AdamW on
 # fp16 coefficients turns them into NaN, bf16 rounds small updates away), and the task vectors
 # keep their storage dtype with its float32 scales (an fp16 copy of a bf16 slab can overflow).
@@ -152,9 +145,6 @@ class _BlockHolder(nn.Module):
             return
         spec.register(self, name + "_")
         self._partitions[name] = spec.partition
-
-    def _is_lora(self, name: str) -> bool:
-        return name in self._partitions and getattr(self, name + "_lora_a") is not None
 
     def _read_block(self, name: str, dtype: torch.dtype) -> Optional[torch.Tensor]:
         """What a read of the attribute ``name`` from outside the module gives (see

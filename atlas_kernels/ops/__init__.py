@@ -113,8 +113,10 @@ def _pick(backend: str, t: torch.Tensor, dtype: torch.dtype):
 def compose(block: Block, out_dtype, backend="torch"):
     """``block``'s composed value in ``out_dtype``, differentiable in its coefficients (a frozen
     block: ``theta0`` cast; an absent one: None)."""
+    if block.theta0 is None:
+        return None
     if not block.adapted:
-        return None if block.theta0 is None else block.theta0.to(out_dtype)
+        return block.theta0.to(out_dtype)
     if block.lora is not None:
         return lora_compose(block, out_dtype)
     return _pick(backend, block.theta0, out_dtype).compose(block, out_dtype)
