@@ -274,6 +274,19 @@ def _prep_weight(w0, w_tau, w_coef, partition, w_scale):
     return o, i, lb.n, lb.k, lb.code, lb.key, lb.coef, lb.scale
 
 
+def _out_and_split(out, m: int, cols: int, red: int, out_dtype, dev, split_k):
+    """The ``[M, cols]`` output of a fused GEMM (``out`` checked, or a new one), its row tile, the
+    split-K count over the reduction of length ``red``, and where the programs store (``out``
+    itself, or fp32 partials ``[split, M, cols]``)."""
+    if out is None:
+        out = torch.empty(m, cols, dtype=out_dtype, device=dev)
+    elif out.shape != (m, cols) or out.dtype != out_dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous [{m}, {cols}] tensor of {out_dtype}")
+    bm = _block_m(m)
+    sk = _split_k(dev, triton.cdiv(m, bm) * triton.cdiv(cols, 64), red, split_k)
+    return out, bm, sk, (out if sk == 1 or m * cols == 0 else scratch((sk, m, cols), dev))
+
+
 def fused_linear(
     x2d: torch.Tensor,
     w0: torch.Tensor,
@@ -296,19 +309,12 @@ def fused_linear(
     o, i, n, k, code, key, coef2, scale2 = _prep_weight(w0, w_tau, w_coef, partition, w_scale)
     if ii != i:
         raise ValueError(f"x has {ii} features, the weight {i}")
-    out_dtype = out_dtype or x2d.dtype
     dev = x2d.device
-    if out is None:
-        out = torch.empty(m, o, dtype=out_dtype, device=dev)
-    elif out.shape != (m, o) or out.dtype != out_dtype or not out.is_contiguous():
-        raise ValueError("out must be a contiguous [M, O] tensor of out_dtype")
+    out, bm, sk, dst = _out_and_split(out, m, o, i, out_dtype or x2d.dtype, dev, split_k)
     if m == 0 or o == 0:
         return out
     if i == 0:
         return out.copy_(bias.expand(m, o) if bias is not None else torch.zeros((), device=dev))
-    bm = _block_m(m)
-    sk = _split_k(dev, triton.cdiv(m, bm) * triton.cdiv(o, 64), i, split_k)
-    dst = out if sk == 1 else scratch((sk, m, o), dev)
     bias_c = bias.contiguous() if bias is not None else None
     grid = lambda meta: (triton.cdiv(m, bm), triton.cdiv(o, meta["BLOCK_O"]), sk)  # noqa: E731
     _fused_launch[grid](
@@ -342,19 +348,12 @@ def fused_linear_dx(
     o, i, n, k, code, key, coef2, scale2 = _prep_weight(w0, w_tau, w_coef, partition, w_scale)
     if oo != o:
         raise ValueError(f"dy has {oo} features, the weight {o} outputs")
-    out_dtype = out_dtype or dy2d.dtype
     dev = dy2d.device
-    if out is None:
-        out = torch.empty(m, i, dtype=out_dtype, device=dev)
-    elif out.shape != (m, i) or out.dtype != out_dtype or not out.is_contiguous():
-        raise ValueError("out must be a contiguous [M, I] tensor of out_dtype")
+    out, bm, sk, dst = _out_and_split(out, m, i, o, out_dtype or dy2d.dtype, dev, split_k)
     if m == 0 or i == 0:
         return out
     if o == 0:
         return out.zero_()
-    bm = _block_m(m)
-    sk = _split_k(dev, triton.cdiv(m, bm) * triton.cdiv(i, 64), o, split_k)
-    dst = out if sk == 1 else scratch((sk, m, i), dev)
     grid = lambda meta: (triton.cdiv(m, bm), triton.cdiv(i, meta["BLOCK_I"]), sk)  # noqa: E731
     _fused_dx_launch[grid](
         dy2d, w0.contiguous(), w_tau.contiguous(), coef2, scale2 if scale2 is not None else coef2, dst,
