@@ -234,7 +234,10 @@ def _(grad_flat, tau_flat, table, tile_map, block, kmax, total_cols, total_rows,
 
 
 # ------------------------------------------------------------------------------------------------
-# one autograd Function per op (inputs in the custom op's schema order)
+# one autograd Function per op (inputs in the custom op's schema order). forward(ctx, ...) with the
+# saving in `save`, not a `setup_context`: torch binds every apply() of a Function that defines one
+# with inspect.signature, which costs more than the dispatcher this eager path avoids. `save` is
+# also the setup_context of the op's register_autograd.
 # ------------------------------------------------------------------------------------------------
 def _grads(n_inputs: int, at: dict) -> tuple:
     """A backward's return value: ``at[pos]``, the gradient of input ``pos``, and None elsewhere."""
@@ -249,11 +252,13 @@ class ComposeFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(theta0, tau, coef, k, mode, key, out_dtype, scale):
-        return _route(_compose_op, _compose_impl)(theta0, tau, coef, k, mode, key, out_dtype, scale)
+    def forward(ctx, *inputs):
+        out = _route(_compose_op, _compose_impl)(*inputs)
+        ComposeFunction.save(ctx, inputs, out)
+        return out
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
+    def save(ctx, inputs, output):
         theta0, tau, coef, k, mode, key, out_dtype, scale = inputs
         ctx.save_for_backward(tau, scale)
         ctx.meta = (k, mode, key)
@@ -279,13 +284,13 @@ class LinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(x, w0, w_tau, w_coef, wk, wmode, wkey, b0, b_tau, b_coef, bk, bmode, bkey, w_scale, b_scale,
-                fused):
-        return _route(_linear_op, _linear_fwd_impl)(x, w0, w_tau, w_coef, wk, wmode, wkey, b0, b_tau, b_coef,
-                                                    bk, bmode, bkey, w_scale, b_scale, fused)
+    def forward(ctx, *inputs):
+        out = _route(_linear_op, _linear_fwd_impl)(*inputs)
+        LinearFunction.save(ctx, inputs, out)
+        return out
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
+    def save(ctx, inputs, output):
         (x, w0, w_tau, w_coef, wk, wmode, wkey, b0, b_tau, b_coef, bk, bmode, bkey, w_scale, b_scale, fused) = inputs
         ctx.save_for_backward(x, w0, w_tau, w_coef, w_scale, b_tau, b_scale, output[1])
         ctx.meta = (wk, wmode, wkey, bk, bmode, bkey, fused)
@@ -317,14 +322,13 @@ class ComposePackedFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(theta0_flat, tau_flat, coef_flat, table, tile_map, block, kmax, total_cols, total_rows, out_dtype,
-                scale_flat):
-        return _route(_compose_packed_op, _compose_packed_impl)(theta0_flat, tau_flat, coef_flat, table, tile_map,
-                                                                block, kmax, total_cols, total_rows, out_dtype,
-                                                                scale_flat)
+    def forward(ctx, *inputs):
+        out = _route(_compose_packed_op, _compose_packed_impl)(*inputs)
+        ComposePackedFunction.save(ctx, inputs, out)
+        return out
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
+    def save(ctx, inputs, output):
         (theta0_flat, tau_flat, coef_flat, table, tile_map, block, kmax, total_cols, total_rows, out_dtype,
          scale_flat) = inputs
         ctx.save_for_backward(tau_flat, table, tile_map, scale_flat)
@@ -344,7 +348,7 @@ def _register_autograd(op, fn):
     rule per op), its backward on the custom ops too."""
 
     def setup_context(ctx, inputs, output):
-        fn.setup_context(ctx, inputs, output)
+        fn.save(ctx, inputs, output)
         ctx.via_ops = True
 
     op.register_autograd(fn.backward, setup_context=setup_context)
