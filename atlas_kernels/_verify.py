@@ -24,7 +24,7 @@ from typing import Dict
 import torch
 import torch.nn as nn
 
-from .partitions import coef_2d
+from .blocks import coef_matrix
 
 __all__ = ["snapshot", "check", "probe_input"]
 
@@ -66,7 +66,7 @@ def _composed(theta0: torch.Tensor, tvs, tv_name: str, coef: torch.Tensor, part:
     # float32 accumulation (float64 for a float64 model): the bound's tol(float32) is far above it.
     acc_dtype = torch.float64 if theta0.dtype == torch.float64 else torch.float32
     acc = theta0.detach().to(acc_dtype).reshape(-1).clone()
-    c = coef_2d(coef.detach().to(torch.float64))
+    c = coef_matrix(coef.detach().to(torch.float64), coef.shape[0])
     for i in range(c.shape[0]):
         if tvs.is_lora(tv_name) or tvs.scale(tv_name) is not None or tvs.index(tv_name) is not None:
             tau = tvs.dense(tv_name, i)

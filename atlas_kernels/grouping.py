@@ -9,8 +9,9 @@ patch time; :func:`ungroup_small_blocks` removes it at unpatch.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
-from typing import Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -31,6 +32,31 @@ def _version(t: torch.Tensor):
         return t._version
     except RuntimeError:
         return None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Composition:
+    """One packed composition of the group's members (the cache of one (grad mode, inference mode)
+    slot): the flat output, its per-member ``views``, and what it was composed from: per member
+    ``(theta0 version, theta0 data_ptr, coef version, coef data_ptr)``, and ``flat``'s own version."""
+
+    flat: torch.Tensor
+    views: List[torch.Tensor]
+    keys: List[Tuple[int, int, int, int]]
+    flat_version: Optional[int]
+
+    def serves(self, j: int, key) -> bool:
+        """Whether member ``j``, now at ``key``, may be served its view: it is unchanged since the
+        composition, and the flat output was not modified in place."""
+        return self.keys[j] == key and _version(self.flat) == self.flat_version
+
+
+class _PackedTheta0(NamedTuple):
+    """The members' frozen ``theta0`` packed back to back (``flat``), and the ``(version,
+    data_ptr)`` per member it was packed from (``keys``; repacked only when one changes)."""
+
+    keys: Optional[List[Tuple[int, int]]] = None
+    flat: Optional[torch.Tensor] = None
 
 
 class SmallBlockGroup(nn.Module):
@@ -63,13 +89,11 @@ class SmallBlockGroup(nn.Module):
         """``members``: ``[(owner, name, atlas_parameter)]``: dense, un-indexed blocks sharing
         device, storage dtype, theta0 dtype and scaled-or-not."""
         super().__init__()
-        from .kernels._compose import make_packed_layout
-
         params = [p for _, _, p in members]
         first = params[0]
         n = first.tau.shape[0]
         shapes = [tuple(owner.parametrizations[name].original.shape) for owner, name, _ in members]
-        layout = make_packed_layout(shapes, [p.partition for p in params], device=first.tau.device)
+        layout = ops.packed_layout(shapes, [p.partition for p in params], device=first.tau.device)
         with torch.no_grad():
             tau_flat = torch.cat([p.tau.reshape(n, -1) for p in params], dim=1).contiguous()
             scale_flat = None
@@ -77,16 +101,17 @@ class SmallBlockGroup(nn.Module):
                 scale_flat = torch.cat([p.scale.reshape(n, -1) for p in params], dim=1).contiguous()
         self.register_buffer("tau_flat", tau_flat, persistent=False)
         self.register_buffer("scale_flat", scale_flat, persistent=False)
+        # The layout's tables as buffers (they follow .to()); layout() puts them back in the layout.
         self.register_buffer("table", layout.table, persistent=False)
         self.register_buffer("tile_map", layout.tile_map, persistent=False)
-        self._layout_meta = (layout.block, layout.kmax, layout.total_numel, layout.total_cols,
-                             layout.total_rows, layout.offsets, layout.shapes)
+        self._layout = dataclasses.replace(layout, table=None, tile_map=None)
         self._members = list(members)  # a plain list: the members are not submodules of the group
         self._depth = 0
-        self._cache = {}
-        self._theta0 = (None, None)  # (the members' theta0 (version, data_ptr) keys, packed copy)
+        self._cache = {}  # (grad mode, inference mode) -> _Composition
+        self._theta0 = _PackedTheta0()
+        # Each member learns its group and slot once, here (plain attributes, object.__setattr__:
+        # the group is not a submodule of every member).
         for j, p in enumerate(params):
-            # Plain attributes (object.__setattr__): not a submodule of every member.
             object.__setattr__(p, "_atlas_group", self)
             object.__setattr__(p, "_atlas_slot", j)
 
@@ -94,9 +119,8 @@ class SmallBlockGroup(nn.Module):
         return _apply_keeping(self, ("tau_flat", "scale_flat"), fn, recurse)
 
     def layout(self):
-        from .kernels._compose import PackedLayout
-
-        return PackedLayout(self.table, self.tile_map, *self._layout_meta)
+        """The :class:`~atlas_kernels.kernels.PackedLayout`, with the tables on the group's device."""
+        return dataclasses.replace(self._layout, table=self.table, tile_map=self.tile_map)
 
     # ------------------------------------------------------------------ hooks on the patched root
     def attach(self, root: nn.Module) -> None:
@@ -155,18 +179,18 @@ class SmallBlockGroup(nn.Module):
             return None
         slot = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
         entry = self._cache.get(slot)
-        if entry is None or entry[1][j] != key or _version(entry[0]) != entry[3]:
+        if entry is None or not entry.serves(j, key):
             if self._depth == 0:
                 return None  # outside a forward of the root: never start a cache, compose per block
             entry = self._compose()
             if entry is None:
                 return None
             self._cache[slot] = entry
-            if entry[1][j] != key:  # theta0 is not the member's original: do not guess
+            if entry.keys[j] != key:  # theta0 is not the member's original: do not guess
                 return None
-        return entry[2][j]
+        return entry.views[j]
 
-    def _compose(self):
+    def _compose(self) -> Optional[_Composition]:
         thetas = [owner.parametrizations[name].original for owner, name, _ in self._members]
         coefs = [p.coef for _, _, p in self._members]
         device, dtype = self.tau_flat.device, thetas[0].dtype
@@ -180,19 +204,17 @@ class SmallBlockGroup(nn.Module):
             return None
         n = self.tau_flat.shape[0]
         theta_keys = [k[:2] for k in keys]
-        if self._theta0[0] != theta_keys:  # theta0 is frozen: repack only when one of them changed
+        if self._theta0.keys != theta_keys:  # theta0 is frozen: repack only when one of them changed
             with torch.no_grad():
-                self._theta0 = (theta_keys, torch.cat([t.reshape(-1) for t in thetas]))
-        theta0_flat = self._theta0[1]
+                self._theta0 = _PackedTheta0(theta_keys, torch.cat([t.reshape(-1) for t in thetas]))
         coef_flat = torch.cat([c.reshape(n, -1) for c in coefs], dim=1)
         layout = self.layout()
-        backend = ops.resolve(self._members[0][2].backend, self.tau_flat.device)
-        flat = ops._module(backend).compose_packed(theta0_flat, self.tau_flat, coef_flat, layout, dtype,
-                                                   self.scale_flat)
-        return flat, keys, layout.views(flat), _version(flat)
+        flat = ops.compose_packed(self._theta0.flat, self.tau_flat, coef_flat, layout, dtype, self.scale_flat,
+                                  backend=self._members[0][2].backend)
+        return _Composition(flat, layout.views(flat), keys, _version(flat))
 
     def extra_repr(self) -> str:
-        return f"blocks={len(self._members)}, numel={self._layout_meta[2]}"
+        return f"blocks={len(self._members)}, numel={self._layout.total_numel}"
 
 
 def group_small_blocks_of(module: nn.Module) -> None:

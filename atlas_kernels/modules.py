@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 from . import ops
-from .blocks import BlockSpec
+from .blocks import Block, BlockSpec
 from .partitions import Partition
 
 __all__ = ["AtlasModule", "AtlasLinear", "AtlasMultiheadAttention", "AtlasParameter", "BlockSpec",
@@ -67,24 +67,12 @@ __all__ = ["AtlasModule", "AtlasLinear", "AtlasMultiheadAttention", "AtlasParame
 SMALL_BLOCK_NUMEL = 1 << 17
 
 # Backends with a packed (one call for many small blocks) compose: SmallBlockGroup uses them.
-PACKED_BACKENDS = ("triton", "cuda")
+PACKED_BACKENDS = ops.PACKED_BACKENDS
 
 
 def _block_compose(theta0, owner, prefix, partition, dtype, backend):
     """Compose one block registered by :meth:`BlockSpec.register` (differentiable in its coef)."""
-    coef = _held_coef(owner, prefix)
-    a = getattr(owner, prefix + "lora_a")
-    if a is not None:
-        return ops.lora_compose(theta0, a, getattr(owner, prefix + "lora_b"), coef, partition, dtype)
-    return ops.compose(theta0, getattr(owner, prefix + "tau"), coef, partition, dtype,
-                       getattr(owner, prefix + "scale"), backend=backend)
-
-
-def _held_coef(owner, prefix):
-    """The coefficients of the task vectors the block holds (all N, or a budget's subset)."""
-    coef = getattr(owner, prefix + "coef")
-    index = getattr(owner, prefix + "index")
-    return coef if index is None else coef.index_select(0, index)
+    return ops.compose(Block.read(owner, prefix, theta0, partition), dtype, backend=backend)
 
 
 # Tensors a dtype conversion of the model must not touch: coefficients stay float32 (AdamW on
@@ -128,14 +116,12 @@ def _block_merged(theta0, owner, prefix, partition, what):
     coef = getattr(owner, prefix + "coef")
     if not torch.isfinite(coef).all():
         raise ValueError(f"coefficients of block {what!r} hold NaN or inf; refusing to merge them")
-    coef = _held_coef(owner, prefix)
-    a = getattr(owner, prefix + "lora_a")
-    if a is not None:
-        return ops.lora_compose(theta0, a, getattr(owner, prefix + "lora_b"), coef, partition, theta0.dtype)
+    block = Block.read(owner, prefix, theta0, partition)
+    if block.lora is not None:
+        return ops.lora_compose(block, theta0.dtype)
     from .ops import torch_backend
 
-    return torch_backend.compose_values(theta0, getattr(owner, prefix + "tau"), coef, partition, theta0.dtype,
-                                        getattr(owner, prefix + "scale"))
+    return torch_backend.compose_values(theta0, block.tau, block.coef, partition, theta0.dtype, block.scale)
 
 
 class _BlockHolder(nn.Module):
@@ -161,9 +147,6 @@ class _BlockHolder(nn.Module):
         spec.register(self, name + "_")
         self._partitions[name] = spec.partition
 
-    def _is_lora(self, name: str) -> bool:
-        return name in self._partitions and getattr(self, name + "_lora_a") is not None
-
     def _read_block(self, name: str, dtype: torch.dtype) -> Optional[torch.Tensor]:
         """What a read of the attribute ``name`` from outside the module gives (see
         :class:`_ComposedAttribute`): the composed value here; linearised modules override it."""
@@ -174,14 +157,10 @@ class _BlockHolder(nn.Module):
         composed value on :class:`AtlasModule`; see :class:`_ComposedAttribute`)."""
         return self._buffers[name]
 
-    def _args(self, name: str):
-        """``(theta0, tau, coef, partition, scale)`` of a dense block (tau etc. None when frozen);
-        ``coef`` holds the coefficients of the task vectors the slab holds."""
-        theta0 = self._theta0(name)
-        if name not in self._partitions:
-            return theta0, None, None, None, None
-        return (theta0, getattr(self, name + "_tau"), _held_coef(self, name + "_"),
-                self._partitions[name], getattr(self, name + "_scale"))
+    def _block(self, name: str) -> Block:
+        """Block ``name`` as the ops take it: ``theta0`` with its slab (or LoRA factors) and the
+        coefficients of the task vectors the slab holds (only ``theta0`` when not adapted)."""
+        return Block.read(self, name + "_", self._theta0(name), self._partitions.get(name))
 
     def composed(self, name: str, dtype: torch.dtype) -> Optional[torch.Tensor]:
         """The block's current value in ``dtype`` (differentiable in its coefficients)."""
@@ -193,13 +172,7 @@ class _BlockHolder(nn.Module):
     def _linear(self, x: torch.Tensor, wname: str, bname: str) -> torch.Tensor:
         """``x W^T + c`` for blocks ``wname``/``bname`` through the backend's fused linear op (or the
         factored LoRA op)."""
-        if self._is_lora(wname):
-            bias = self.composed(bname, ops.compute_dtype(x))
-            return ops.lora_linear(x, self._theta0(wname), getattr(self, wname + "_lora_a"),
-                                   getattr(self, wname + "_lora_b"), _held_coef(self, wname + "_"),
-                                   self._partitions[wname], bias)
-        w, b = self._args(wname), self._args(bname)
-        return ops.linear(x, w[0], w[1], w[2], w[3], b[0], b[1], b[2], b[3], w[4], b[4], backend=self.backend)
+        return ops.linear(x, self._block(wname), self._block(bname), backend=self.backend)
 
     def adapted_blocks(self) -> Dict[str, nn.Parameter]:
         """Local block name -> its coefficients, for the adapted blocks of this module."""

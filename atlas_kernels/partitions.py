@@ -98,8 +98,3 @@ class Partition:
 def coef_shape(n: int, k: int) -> tuple:
     """The shape of one block's coefficients: ``(N,)`` for K = 1, else ``(N, K)``."""
     return (n,) if k == 1 else (n, k)
-
-
-def coef_2d(coef: torch.Tensor) -> torch.Tensor:
-    """One block's coefficients as ``[N, K]``: an ``(N,)`` vector is the K = 1 column."""
-    return coef if coef.dim() == 2 else coef[:, None]

@@ -13,6 +13,7 @@ import torch
 
 from atlas_kernels import ops
 from atlas_kernels import reference as R
+from atlas_kernels.blocks import Block
 from atlas_kernels.partitions import Partition
 from atlas_kernels.task_vectors import quantize
 
@@ -81,7 +82,7 @@ def test_compose_and_grad(backend, storage, k, mode, n, shape, out_dtype):
     tau, scale = make_slab(n, shape, storage)
     part = Partition.for_block("blk", k, mode, seed=5)
     coef = _coef(n, k).requires_grad_()
-    out = ops.compose(theta0, tau, coef, part, out_dtype, scale, backend=backend)
+    out = ops.compose(Block(theta0, tau, coef, part, scale), out_dtype, backend=backend)
     assert out.dtype == out_dtype and out.shape == theta0.shape
     tau64 = R.dequantize(tau, scale)
     ref = R.compose(theta0, tau64, coef.detach(), part)
@@ -93,7 +94,7 @@ def test_compose_and_grad(backend, storage, k, mode, n, shape, out_dtype):
     ref_g = R.coef_grad(g, tau64, k, part).reshape(coef.shape)
     abs_g = R.coef_grad(g.abs(), tau64.abs(), k, part).reshape(coef.shape)
     check(d1, ref_g, None, abs_g, ACC_RTOL, "dcoef")
-    out2 = ops.compose(theta0, tau, coef, part, out_dtype, scale, backend=backend)
+    out2 = ops.compose(Block(theta0, tau, coef, part, scale), out_dtype, backend=backend)
     (d2,) = torch.autograd.grad(out2, coef, g)
     assert torch.equal(out, out2) and torch.equal(d1, d2), "not deterministic over two runs"
 
@@ -107,7 +108,7 @@ def test_compose_low_precision_model(backend, dtype, storage):
     theta0 = torch.randn(shape, device=DEV).to(dtype)
     tau, scale = make_slab(n, shape, storage)
     coef = torch.randn(n, 3, device=DEV, requires_grad=True)
-    out = ops.compose(theta0, tau, coef, part, dtype, scale, backend=backend)
+    out = ops.compose(Block(theta0, tau, coef, part, scale), dtype, backend=backend)
     tau64 = R.dequantize(tau, scale)
     check(out, R.compose(theta0, tau64, coef.detach(), part),
           R.compose(theta0, tau64, coef.detach(), part, dtype=torch.float32).to(dtype),
@@ -150,7 +151,7 @@ def test_linear(backend, storage, cdtype):
     wc = torch.randn(n, 3, device=DEV, requires_grad=True)
     bc = torch.randn(n, 2, device=DEV, requires_grad=True)
     x = torch.randn(2, 5, i, device=DEV).to(cdtype).requires_grad_()
-    y = ops.linear(x, w0, wt, wc, pw, b0, bt, bc, pb, ws, bs, backend=backend)
+    y = ops.linear(x, Block(w0, wt, wc, pw, ws), Block(b0, bt, bc, pb, bs), backend=backend)
     assert y.dtype == cdtype and y.shape == (2, 5, o)
     dy = torch.randn_like(y)
     grads = torch.autograd.grad(y, (x, wc, bc), dy)
@@ -241,7 +242,7 @@ def test_cuda_backend_without_extension_says_how_to_build(monkeypatch):
     monkeypatch.delitem(sys.modules, "atlas_kernels.ops.cuda_backend", raising=False)
     monkeypatch.setattr(ops, "_loaded", {"torch": ops.torch_backend})
     with pytest.raises(RuntimeError, match="ATLAS_KERNELS_BUILD_EXT=1"):
-        ops.compose(torch.randn(3), torch.randn(1, 3), torch.randn(1), None, torch.float32, backend="cuda")
+        ops.compose(Block(torch.randn(3), torch.randn(1, 3), torch.randn(1), None), torch.float32, backend="cuda")
 
 
 @needs_ext
@@ -254,15 +255,15 @@ def test_ext_gpu_vit_shapes(storage):
         tau, scale = make_slab(n, shape, storage, "cuda")
         part = Partition.for_block("w", k, mode, 1)
         coef = _coef(n, k, "cuda").requires_grad_()
-        out = ops.compose(theta0, tau, coef, part, torch.bfloat16, scale, backend="cuda")
+        out = ops.compose(Block(theta0, tau, coef, part, scale), torch.bfloat16, backend="cuda")
         t64 = R.dequantize(tau, scale)
         check(out, R.compose(theta0, t64, coef.detach(), part),
               R.compose(theta0, t64, coef.detach(), part, dtype=torch.float32).to(torch.bfloat16),
               R.compose(theta0.abs(), t64.abs(), coef.detach().abs(), part), EPS[torch.bfloat16], "compose")
         g = torch.randn(shape, device="cuda")
         d1 = torch.autograd.grad(out.float(), coef, g)[0]
-        d2 = torch.autograd.grad(ops.compose(theta0, tau, coef, part, torch.bfloat16, scale, backend="cuda").float(),
-                                 coef, g)[0]
+        again = ops.compose(Block(theta0, tau, coef, part, scale), torch.bfloat16, backend="cuda")
+        d2 = torch.autograd.grad(again.float(), coef, g)[0]
         assert torch.equal(d1, d2)
         check(d1, R.coef_grad(g, t64, k, part).reshape(coef.shape), None,
               R.coef_grad(g.abs(), t64.abs(), k, part).reshape(coef.shape), 1e-5, "dcoef")

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from atlas_kernels import kernels
 from atlas_kernels import reference as R
+from atlas_kernels.blocks import Block
 from atlas_kernels.kernels import _common
 from atlas_kernels.ops import triton_backend as TB
 from atlas_kernels.partitions import Partition
@@ -71,8 +72,8 @@ def _check_linear(variant, path, cdtype, lead=(2, 5), o=77, i=123, n=3, autocast
     x_dtype = torch.float32 if autocast else cdtype
     x = torch.randn(*lead, i, device=DEV).to(x_dtype).requires_grad_()
 
-    args = (w0, w_tau, w_coef if w_adapt else None, pw, b0, b_tau, b_coef if bias == "adapted" else None, pb,
-            w_scale, b_scale)
+    args = (Block(w0, w_tau, w_coef if w_adapt else None, pw, w_scale),
+            Block(b0, b_tau, b_coef if bias == "adapted" else None, pb, b_scale))
     if autocast:
         with torch.autocast(DEV, dtype=cdtype):
             y = TB.linear(x, *args, fused_max_m=path)
@@ -169,7 +170,7 @@ def test_dispatch_threshold(monkeypatch):
         calls.clear()
         if thr is not None:
             monkeypatch.setattr(TB, "FUSED_MAX_M", thr)
-        TB.linear(torch.randn(m, 16, device=DEV), w0, tau, coef, None, None, None, None, None)
+        TB.linear(torch.randn(m, 16, device=DEV), Block(w0, tau, coef))
         assert calls == [want], (m, thr, calls)
 
 
@@ -187,7 +188,7 @@ def test_compose_autograd(coef_shape, mode, int8, custom_ops):
     tau, scale = _slab(n, shape, int8)
     coef = (torch.randn(n, device=DEV, dtype=torch.float64) if coef_shape == "vec"
             else torch.randn(n, k, device=DEV)).requires_grad_()
-    w = TB.compose(theta0, tau, coef, p, torch.float16, scale)
+    w = TB.compose(Block(theta0, tau, coef, p, scale), torch.float16)
     assert w.dtype == torch.float16 and w.shape == shape
     r = torch.randn(shape, device=DEV).half().float()  # dL/dW, exact in fp16
     (g,) = torch.autograd.grad((w.float() * r).sum(), coef)
@@ -262,9 +263,9 @@ def test_torch_compile_fullgraph():
     pc = torch.randn(n, lay.total_cols, device=DEV, requires_grad=True)
 
     def f(x, thr):
-        y = TB.linear(x, w0, tau, wc, pw, b0, btau, bc, pb, fused_max_m=thr)
+        y = TB.linear(x, Block(w0, tau, wc, pw), Block(b0, btau, bc, pb), fused_max_m=thr)
         flat = TB.compose_packed(p0, pt, pc, lay, torch.float32)
-        return y.square().sum() + flat.square().sum() + TB.compose(b0, btau, bc, pb, torch.float32).sum()
+        return y.square().sum() + flat.square().sum() + TB.compose(Block(b0, btau, bc, pb), torch.float32).sum()
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     for thr in (FUSED, COMPOSE):
@@ -298,7 +299,7 @@ def test_gpu_compile_inductor():
 
     def f(x):
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            return TB.linear(x, w0, tau, wc, None, b0, btau, bc, None).float().square().mean()
+            return TB.linear(x, Block(w0, tau, wc), Block(b0, btau, bc)).float().square().mean()
 
     compiled = torch.compile(f, fullgraph=True)
     for m in (16, 256):

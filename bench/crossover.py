@@ -55,6 +55,7 @@ def main(argv=None) -> int:
 
     import torch
 
+    from atlas_kernels.blocks import Block
     from atlas_kernels.ops import triton_backend as tb
 
     from . import env
@@ -99,7 +100,7 @@ def main(argv=None) -> int:
             row = {}
             for path, thr in (("fused", 1 << 30), ("compose", 0)):
                 def step(thr=thr):
-                    y = tb.linear(x, w0, tau, coef, None, b0, None, None, None, fused_max_m=thr)
+                    y = tb.linear(x, Block(w0, tau, coef), Block(b0), fused_max_m=thr)
                     y.backward(dy)
                 row[path] = timed(step)
             win = row["fused"] < row["compose"]

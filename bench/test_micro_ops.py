@@ -24,6 +24,7 @@ import torch
 
 pytest.importorskip("pytest_benchmark")
 ak_ops = pytest.importorskip("atlas_kernels.ops")
+from atlas_kernels.blocks import Block  # noqa: E402
 from atlas_kernels.partitions import Partition  # noqa: E402
 from atlas_kernels.storage import BYTES_PER_ELEMENT  # noqa: E402
 
@@ -99,7 +100,7 @@ def test_compose(benchmark, ceiling, backend, storage, k):
     theta0, tau = _block(storage)
     coef = _coef(k)
     part = Partition(k)
-    _run(benchmark, lambda: ak_ops.compose(theta0, tau, coef, part, COMPUTE, backend=backend))
+    _run(benchmark, lambda: ak_ops.compose(Block(theta0, tau, coef, part), COMPUTE, backend=backend))
     p = theta0.numel()
     nbytes = N * p * BYTES_PER_ELEMENT[storage] + p * 4 + p * torch.finfo(COMPUTE).bits // 8
     _record(benchmark, ceiling, nbytes, dict(backend=backend, storage=storage, partitions=k))
@@ -110,7 +111,7 @@ def test_coef_grad(benchmark, ceiling, backend, storage, k):
     benchmark.group = f"coef_grad N={N}"
     theta0, tau = _block(storage)
     coef = _coef(k, requires_grad=True)
-    w = ak_ops.compose(theta0, tau, coef, Partition(k), COMPUTE, backend=backend)
+    w = ak_ops.compose(Block(theta0, tau, coef, Partition(k)), COMPUTE, backend=backend)
     grad_w = torch.randn(w.shape, device=DEV, dtype=w.dtype) * 1e-3
     _run(benchmark, lambda: torch.autograd.grad(w, coef, grad_w, retain_graph=True))
     p = theta0.numel()
@@ -133,7 +134,7 @@ def test_linear(benchmark, ceiling, backend, storage):
     part = Partition(1)
 
     def step():
-        y = ak_ops.linear(x, w0, w_tau, w_coef, part, b0, b_tau, b_coef, part, backend=backend)
+        y = ak_ops.linear(x, Block(w0, w_tau, w_coef, part), Block(b0, b_tau, b_coef, part), backend=backend)
         torch.autograd.grad(y, (x, w_coef, b_coef), dy)
 
     _run(benchmark, step)

@@ -15,12 +15,8 @@ import triton.language as tl
 from ..partitions import Partition
 from ._common import (
     INTERPRET,
-    MODE_HASH,
     _part_index,
-    as_partition,
-    check_hash_numel,
-    check_scale,
-    mode_code,
+    launch_block,
     scale_rows,
     scratch,
 )
@@ -72,15 +68,11 @@ def coef_grad(
 
     grad ``[*S]`` (any float dtype), tau ``[N, *S]``. Bitwise reproducible from run to run.
     """
-    n = tau.shape[0]
-    numel = grad.numel()
-    if tau.numel() != n * numel:
+    shape = tau.shape[1:]  # the scale rows follow the slab's block shape
+    if tau.numel() != tau.shape[0] * grad.numel():
         raise ValueError(f"tau {tuple(tau.shape)} does not match grad {tuple(grad.shape)}")
-    p = as_partition(partition, k)
-    code = mode_code(k, p.mode)
-    check_hash_numel(numel, code)
-    shape = tau.shape[1:]
-    scale2 = check_scale(scale, n, shape, tau.device)
+    lb = launch_block(tau, shape, partition, k=k, scale=scale)
+    n, numel = lb.n, lb.numel
     if numel == 0:
         return torch.zeros(n, k, dtype=torch.float32, device=tau.device)
     block = COEF_GRAD_BLOCK
@@ -89,9 +81,9 @@ def coef_grad(
     r = scale_rows(shape)
     grad_c = grad.reshape(-1).contiguous()
     _coef_grad_kernel[(programs,)](
-        grad_c, tau.contiguous(), scale2 if scale2 is not None else grad_c, partial,
-        numel, n, p.key if code == MODE_HASH else 0, numel // r, r,
-        K=k, MODE=code, HAS_SCALE=scale2 is not None, BLOCK=block,
+        grad_c, tau.contiguous(), lb.scale if lb.scale is not None else grad_c, partial,
+        numel, n, lb.key, numel // r, r,
+        K=k, MODE=lb.code, HAS_SCALE=lb.scale is not None, BLOCK=block,
         **({} if INTERPRET else {"num_warps": 8}),
     )
     return partial.sum(0) if programs > 1 else partial[0].clone()

@@ -1,4 +1,5 @@
-"""Shared pieces of the Triton kernels: the partition index, scratch buffers, launch constants.
+"""Shared pieces of the Triton kernels: the launcher prologue, the partition index, scratch
+buffers, launch constants.
 
 The partition index must agree bit for bit with :meth:`atlas_kernels.partitions.Partition.index`:
 
@@ -14,12 +15,14 @@ or a constexpr, and in the interpreter (numpy int64 wraps silently on arrays).
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from .._env import is_interpreter
+from ..blocks import coef_matrix
 from ..partitions import MODES, Partition
 from ..storage import scale_rows  # noqa: F401  (the scale layout's one definition; used by the launchers)
 
@@ -51,10 +54,7 @@ def as_partition(partition, k: int) -> Partition:
 
 def coef2d(coef: torch.Tensor, n: int, device) -> torch.Tensor:
     """Coefficients ``[N]`` or ``[N, K]`` as a contiguous fp32 ``[N, K]`` (also for N = 0)."""
-    c = coef[:, None] if coef.dim() == 1 else coef
-    if c.dim() != 2 or c.shape[0] != n:
-        raise ValueError(f"coefficients must be [N] or [N, K] with N = {n}, got {tuple(coef.shape)}")
-    return c.to(device=device, dtype=torch.float32).contiguous()
+    return coef_matrix(coef, n).to(device=device, dtype=torch.float32).contiguous()
 
 
 def check_hash_numel(numel: int, code: int):
@@ -77,6 +77,41 @@ def check_scale(scale, n: int, shape, device):
         raise ValueError(f"scale must be [N, R] = [{n}, {r}] for a block of shape {tuple(shape)}, "
                          f"got {tuple(scale.shape)}")
     return scale.reshape(n, r).to(device=device, dtype=torch.float32).contiguous()
+
+
+class LaunchBlock(NamedTuple):
+    """What a single-block launcher hands its kernel, checked: N, the block's element count, K, the
+    partition's mode code and hash key (0 unless hashed), the coefficients as contiguous fp32
+    ``[N, K]`` (None for a gradient launch) and the scales as fp32 ``[N, R]`` (None: unscaled)."""
+
+    n: int
+    numel: int
+    k: int
+    code: int
+    key: int
+    coef: Optional[torch.Tensor]
+    scale: Optional[torch.Tensor]
+
+
+def launch_block(tau: torch.Tensor, shape, partition: Optional[Partition], *, coef=None, k: int = 1, scale=None,
+                 names=("tau", "theta0")) -> LaunchBlock:
+    """The prologue every single-block launcher shares: ``tau`` must hold N slabs of ``shape`` (the
+    error names ``names = (tau's name, what gives the shape)``); the coefficients ``coef`` (``[N]``
+    or ``[N, K]``; or, for a gradient, their column count ``k``) as fp32 ``[N, K]``; the partition
+    checked against K and decoded; the hash partitions' size bound; the scale checked as ``[N, R]``."""
+    n = tau.shape[0]
+    numel = int(torch.Size(shape).numel())
+    if tau.numel() != n * numel:
+        raise ValueError(f"{names[0]} {tuple(tau.shape)} does not match {names[1]} {tuple(shape)}")
+    coef2 = None
+    if coef is not None:
+        coef2 = coef2d(coef, n, tau.device)
+        k = coef2.shape[1]
+    p = as_partition(partition, k)
+    code = mode_code(k, p.mode)
+    check_hash_numel(numel, code)
+    return LaunchBlock(n, numel, k, code, p.key if code == MODE_HASH else 0, coef2,
+                       check_scale(scale, n, shape, tau.device))
 
 
 def next_pow2(x: int) -> int:

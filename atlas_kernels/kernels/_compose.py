@@ -20,10 +20,8 @@ from ._common import (
     _cast_out,
     _part_index,
     _part_index_rt,
-    as_partition,
     check_hash_numel,
-    check_scale,
-    coef2d,
+    launch_block,
     mode_code,
     next_pow2,
     scale_rows,
@@ -101,32 +99,21 @@ def compose(
     ``[N, R]``), coef ``[N]`` or ``[N, K]`` (any float; read as fp32). Accumulates in fp32 and
     stores in ``out_dtype`` (default theta0's dtype), into ``out`` when given (contiguous).
     """
-    n = tau.shape[0]
     shape = theta0.shape
-    numel = theta0.numel()
-    if tau.numel() != n * numel:
-        raise ValueError(f"tau {tuple(tau.shape)} does not match theta0 {tuple(shape)}")
-    coef2 = coef2d(coef, n, tau.device)
-    k = coef2.shape[1]
-    p = as_partition(partition, k)
-    code = mode_code(k, p.mode)
-    check_hash_numel(numel, code)
-    scale2 = check_scale(scale, n, shape, tau.device)
+    lb = launch_block(tau, shape, partition, coef=coef, scale=scale)
     out_dtype = out_dtype or theta0.dtype
     if out is None:
         out = torch.empty(shape, dtype=out_dtype, device=tau.device)
     elif out.shape != shape or out.dtype != out_dtype or not out.is_contiguous():
         raise ValueError("out must be a contiguous tensor of theta0's shape and out_dtype")
-    if numel == 0:
+    if lb.numel == 0:
         return out
-    theta0c = theta0.contiguous()
-    tauc = tau.contiguous()
     r = scale_rows(shape)
-    grid = lambda meta: (triton.cdiv(numel, meta["BLOCK"]),)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(lb.numel, meta["BLOCK"]),)  # noqa: E731
     _compose_launch[grid](
-        theta0c, tauc, coef2, scale2 if scale2 is not None else coef2, out,
-        numel, n, p.key if code == MODE_HASH else 0, numel // r, r,
-        K=k, MODE=code, HAS_SCALE=scale2 is not None, **_COMPOSE_FIXED,
+        theta0.contiguous(), tau.contiguous(), lb.coef, lb.scale if lb.scale is not None else lb.coef, out,
+        lb.numel, lb.n, lb.key, lb.numel // r, r,
+        K=lb.k, MODE=lb.code, HAS_SCALE=lb.scale is not None, **_COMPOSE_FIXED,
     )
     return out
 

@@ -24,19 +24,26 @@ import triton.language as tl
 from ..partitions import Partition
 from ._common import (
     INTERPRET,
-    MODE_HASH,
     _cast_out,
     _part_index,
-    as_partition,
-    check_hash_numel,
-    check_scale,
-    coef2d,
-    device_sms,
     dot_precision,
-    mode_code,
+    launch_block,
     next_pow2,
     scratch,
     upcast_dot,
+)
+from ._linear_tuning import (
+    FUSED_DX_LIGHT,
+    FUSED_DX_SAFE,
+    FUSED_LIGHT,
+    FUSED_SAFE,
+    LCG_CONFIGS,
+    _block_m,
+    _fused_configs,
+    _lcg_tiles,
+    _prune_fused,
+    _prune_lcg,
+    _split_k,
 )
 
 __all__ = ["fused_linear", "fused_linear_dx", "linear_coef_grad", "m_bucket"]
@@ -78,6 +85,45 @@ def _w_tile(
 
 
 @triton.jit
+def _split_range(pid_s, red, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``[begin, end)`` of split program ``pid_s``'s share of a reduction of length ``red``
+    (chunks of whole ``BLOCK_K`` tiles)."""
+    chunk = tl.cdiv(tl.cdiv(red, SPLIT_K), BLOCK_K) * BLOCK_K
+    begin = pid_s * chunk
+    return begin, tl.minimum(begin + chunk, red)
+
+
+@triton.jit
+def _rows_tile(ptr, offs_m, offs_k, M, KDIM, stride_m, stride_k):
+    """Tile ``[offs_m, offs_k]`` of an ``[M, KDIM]`` operand of any strides (0 outside)."""
+    return tl.load(ptr + offs_m[:, None].to(tl.int64) * stride_m + offs_k[None, :].to(tl.int64) * stride_k,
+                   mask=(offs_m[:, None] < M) & (offs_k[None, :] < KDIM), other=0.0)
+
+
+@triton.jit
+def _dot_operands(a, w, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """The activation tile and the fp32 W tile as ``tl.dot`` takes them: W rounded to the compute
+    ``dtype`` (as the compose path rounds it), both upcast to fp32 where the interpreter needs it."""
+    w = _cast_out(w, dtype)
+    if UPCAST:
+        a = a.to(tl.float32)
+        w = w.to(tl.float32)
+    return a, w
+
+
+@triton.jit
+def _store_split(out_ptr, acc, offs_m, offs_n, M, NCOL, pid_s, SPLIT_K: tl.constexpr):
+    """Store the ``[BLOCK_M, BLOCK_N]`` result tile of an ``[M, NCOL]`` output: rounded to the
+    output dtype, or (SPLIT_K > 1) fp32 into partial ``pid_s`` of ``out[SPLIT_K, M, NCOL]``."""
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < NCOL)
+    idx = offs_m[:, None].to(tl.int64) * NCOL + offs_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_ptr + idx, _cast_out(acc, out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(out_ptr + pid_s.to(tl.int64) * M * NCOL + idx, acc, mask=mask)
+
+
+@triton.jit
 def _fused_linear_kernel(
     x_ptr, w0_ptr, tau_ptr, coef_ptr, scale_ptr, bias_ptr, out_ptr,
     M, O, I, numel, N, key, stride_xm, stride_xk, M_BUCKET,
@@ -87,34 +133,21 @@ def _fused_linear_kernel(
 ):
     """``out[m, o] = sum_c x[m, c] W[o, c] (+ bias[o])``; with SPLIT_K > 1, program ``s`` sums the
     c-chunk ``s`` and stores fp32 to ``out[s, m, o]`` (bias added by the launcher)."""
-    pid_m = tl.program_id(0)
-    pid_o = tl.program_id(1)
     pid_s = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
-    chunk = tl.cdiv(tl.cdiv(I, SPLIT_K), BLOCK_K) * BLOCK_K
-    c_begin = pid_s * chunk
-    c_end = tl.minimum(c_begin + chunk, I)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+    c_begin, c_end = _split_range(pid_s, I, SPLIT_K, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_O], dtype=tl.float32)
     for c0 in range(c_begin, c_end, BLOCK_K):
         offs_c = c0 + tl.arange(0, BLOCK_K)
-        xt = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_c[None, :].to(tl.int64) * stride_xk,
-                     mask=(offs_m[:, None] < M) & (offs_c[None, :] < I), other=0.0)
+        xt = _rows_tile(x_ptr, offs_m, offs_c, M, I, stride_xm, stride_xk)
         w = _w_tile(w0_ptr, tau_ptr, coef_ptr, scale_ptr, offs_o, offs_c, O, I, numel, N, key,
                     K, MODE, HAS_SCALE)
-        w = _cast_out(w, x_ptr.dtype.element_ty)  # the compute-dtype weight, as the compose path rounds it
-        if UPCAST:
-            xt = xt.to(tl.float32)
-            w = w.to(tl.float32)
+        xt, w = _dot_operands(xt, w, x_ptr.dtype.element_ty, UPCAST)
         acc = tl.dot(xt, tl.trans(w), acc, input_precision=PREC)
-    mask = (offs_m[:, None] < M) & (offs_o[None, :] < O)
-    o_idx = offs_m[:, None].to(tl.int64) * O + offs_o[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_o, mask=offs_o < O, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + o_idx, _cast_out(acc, out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.store(out_ptr + pid_s.to(tl.int64) * M * O + o_idx, acc, mask=mask)
+    if SPLIT_K == 1 and HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_o, mask=offs_o < O, other=0.0).to(tl.float32)[None, :]
+    _store_split(out_ptr, acc, offs_m, offs_o, M, O, pid_s, SPLIT_K)
 
 
 @triton.jit
@@ -126,32 +159,19 @@ def _fused_linear_dx_kernel(
     BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """``out[m, c] = sum_o dy[m, o] W[o, c]``; SPLIT_K as in ``_fused_linear_kernel`` (over O)."""
-    pid_m = tl.program_id(0)
-    pid_i = tl.program_id(1)
     pid_s = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
-    chunk = tl.cdiv(tl.cdiv(O, SPLIT_K), BLOCK_K) * BLOCK_K
-    o_begin = pid_s * chunk
-    o_end = tl.minimum(o_begin + chunk, O)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    o_begin, o_end = _split_range(pid_s, O, SPLIT_K, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_I], dtype=tl.float32)
     for o0 in range(o_begin, o_end, BLOCK_K):
         offs_o = o0 + tl.arange(0, BLOCK_K)
-        dyt = tl.load(dy_ptr + offs_m[:, None].to(tl.int64) * stride_dm + offs_o[None, :].to(tl.int64) * stride_do,
-                      mask=(offs_m[:, None] < M) & (offs_o[None, :] < O), other=0.0)
+        dyt = _rows_tile(dy_ptr, offs_m, offs_o, M, O, stride_dm, stride_do)
         w = _w_tile(w0_ptr, tau_ptr, coef_ptr, scale_ptr, offs_o, offs_c, O, I, numel, N, key,
                     K, MODE, HAS_SCALE)
-        w = _cast_out(w, dy_ptr.dtype.element_ty)
-        if UPCAST:
-            dyt = dyt.to(tl.float32)
-            w = w.to(tl.float32)
+        dyt, w = _dot_operands(dyt, w, dy_ptr.dtype.element_ty, UPCAST)
         acc = tl.dot(dyt, w, acc, input_precision=PREC)
-    mask = (offs_m[:, None] < M) & (offs_c[None, :] < I)
-    o_idx = offs_m[:, None].to(tl.int64) * I + offs_c[None, :]
-    if SPLIT_K == 1:
-        tl.store(out_ptr + o_idx, _cast_out(acc, out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.store(out_ptr + pid_s.to(tl.int64) * M * I + o_idx, acc, mask=mask)
+    _store_split(out_ptr, acc, offs_m, offs_c, M, I, pid_s, SPLIT_K)
 
 
 @triton.jit
@@ -205,56 +225,8 @@ def _linear_coef_grad_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# launch configuration
+# launch configuration (the tuning space and its pruning: ._linear_tuning)
 # ----------------------------------------------------------------------------------------------
-# Autotune configs: (BLOCK_O or BLOCK_I, BLOCK_K, num_warps) of the fused GEMMs. Chosen from a
-# ptxas sweep for sm_90 (every tile of 32..128 x 32..128 on 4 and 8 warps, BLOCK_M 16 and 64,
-# bf16/int8 storage, bf16/fp32 compute, K 1 and 4): the *_SAFE configs never spilled; the *_LIGHT
-# ones spill only where elements carry a part index or a scale (K > 1, int8/fp8), so they are
-# pruned there. `python -m atlas_kernels_tests._compile_kernels --spills` re-checks the survivors.
-FUSED_SAFE = [(32, 32, 4), (32, 64, 4), (32, 64, 8), (32, 128, 8), (64, 64, 8)]
-FUSED_LIGHT = [(64, 128, 8), (128, 64, 8), (128, 32, 4)]
-FUSED_DX_SAFE = [(32, 32, 8), (32, 128, 8), (64, 32, 8)]
-FUSED_DX_LIGHT = [(64, 64, 4), (32, 64, 4), (128, 32, 4), (128, 64, 8), (64, 128, 8)]
-# (num_warps, num_stages) of the coefficient gradient, whose tile is fixed by `_lcg_tiles`.
-LCG_CONFIGS = [(4, 3), (8, 3), (4, 4), (8, 2)]
-
-
-def _arg(named_args, kwargs, name, default=None):
-    return kwargs.get(name, named_args.get(name, default))
-
-
-def _heavy(named_args, kwargs) -> bool:
-    """Elements carry a part index (K > 1) or a dequantization scale: more live registers."""
-    return _arg(named_args, kwargs, "K", 1) > 1 or bool(_arg(named_args, kwargs, "HAS_SCALE", False))
-
-
-def _prune_fused(configs, named_args, **kwargs):
-    if not _heavy(named_args, kwargs):
-        return configs
-    kept = [c for c in configs if not getattr(c, "atlas_light", False)]
-    return kept or configs
-
-
-def _prune_lcg(configs, named_args, **kwargs):
-    """The fp32 G tile lives through the N-slab epilogue: large tiles, and 64 x 64 tiles whose
-    elements carry a part or scale, get 8 warps (ptxas, sm_90: 4 warps spilled 140-196 bytes)."""
-    tile = _arg(named_args, kwargs, "BLOCK_O", 64) * _arg(named_args, kwargs, "BLOCK_I", 64)
-    limit = 4096 if _heavy(named_args, kwargs) else 8192
-    kept = [c for c in configs if not (tile >= limit and c.num_warps < 8)]
-    return kept or configs
-
-
-def _fused_configs(safe, light, tile_name):
-    out = []
-    for group, is_light in ((safe, False), (light, True)):
-        for t, bk, w in group:
-            cfg = triton.Config({tile_name: t, "BLOCK_K": bk}, num_warps=w, num_stages=3)
-            cfg.atlas_light = is_light  # read by _prune_fused
-            out.append(cfg)
-    return out
-
-
 if INTERPRET:
     _fused_launch = _fused_linear_kernel
     _fused_dx_launch = _fused_linear_dx_kernel
@@ -289,31 +261,6 @@ else:  # pragma: no cover - GPU only
     _LCG_FIXED = {}
 
 
-def _block_m(m: int) -> int:
-    return min(64, max(16, next_pow2(m)))
-
-
-def _split_k(device, tiles: int, red: int, split_k: Optional[int]) -> int:
-    """Programs along the reduction so that about 2 programs per SM run (GPU); 1 in the interpreter."""
-    if split_k is not None:
-        return max(1, int(split_k))
-    if INTERPRET or device.type != "cuda":
-        return 1
-    want = triton.cdiv(2 * device_sms(device), max(tiles, 1))
-    return int(max(1, min(want, triton.cdiv(red, 256), 16)))
-
-
-def _lcg_tiles(m: int):
-    """(BLOCK_M, BLOCK_O, BLOCK_I) for the coefficient gradient: 64 x 64 (O, I) tiles at small M
-    (more programs for the memory-bound task-vector pass), 64 x 128 at large M. The fp32 G tile,
-    its int32 offsets and parts stay live through the N-slab epilogue, so 128 x 128 would spill;
-    tune these on a GPU (only warps/stages are autotuned: the tile sets the partial-buffer rows)."""
-    if INTERPRET:
-        return 64, 64, 128
-    if m <= 64:
-        return 16 if m <= 16 else 32, 64, 64
-    return 32, 64, 128
-
 
 def _check_int32(o: int, i: int):
     if o * i + max(o, i) * 256 >= 2**31:
@@ -322,17 +269,22 @@ def _check_int32(o: int, i: int):
 
 def _prep_weight(w0, w_tau, w_coef, partition, w_scale):
     o, i = w0.shape
-    n = w_tau.shape[0]
-    if w_tau.numel() != n * o * i:
-        raise ValueError(f"w_tau {tuple(w_tau.shape)} does not match w0 {tuple(w0.shape)}")
-    coef2 = coef2d(w_coef, n, w_tau.device)
-    k = coef2.shape[1]
-    p = as_partition(partition, k)
-    code = mode_code(k, p.mode)
-    check_hash_numel(o * i, code)
+    lb = launch_block(w_tau, (o, i), partition, coef=w_coef, scale=w_scale, names=("w_tau", "w0"))
     _check_int32(o, i)
-    scale2 = check_scale(w_scale, n, (o, i), w_tau.device)
-    return o, i, n, k, code, (p.key if code == MODE_HASH else 0), coef2, scale2
+    return o, i, lb.n, lb.k, lb.code, lb.key, lb.coef, lb.scale
+
+
+def _out_and_split(out, m: int, cols: int, red: int, out_dtype, dev, split_k):
+    """The ``[M, cols]`` output of a fused GEMM (``out`` checked, or a new one), its row tile, the
+    split-K count over the reduction of length ``red``, and where the programs store (``out``
+    itself, or fp32 partials ``[split, M, cols]``)."""
+    if out is None:
+        out = torch.empty(m, cols, dtype=out_dtype, device=dev)
+    elif out.shape != (m, cols) or out.dtype != out_dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous [{m}, {cols}] tensor of {out_dtype}")
+    bm = _block_m(m)
+    sk = _split_k(dev, triton.cdiv(m, bm) * triton.cdiv(cols, 64), red, split_k)
+    return out, bm, sk, (out if sk == 1 or m * cols == 0 else scratch((sk, m, cols), dev))
 
 
 def fused_linear(
@@ -357,19 +309,12 @@ def fused_linear(
     o, i, n, k, code, key, coef2, scale2 = _prep_weight(w0, w_tau, w_coef, partition, w_scale)
     if ii != i:
         raise ValueError(f"x has {ii} features, the weight {i}")
-    out_dtype = out_dtype or x2d.dtype
     dev = x2d.device
-    if out is None:
-        out = torch.empty(m, o, dtype=out_dtype, device=dev)
-    elif out.shape != (m, o) or out.dtype != out_dtype or not out.is_contiguous():
-        raise ValueError("out must be a contiguous [M, O] tensor of out_dtype")
+    out, bm, sk, dst = _out_and_split(out, m, o, i, out_dtype or x2d.dtype, dev, split_k)
     if m == 0 or o == 0:
         return out
     if i == 0:
         return out.copy_(bias.expand(m, o) if bias is not None else torch.zeros((), device=dev))
-    bm = _block_m(m)
-    sk = _split_k(dev, triton.cdiv(m, bm) * triton.cdiv(o, 64), i, split_k)
-    dst = out if sk == 1 else scratch((sk, m, o), dev)
     bias_c = bias.contiguous() if bias is not None else None
     grid = lambda meta: (triton.cdiv(m, bm), triton.cdiv(o, meta["BLOCK_O"]), sk)  # noqa: E731
     _fused_launch[grid](
@@ -403,19 +348,12 @@ def fused_linear_dx(
     o, i, n, k, code, key, coef2, scale2 = _prep_weight(w0, w_tau, w_coef, partition, w_scale)
     if oo != o:
         raise ValueError(f"dy has {oo} features, the weight {o} outputs")
-    out_dtype = out_dtype or dy2d.dtype
     dev = dy2d.device
-    if out is None:
-        out = torch.empty(m, i, dtype=out_dtype, device=dev)
-    elif out.shape != (m, i) or out.dtype != out_dtype or not out.is_contiguous():
-        raise ValueError("out must be a contiguous [M, I] tensor of out_dtype")
+    out, bm, sk, dst = _out_and_split(out, m, i, o, out_dtype or dy2d.dtype, dev, split_k)
     if m == 0 or i == 0:
         return out
     if o == 0:
         return out.zero_()
-    bm = _block_m(m)
-    sk = _split_k(dev, triton.cdiv(m, bm) * triton.cdiv(i, 64), o, split_k)
-    dst = out if sk == 1 else scratch((sk, m, i), dev)
     grid = lambda meta: (triton.cdiv(m, bm), triton.cdiv(i, meta["BLOCK_I"]), sk)  # noqa: E731
     _fused_dx_launch[grid](
         dy2d, w0.contiguous(), w_tau.contiguous(), coef2, scale2 if scale2 is not None else coef2, dst,
@@ -448,15 +386,9 @@ def linear_coef_grad(
         raise ValueError(f"x has {m} rows, dy {m2}")
     if dy2d.dtype != x2d.dtype:
         dy2d = dy2d.to(x2d.dtype)
-    n = w_tau.shape[0]
-    if w_tau.numel() != n * o * i:
-        raise ValueError(f"w_tau {tuple(w_tau.shape)} does not match [N, {o}, {i}]")
-    p = as_partition(partition, k)
-    code = mode_code(k, p.mode)
-    check_hash_numel(o * i, code)
+    lb = launch_block(w_tau, (o, i), partition, k=k, scale=w_scale, names=("w_tau", "dy^T x [O, I]"))
     _check_int32(o, i)
-    dev = w_tau.device
-    scale2 = check_scale(w_scale, n, (o, i), dev)
+    n, dev, scale2 = lb.n, w_tau.device, lb.scale
     if o * i == 0 or m == 0:
         return torch.zeros(n, k, dtype=torch.float32, device=dev)
     bm, bo, bi = _lcg_tiles(m)
@@ -464,9 +396,9 @@ def linear_coef_grad(
     partial = scratch((programs, n, k), dev)
     _lcg_launch[(programs,)](
         x2d, dy2d, w_tau.contiguous(), scale2 if scale2 is not None else partial, partial,
-        m, o, i, o * i, n, p.key if code == MODE_HASH else 0,
+        m, o, i, o * i, n, lb.key,
         x2d.stride(0), x2d.stride(1), dy2d.stride(0), dy2d.stride(1), m_bucket(m),
-        K=k, MODE=code, HAS_SCALE=scale2 is not None, UPCAST=upcast_dot(x2d.dtype), PREC=dot_precision(x2d.dtype),
+        K=k, MODE=lb.code, HAS_SCALE=scale2 is not None, UPCAST=upcast_dot(x2d.dtype), PREC=dot_precision(x2d.dtype),
         BLOCK_M=bm, BLOCK_O=bo, BLOCK_I=bi, **_LCG_FIXED,
     )
     return partial.sum(0) if programs > 1 else partial[0].clone()

@@ -26,7 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-from ..modules import AtlasLinear, AtlasMultiheadAttention, AtlasParameter, _held_coef, _merge_masks
+from ..blocks import Block
+from ..modules import AtlasLinear, AtlasMultiheadAttention, AtlasParameter, _merge_masks
 from ..ops.lora import lora_delta
 from . import ops as LO
 
@@ -63,24 +64,17 @@ def _add(a, b):
 
 def block_delta(owner, name: str, dtype, backend: str):
     """``D = sum_i lam_i tau_i`` of the block ``name`` of ``owner`` (None when it is not adapted)."""
-    prefix = name + "_" if name else ""
     parts = getattr(owner, "_partitions", None)
     if parts is not None:
         if name not in parts:
             return None
-        partition = parts[name]
-        theta0 = owner._theta0(name)  # the attribute itself reads the composed value
-    else:  # an AtlasParameter
-        partition = owner.partition
-        theta0 = None
-    coef = _held_coef(owner, prefix)
-    a = getattr(owner, prefix + "lora_a")
-    if a is not None:
-        with torch.autocast(a.device.type, enabled=False):
-            return lora_delta(a, getattr(owner, prefix + "lora_b"), coef, partition).to(dtype)
-    tau = getattr(owner, prefix + "tau")
-    shape = tau.shape[1:] if theta0 is None else theta0.shape
-    return LO.delta(shape, tau, coef, partition, dtype, getattr(owner, prefix + "scale"), backend)
+        block = owner._block(name)
+    else:  # an AtlasParameter: its theta0 is the parametrization's input, the slab gives the shape
+        block = Block.read(owner, "", None, owner.partition)
+    if block.lora is not None:
+        with torch.autocast(block.lora[0].device.type, enabled=False):
+            return lora_delta(*block.lora, block.coef, block.partition).to(dtype)
+    return LO.delta(block, dtype, backend)
 
 
 class LinearisedAtlasParameter(AtlasParameter):
@@ -103,17 +97,12 @@ def _pair_linear(self, x0, xt, wname: str, bname: str):
     b0 = self._theta0(bname) if bname else None
     y0 = LO.frozen_linear(x0, w0, b0)
     yt = None if xt is None else F.linear(xt.to(dtype), w0.to(dtype))
-    parts = self._partitions
-    b_adapted = b0 is not None and bname in parts
-    if wname in parts and not self._is_lora(wname) and (not b_adapted or not self._is_lora(bname)):
-        b_args = {}
-        if b_adapted:
-            b_args = dict(b_tau=getattr(self, bname + "_tau"), b_coef=_held_coef(self, bname + "_"),
-                          b_part=parts[bname], b_scale=getattr(self, bname + "_scale"))
-        term = LO.tangent_linear(x0, w0.shape, getattr(self, wname + "_tau"), _held_coef(self, wname + "_"),
-                                 parts[wname], getattr(self, wname + "_scale"), backend=self.backend, **b_args)
-        return y0, _add(yt, term)
-    if wname in parts:  # LoRA weight: factored or composed by autograd (never densified per vector)
+    w = self._block(wname)
+    b = self._block(bname) if bname else Block(None)
+    b_adapted = b.theta0 is not None and b.adapted
+    if w.tau is not None and b.lora is None:  # dense weight (and a dense or frozen bias): one fused op
+        return y0, _add(yt, LO.tangent_linear(x0, w, b, backend=self.backend))
+    if w.adapted:  # LoRA weight: factored or composed by autograd (never densified per vector)
         yt = _add(yt, F.linear(x0, block_delta(self, wname, dtype, self.backend)))
     if b_adapted:
         yt = _add(yt, block_delta(self, bname, dtype, self.backend))

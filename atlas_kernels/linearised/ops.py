@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from ..blocks import Block
 from ..ops import torch_backend as TB
-from ..partitions import Partition
 
 __all__ = ["delta", "tangent_linear", "attention_tangent", "TangentLinearFunction"]
 
@@ -28,10 +28,6 @@ def _kernels():
     from .. import kernels
 
     return kernels
-
-
-def _coef2(coef: torch.Tensor) -> torch.Tensor:
-    return coef[:, None] if coef.dim() == 1 else coef
 
 
 def _backend_name(backend: str, t: torch.Tensor, dtype: torch.dtype) -> str:
@@ -48,8 +44,8 @@ def _zeros(shape, dtype, device):
 def _delta_values(shape, tau, coef, partition, dtype, scale, name):
     """``sum_i coef[i, part(e)] tau[i, e]`` of a block of ``shape`` (no autograd)."""
     if name == "triton":
-        return _kernels().compose(_zeros(shape, dtype, tau.device), tau, _coef2(coef).float(), partition,
-                                  scale=scale, out_dtype=dtype)
+        return _kernels().compose(_zeros(shape, dtype, tau.device), tau, coef, partition, scale=scale,
+                                  out_dtype=dtype)
     return TB.compose_values(_zeros(shape, TB.acc_dtype(dtype, tau.dtype), tau.device), tau, coef, partition,
                              dtype, scale)
 
@@ -83,10 +79,13 @@ class DeltaFunction(torch.autograd.Function):
         return g.reshape(cshape).to(cdtype), None, None, None, None, None, None
 
 
-def delta(shape, tau, coef, partition: Partition, dtype, scale=None, backend="torch"):
-    """Differentiable (in ``coef``) displacement of one dense block, in ``dtype``."""
+def delta(block: Block, dtype, backend="torch"):
+    """Differentiable (in ``block.coef``) displacement of one dense block, in ``dtype``; its shape is
+    ``theta0``'s, or (``theta0`` None) the slab's block shape."""
+    tau = block.tau
+    shape = tau.shape[1:] if block.theta0 is None else block.theta0.shape
     name = _backend_name(backend, tau, dtype)
-    return DeltaFunction.apply(coef, torch.Size(shape), tau, scale, partition, dtype, name)
+    return DeltaFunction.apply(block.coef, torch.Size(shape), tau, block.scale, block.partition, dtype, name)
 
 
 class TangentLinearFunction(torch.autograd.Function):
@@ -113,8 +112,8 @@ class TangentLinearFunction(torch.autograd.Function):
         with torch.autocast(x0.device.type, enabled=False):
             if name == "triton" and m <= fused_max_m:
                 zero = _zeros(w_shape, dtype, x0.device)
-                y = _kernels().fused_linear(x0, zero, w_tau, _coef2(w_coef.detach()).float(), w_part,
-                                            w_scale=w_scale, out_dtype=dtype)
+                y = _kernels().fused_linear(x0, zero, w_tau, w_coef.detach(), w_part, w_scale=w_scale,
+                                            out_dtype=dtype)
             else:
                 d_w = _delta_values(w_shape, w_tau, w_coef.detach(), w_part, dtype, w_scale, name)
                 y = x0 @ d_w.t()
@@ -150,20 +149,23 @@ class TangentLinearFunction(torch.autograd.Function):
         return dx, dwc, dbc, None, None, None, None, None, None, None, None, None
 
 
-def tangent_linear(x0, w_shape, w_tau, w_coef, w_part, w_scale=None, b_tau=None, b_coef=None, b_part=None,
-                   b_scale=None, backend="torch", fused_max_m: Optional[int] = None):
-    """``x0 D_W^T + D_c`` for a dense adapted weight (``b_tau`` None: no bias displacement).
+def tangent_linear(x0, wblock: Block, bblock: Optional[Block] = None, backend="torch",
+                   fused_max_m: Optional[int] = None):
+    """``x0 D_W^T + D_c`` for a dense adapted weight ``wblock`` (``bblock`` None, absent or frozen:
+    no bias displacement).
 
     ``x0 [..., I]`` in the compute dtype; returns ``[..., O]`` in that dtype.
     """
+    w_shape, w_tau = wblock.theta0.shape, wblock.tau
+    b = bblock if bblock is not None and bblock.theta0 is not None and bblock.tau is not None else Block(None)
     dtype = x0.dtype
     name = _backend_name(backend, x0, dtype)
     lead = x0.shape[:-1]
     x2 = x0.reshape(-1, x0.shape[-1])
     if fused_max_m is None:
         fused_max_m = ops._module("triton").FUSED_MAX_M if name == "triton" else 0
-    y = TangentLinearFunction.apply(x2, w_coef, b_coef if b_tau is not None else None, torch.Size(w_shape),
-                                    w_tau, w_scale, w_part, b_tau, b_scale, b_part, name, fused_max_m)
+    y = TangentLinearFunction.apply(x2, wblock.coef, b.coef, torch.Size(w_shape), w_tau, wblock.scale,
+                                    wblock.partition, b.tau, b.scale, b.partition, name, fused_max_m)
     return y.reshape(*lead, w_shape[0])
 
 

@@ -1,12 +1,18 @@
 """Differentiable ops (autograd wiring) and the dispatch between backends.
 
-Every op has the same signature in every backend module:
+A block travels as one :class:`~atlas_kernels.blocks.Block` (theta0, slab or LoRA factors,
+coefficients, partition, scale), flattened to tensors only at the ``torch.library`` boundary. Every
+op has the same signature in every backend module:
 
-- ``compose(theta0, tau, coef, partition, out_dtype, scale=None)``: a composed block,
-  differentiable in ``coef``;
-- ``linear(x, w0, w_tau, w_coef, w_partition, b0, b_tau, b_coef, b_partition, w_scale=None,
-  b_scale=None)``: ``y = x W^T + c`` with composed ``W`` and ``c``, differentiable in ``x`` and the
-  coefficients.
+- ``compose(block, out_dtype)``: a composed block, differentiable in ``block.coef``;
+- ``linear(x, wblock, bblock=None)``: ``y = x W^T + c`` with composed ``W`` and ``c``,
+  differentiable in ``x`` and the coefficients;
+- ``compose_packed(theta0_flat, tau_flat, coef_flat, layout, out_dtype, scale_flat=None)`` (the
+  backends in :data:`PACKED_BACKENDS`): many small blocks in one call, laid out by
+  :func:`packed_layout`.
+
+Here, :func:`compose` and :func:`linear` route LoRA blocks to :mod:`.lora` (cuBLAS matmuls on the
+factors, any backend) and dense ones to the backend.
 
 ``backend`` is ``"torch"`` (:mod:`.torch_backend`), ``"triton"`` (:mod:`.triton_backend`), ``"cuda"``
 (:mod:`.cuda_backend`: the optional compiled extension from ``csrc/``, CPU or CUDA kernels as the
@@ -16,13 +22,17 @@ among those available in this installation.
 from __future__ import annotations
 
 import importlib
+from typing import Optional
 
 import torch
 
+from ..blocks import Block
 from . import torch_backend
 from .lora import lora_compose, lora_linear  # noqa: F401  (backend-agnostic: cuBLAS matmuls)
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
+# Backends with a packed (one call for many small blocks) compose.
+PACKED_BACKENDS = ("triton", "cuda")
 _loaded = {"torch": torch_backend}
 
 
@@ -100,15 +110,43 @@ def _pick(backend: str, t: torch.Tensor, dtype: torch.dtype):
     return _module(name)
 
 
-def compose(theta0, tau, coef, partition, out_dtype, scale=None, backend="torch"):
-    return _pick(backend, theta0, out_dtype).compose(theta0, tau, coef, partition, out_dtype, scale)
+def compose(block: Block, out_dtype, backend="torch"):
+    """``block``'s composed value in ``out_dtype``, differentiable in its coefficients (a frozen
+    block: ``theta0`` cast; an absent one: None)."""
+    if block.theta0 is None:
+        return None
+    if not block.adapted:
+        return block.theta0.to(out_dtype)
+    if block.lora is not None:
+        return lora_compose(block, out_dtype)
+    return _pick(backend, block.theta0, out_dtype).compose(block, out_dtype)
 
 
-def linear(x, w0, w_tau, w_coef, w_partition, b0, b_tau, b_coef, b_partition, w_scale=None, b_scale=None,
-           backend="torch"):
-    return _pick(backend, x, compute_dtype(x)).linear(
-        x, w0, w_tau, w_coef, w_partition, b0, b_tau, b_coef, b_partition, w_scale, b_scale
-    )
+def linear(x, wblock: Block, bblock: Optional[Block] = None, backend="torch"):
+    """``y = x W^T + c`` with ``W``, ``c`` composed from ``wblock``/``bblock`` (None: no bias)."""
+    if wblock.lora is not None:
+        bias = None if bblock is None else compose(bblock, compute_dtype(x), backend)
+        return lora_linear(x, wblock, bias)
+    return _pick(backend, x, compute_dtype(x)).linear(x, wblock, bblock)
+
+
+def compose_packed(theta0_flat, tau_flat, coef_flat, layout, out_dtype, scale_flat=None, backend="auto"):
+    """All blocks of ``layout`` (see :func:`packed_layout`) composed in one call of a backend in
+    :data:`PACKED_BACKENDS`: a flat ``[P]`` tensor (split it with ``layout.views``), differentiable
+    in ``coef_flat [N, layout.total_cols]``."""
+    name = resolve(backend, tau_flat.device)
+    if name not in PACKED_BACKENDS:
+        raise ValueError(f"compose_packed needs a backend in {PACKED_BACKENDS}, got {backend!r} (resolved to "
+                         f"{name!r} for {tau_flat.device.type} tensors)")
+    return _module(name).compose_packed(theta0_flat, tau_flat, coef_flat, layout, out_dtype, scale_flat)
+
+
+def packed_layout(shapes, partitions=None, device=None):
+    """The :class:`~atlas_kernels.kernels.PackedLayout` of blocks of ``shapes`` packed back to back
+    (the table every packed backend reads)."""
+    from ..kernels import make_packed_layout
+
+    return make_packed_layout(shapes, partitions, device=device)
 
 
 compute_dtype = torch_backend.compute_dtype

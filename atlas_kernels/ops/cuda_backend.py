@@ -4,8 +4,8 @@ The name is historical: the extension has CPU kernels (always built) and CUDA ke
 ``CUDA_HOME`` is set), and the dispatcher runs the ones matching the tensors' device. Same
 signatures as :mod:`.torch_backend` and :mod:`.triton_backend`:
 
-- ``compose(theta0, tau, coef, partition, out_dtype, scale=None)``
-- ``linear(x, w0, w_tau, w_coef, w_partition, b0, b_tau, b_coef, b_partition, w_scale=None, b_scale=None)``
+- ``compose(block, out_dtype)``
+- ``linear(x, wblock, bblock=None)``
 - ``compose_packed(theta0_flat, tau_flat, coef_flat, layout, out_dtype, scale_flat=None)`` (the
   :class:`~atlas_kernels.kernels.PackedLayout` table of the Triton kernels, for ``SmallBlockGroup``)
 
@@ -21,9 +21,10 @@ from typing import Optional
 
 import torch
 
+from ..blocks import Block, coef_matrix
 from ..partitions import Partition
 from . import torch_backend
-from .torch_backend import compute_dtype
+from .torch_backend import compute_dtype, dense
 
 try:
     from .. import _C  # noqa: F401  (loading the library registers torch.ops.atlas_kernels_ext)
@@ -54,14 +55,6 @@ def _check_device(t: torch.Tensor):
     if t.device.type not in _DEVICE_TYPES:
         raise RuntimeError(f"backend='cuda': the compiled extension has no kernels for {t.device.type} tensors; "
                            + (BUILD_HINT if t.device.type == "cuda" else "use backend='torch'"))
-
-
-def _coef2d(coef: torch.Tensor, n: int) -> torch.Tensor:
-    # indexing and .float() are differentiable: the gradient comes back in coef's shape and dtype.
-    c = coef[:, None] if coef.dim() == 1 else coef
-    if c.dim() != 2 or c.shape[0] != n:
-        raise ValueError(f"coefficients must be [N] or [N, K] with N = {n}, got {tuple(coef.shape)}")
-    return c.float()
 
 
 def _part(partition: Optional[Partition], k: int):
@@ -116,16 +109,18 @@ torch.library.register_autograd("atlas_kernels_ext::compose_packed", _packed_bac
 # ------------------------------------------------------------------------------------------------
 # public API
 # ------------------------------------------------------------------------------------------------
-def compose(theta0, tau, coef, partition, out_dtype, scale=None):
-    """Differentiable (in ``coef``) ``theta0 + sum_i coef[i, part(e)] * tau_i (* scale per row)``,
+def compose(block: Block, out_dtype):
+    """Differentiable (in ``block.coef``) ``theta0 + sum_i coef[i, part(e)] * tau_i (* scale per row)``,
     accumulated in fp32 and stored in ``out_dtype`` (see :func:`_compose_backward` for the chain rule)."""
+    theta0, tau = dense(block).theta0, block.tau
     if torch.float64 in (theta0.dtype, tau.dtype, out_dtype):
         # the kernels accumulate in fp32; float64 (reference work) is the torch backend's
-        return torch_backend.compose(theta0, tau, coef, partition, out_dtype, scale)
+        return torch_backend.compose(block, out_dtype)
     _check_device(theta0)
-    c = _coef2d(coef, tau.shape[0])
-    mode, key = _part(partition, c.shape[1])
-    return _ops.compose(theta0, tau, c, scale, mode, key, out_dtype or theta0.dtype)
+    # indexing and .float() are differentiable: the gradient comes back in coef's shape and dtype.
+    c = coef_matrix(block.coef, tau.shape[0]).float()
+    mode, key = _part(block.partition, c.shape[1])
+    return _ops.compose(theta0, tau, c, block.scale, mode, key, out_dtype or theta0.dtype)
 
 
 def compose_packed(theta0_flat, tau_flat, coef_flat, layout, out_dtype, scale_flat=None):
@@ -140,12 +135,11 @@ def compose_packed(theta0_flat, tau_flat, coef_flat, layout, out_dtype, scale_fl
                                int(layout.kmax), out_dtype or theta0_flat.dtype)
 
 
-def linear(x, w0, w_tau, w_coef, w_partition, b0, b_tau, b_coef, b_partition, w_scale=None, b_scale=None):
+def linear(x, wblock: Block, bblock: Optional[Block] = None):
     """``y = x W^T + c`` with ``W`` and ``c`` composed by the extension in the compute dtype.
 
     Chain rule: ``F.linear``'s backward gives ``dx = dy W`` and the would-be weight gradient
     ``G = dy^T x`` (one block, transient), which the compose op's backward reduces against the slab:
     ``dlam_W[i, k] = <G, tau_i>`` over part k; likewise ``dlam_c[i, k] = <sum_rows dy, tau_c_i>``.
     """
-    return torch_backend.linear_with(compose, x, w0, w_tau, w_coef, w_partition, b0, b_tau, b_coef, b_partition,
-                                     w_scale, b_scale)
+    return torch_backend.linear_with(compose, x, wblock, bblock)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..blocks import Block, coef_matrix
 from ..partitions import Partition
 from .torch_backend import acc_dtype, compute_dtype
 
@@ -30,7 +31,7 @@ def lora_delta(a, b, coef, partition=None) -> torch.Tensor:
     """``sum_i coef[i, part(e)] (B_i A_i)[e]`` in fp32, differentiable in ``coef``."""
     acc = acc_dtype(a.dtype, coef.dtype)
     a_cat, b_cat, r = _cat(a, b, acc)
-    c = coef.to(acc) if coef.dim() == 2 else coef.to(acc)[:, None]
+    c = coef_matrix(coef, a.shape[0]).to(acc)
     k = c.shape[1]
     if k == 1:
         return (b_cat * c[:, 0].repeat_interleave(r)) @ a_cat
@@ -40,16 +41,19 @@ def lora_delta(a, b, coef, partition=None) -> torch.Tensor:
     return allk.gather(0, part[None]).reshape(out, inn)
 
 
-def lora_compose(theta0, a, b, coef, partition, out_dtype) -> torch.Tensor:
-    """The composed block ``theta0 + B_cat diag(lam) A_cat`` in ``out_dtype``."""
+def lora_compose(block: Block, out_dtype) -> torch.Tensor:
+    """The composed block ``theta0 + B_cat diag(lam) A_cat`` in ``out_dtype`` (``block.lora = (A, B)``)."""
+    theta0 = block.theta0
     with torch.autocast(theta0.device.type, enabled=False):
-        delta = lora_delta(a, b, coef, partition)
+        delta = lora_delta(*block.lora, block.coef, block.partition)
         return (theta0.to(delta.dtype) + delta).to(out_dtype)
 
 
-def lora_linear(x, w0, a, b, coef, partition, bias) -> torch.Tensor:
-    """``y = x W^T + c`` for a LoRA-composed ``W``: factored for small M, composed once otherwise."""
+def lora_linear(x, block: Block, bias) -> torch.Tensor:
+    """``y = x W^T + c`` for a LoRA-composed ``W`` (``block.lora = (A, B)``; ``bias`` already composed
+    or None): factored for small M, composed once otherwise."""
     dtype = compute_dtype(x)
+    w0, (a, b), coef = block.theta0, block.lora, block.coef
     out, inn = w0.shape
     m = x.numel() // max(1, x.shape[-1])
     k = coef.shape[1] if coef.dim() == 2 else 1
@@ -59,4 +63,4 @@ def lora_linear(x, w0, a, b, coef, partition, bias) -> torch.Tensor:
         acc = acc_dtype(dtype, coef.dtype)
         xa = F.linear(x.to(dtype), a_cat).to(acc) * coef.to(acc).repeat_interleave(r)
         return F.linear(x.to(dtype), w0.to(dtype), bias) + F.linear(xa.to(dtype), b_cat)
-    return F.linear(x.to(dtype), lora_compose(w0, a, b, coef, partition, dtype), bias)
+    return F.linear(x.to(dtype), lora_compose(block, dtype), bias)

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..blocks import Block, coef_matrix
 from ..partitions import Partition
 from ..storage import scale_rows
 
@@ -23,10 +24,6 @@ from ..storage import scale_rows
 # large launches), 2 MiB on a CPU (the chunk stays in cache; measured: docs/PERFORMANCE.md).
 _CHUNK_ELEMS = 1 << 24
 _CHUNK_ELEMS_CPU = 1 << 19
-
-
-def _as2d(coef: torch.Tensor) -> torch.Tensor:
-    return coef if coef.dim() == 2 else coef[:, None]
 
 
 def _row_width(shape) -> int:
@@ -84,7 +81,7 @@ def compose_values(theta0, tau, coef, partition: Optional[Partition], out_dtype,
     n = tau.shape[0]
     numel = theta0.numel()
     acc = acc_dtype(theta0.dtype, tau.dtype, coef.dtype)
-    c = _as2d(coef).to(acc)
+    c = coef_matrix(coef, n).to(acc)
     k = c.shape[1]
     tau2d = tau.reshape(n, numel)
     width = _row_width(theta0.shape)
@@ -162,32 +159,43 @@ class ComposeFunction(torch.autograd.Function):
         return g.reshape(ctx.coef_shape).to(ctx.coef_dtype), None, None, None, None, None
 
 
-def compose(theta0, tau, coef, partition, out_dtype, scale=None):
-    """Differentiable composition of one block (see :class:`ComposeFunction`)."""
-    return ComposeFunction.apply(coef, theta0, tau, scale, partition, out_dtype)
+def dense(block: Block, what: str = "block") -> Block:
+    """``block`` checked to be dense or frozen: LoRA blocks take :mod:`.lora` (through
+    :func:`atlas_kernels.ops.compose` / :func:`atlas_kernels.ops.linear`), never a dense backend."""
+    if block.lora is not None:
+        raise ValueError(f"{what} holds LoRA factors; a dense backend needs a [N, *shape] slab "
+                         f"(call atlas_kernels.ops.compose/linear, which route LoRA blocks)")
+    return block
 
 
-def linear(x, w0, w_tau, w_coef, w_partition, b0, b_tau, b_coef, b_partition, w_scale=None, b_scale=None):
-    """``y = x W^T + c`` with composed ``W`` and ``c``.
+def compose(block: Block, out_dtype):
+    """Differentiable composition of one dense block (see :class:`ComposeFunction`)."""
+    b = dense(block)
+    return ComposeFunction.apply(b.coef, b.theta0, b.tau, b.scale, b.partition, out_dtype)
+
+
+def linear(x, wblock: Block, bblock: Optional[Block] = None):
+    """``y = x W^T + c`` with composed ``W`` and ``c`` (``bblock`` None or ``Block(None)``: no bias).
 
     The weight gradient ``G = dy^T x`` that ``F.linear``'s backward builds (one block, transient) flows
     into :class:`ComposeFunction`, which reduces it against the slab: ``dcoef_i = <G, tau_i>``.
     """
-    return linear_with(compose, x, w0, w_tau, w_coef, w_partition, b0, b_tau, b_coef, b_partition, w_scale, b_scale)
+    return linear_with(compose, x, wblock, bblock)
 
 
-def linear_with(compose_fn, x, w0, w_tau, w_coef, w_partition, b0, b_tau, b_coef, b_partition, w_scale, b_scale):
+def linear_with(compose_fn, x, wblock: Block, bblock: Optional[Block]):
     """``F.linear`` of ``x`` with ``W`` and ``c`` composed by ``compose_fn`` (a backend's
-    differentiable ``compose``) in the compute dtype; frozen blocks are cast, not composed."""
+    differentiable ``compose(block, dtype)``) in the compute dtype; frozen blocks are cast, not composed."""
     dtype = compute_dtype(x)
-    w = w0.to(dtype) if w_tau is None else compose_fn(w0, w_tau, w_coef, w_partition, dtype, w_scale)
-    if b0 is None:
-        b = None
-    elif b_tau is None:
-        b = b0.to(dtype)
+    w = dense(wblock, "the weight")
+    weight = w.theta0.to(dtype) if w.tau is None else compose_fn(w, dtype)
+    if bblock is None or bblock.theta0 is None:
+        bias = None
+    elif dense(bblock, "the bias").tau is None:
+        bias = bblock.theta0.to(dtype)
     else:
-        b = compose_fn(b0, b_tau, b_coef, b_partition, dtype, b_scale)
-    return F.linear(x.to(dtype), w, b)
+        bias = compose_fn(bblock, dtype)
+    return F.linear(x.to(dtype), weight, bias)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -2,19 +2,21 @@
 
 Same signatures as :mod:`.torch_backend`:
 
-- ``compose(theta0, tau, coef, partition, out_dtype, scale=None)``
-- ``linear(x, w0, w_tau, w_coef, w_partition, b0, b_tau, b_coef, b_partition, w_scale=None, b_scale=None)``
+- ``compose(block, out_dtype)``
+- ``linear(x, wblock, bblock=None, fused_max_m=None)``
 
 plus ``compose_packed(theta0_flat, tau_flat, coef_flat, layout, out_dtype, scale_flat=None)`` for
 many small blocks in one launch (see :func:`atlas_kernels.kernels.make_packed_layout`).
 
-Two wirings of the same implementation functions:
-
-- eager (default): ``torch.autograd.Function`` subclasses calling the launchers directly (a custom
-  op costs ~15 us of dispatch per call, which matters at ~150 blocks per step);
-- ``torch.compile``: custom ops in the ``atlas_kernels`` namespace (``atlas_kernels::triton_*``)
-  with fake implementations and ``register_autograd``, so ``fullgraph=True`` traces through them.
-  They are used whenever ``torch.compiler.is_compiling()`` (or always, with ``USE_CUSTOM_OPS=True``).
+One autograd wiring per op (the shape of flash-attention's interface): the kernels are registered
+as custom ops in the ``atlas_kernels`` namespace (``atlas_kernels::triton_*``, fake implementations
+for tracing), and one ``torch.autograd.Function`` per op sits on top. Its forward and backward call
+:func:`_route`: the custom op while ``torch.compile`` traces (``torch.compiler.is_compiling()``, or
+always with ``USE_CUSTOM_OPS=True``), so ``fullgraph=True`` traces through opaque ops; otherwise the
+implementation directly (a custom op costs ~15 us of dispatch per call, which matters at ~150
+blocks per step). The forward custom ops carry the same Function's ``setup_context`` and
+``backward`` (``register_autograd``), so a direct call of ``torch.ops.atlas_kernels.triton_*`` is
+differentiable by the very same rule.
 
 Linear dispatch on the row count ``M`` (all leading dims of x flattened):
 
@@ -34,10 +36,11 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
+from ..blocks import Block, coef_matrix
 from ..kernels._common import as_partition
 from ..kernels._compose import PackedLayout
 from ..partitions import Partition
-from .torch_backend import compute_dtype
+from .torch_backend import compute_dtype, dense
 
 __all__ = ["compose", "linear", "compose_packed", "compute_dtype", "FUSED_MAX_M", "USE_CUSTOM_OPS"]
 
@@ -49,11 +52,18 @@ FUSED_MAX_M = 64
 USE_CUSTOM_OPS = "auto"
 
 
-
 def _use_ops() -> bool:
     if USE_CUSTOM_OPS == "auto":
         return torch.compiler.is_compiling()
     return bool(USE_CUSTOM_OPS)
+
+
+def _route(op, impl, ctx=None):
+    """``op`` (the registered custom op) while torch.compile traces, else ``impl`` (no dispatcher).
+    In a backward (``ctx``): the route its forward took, so a graph traced through the custom ops
+    (torch.compile, ``opcheck``, a direct ``torch.ops`` call) stays on them."""
+    via_ops = _use_ops() if ctx is None else ctx.via_ops
+    return op if via_ops else impl
 
 
 def _part(p: Partition) -> Tuple[int, str, int]:
@@ -133,7 +143,7 @@ def _coef_grad_packed_impl(grad_flat, tau_flat, table, tile_map, block, kmax, to
 
 
 # ------------------------------------------------------------------------------------------------
-# custom ops (torch.compile)
+# custom ops: the kernel boundary (tensors and scalars only; fake implementations for tracing)
 # ------------------------------------------------------------------------------------------------
 _NS = "atlas_kernels"
 Tensor = torch.Tensor
@@ -223,93 +233,17 @@ def _(grad_flat, tau_flat, table, tile_map, block, kmax, total_cols, total_rows,
     return grad_flat.new_empty((tau_flat.shape[0], total_cols), dtype=torch.float32)
 
 
-class _Fns:
-    """The backward building blocks: direct implementations (eager) or custom ops (compile)."""
-
-    def __init__(self, coef_grad, linear_dx, linear_coef_grad, coef_grad_packed):
-        self.coef_grad = coef_grad
-        self.linear_dx = linear_dx
-        self.linear_coef_grad = linear_coef_grad
-        self.coef_grad_packed = coef_grad_packed
-
-
-_DIRECT = _Fns(_coef_grad_impl, _linear_dx_impl, _linear_coef_grad_impl, _coef_grad_packed_impl)
-_OPS = _Fns(_coef_grad_op, _linear_dx_op, _linear_coef_grad_op, _coef_grad_packed_op)
-
-
 # ------------------------------------------------------------------------------------------------
-# backward rules (shared by both wirings)
+# one autograd Function per op (inputs in the custom op's schema order). forward(ctx, ...) with the
+# saving in `save`, not a `setup_context`: torch binds every apply() of a Function that defines one
+# with inspect.signature, which costs more than the dispatcher this eager path avoids. `save` is
+# also the setup_context of the op's register_autograd.
 # ------------------------------------------------------------------------------------------------
-def _compose_backward(fns: _Fns, grad_w, tau, scale, k, mode, key):
-    """``dL/dcoef[i, k] = sum_{e : part(e) = k} dL/dW[e] * tau[i, e]`` (float32 ``[N, K]``)."""
-    return fns.coef_grad(grad_w.contiguous(), tau, k, mode, key, scale)
+def _grads(n_inputs: int, at: dict) -> tuple:
+    """A backward's return value: ``at[pos]``, the gradient of input ``pos``, and None elsewhere."""
+    return tuple(at.get(pos) for pos in range(n_inputs))
 
 
-def _linear_backward(fns: _Fns, dy, saved, meta, need_x, need_wc, need_bc):
-    """``dx = dy W``; ``G = dy^T x``, ``dlam_W[i, k] = <G, tau_i>`` over part k (G never stored);
-    ``dlam_c[i, k] = <sum_rows dy, tau_c_i>`` over part k."""
-    x, w0, w_tau, w_coef, w_scale, b_tau, b_scale, w_saved = saved
-    wk, wmode, wkey, bk, bmode, bkey, fused = meta
-    dy = dy.contiguous()
-    dx = dwc = dbc = None
-    if need_x:
-        dx = fns.linear_dx(dy, w0, w_tau, w_coef, wk, wmode, wkey, w_scale, w_saved, fused)
-    if need_wc and w_tau is not None:
-        dwc = fns.linear_coef_grad(x, dy, w_tau, wk, wmode, wkey, w_scale)
-    if need_bc and b_tau is not None:
-        dbc = fns.coef_grad(dy.sum(0, dtype=torch.float32), b_tau, bk, bmode, bkey, b_scale)
-    return dx, dwc, dbc
-
-
-def _compose_setup(ctx, inputs, output):
-    theta0, tau, coef, k, mode, key, out_dtype, scale = inputs
-    ctx.save_for_backward(tau, scale)
-    ctx.meta = (k, mode, key)
-
-
-def _compose_op_bwd(ctx, grad_w):
-    tau, scale = ctx.saved_tensors
-    g = _compose_backward(_OPS, grad_w, tau, scale, *ctx.meta)
-    return None, None, g, None, None, None, None, None
-
-
-_compose_op.register_autograd(_compose_op_bwd, setup_context=_compose_setup)
-
-
-def _linear_setup(ctx, inputs, output):
-    (x, w0, w_tau, w_coef, wk, wmode, wkey, b0, b_tau, b_coef, bk, bmode, bkey, w_scale, b_scale, fused) = inputs
-    ctx.save_for_backward(x, w0, w_tau, w_coef, w_scale, b_tau, b_scale, output[1])
-    ctx.meta = (wk, wmode, wkey, bk, bmode, bkey, fused)
-
-
-def _linear_op_bwd(ctx, dy, _dw_saved):
-    need = ctx.needs_input_grad
-    dx, dwc, dbc = _linear_backward(_OPS, dy, ctx.saved_tensors, ctx.meta, need[0], need[3], need[9])
-    return dx, None, None, dwc, None, None, None, None, None, dbc, None, None, None, None, None, None
-
-
-_linear_op.register_autograd(_linear_op_bwd, setup_context=_linear_setup)
-
-
-def _compose_packed_setup(ctx, inputs, output):
-    (theta0_flat, tau_flat, coef_flat, table, tile_map, block, kmax, total_cols, total_rows, out_dtype,
-     scale_flat) = inputs
-    ctx.save_for_backward(tau_flat, table, tile_map, scale_flat)
-    ctx.meta = (block, kmax, total_cols, total_rows)
-
-
-def _compose_packed_op_bwd(ctx, grad):
-    tau_flat, table, tile_map, scale_flat = ctx.saved_tensors
-    g = _OPS.coef_grad_packed(grad.contiguous(), tau_flat, table, tile_map, *ctx.meta, scale_flat)
-    return None, None, g, None, None, None, None, None, None, None, None
-
-
-_compose_packed_op.register_autograd(_compose_packed_op_bwd, setup_context=_compose_packed_setup)
-
-
-# ------------------------------------------------------------------------------------------------
-# eager autograd Functions
-# ------------------------------------------------------------------------------------------------
 class ComposeFunction(torch.autograd.Function):
     """``W = theta0 + sum_i coef[i, part(e)] * tau_i`` (differentiable in ``coef`` only).
 
@@ -318,22 +252,30 @@ class ComposeFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, coef, theta0, tau, scale, k, mode, key, out_dtype):
+    def forward(ctx, *inputs):
+        out = _route(_compose_op, _compose_impl)(*inputs)
+        ComposeFunction.save(ctx, inputs, out)
+        return out
+
+    @staticmethod
+    def save(ctx, inputs, output):
+        theta0, tau, coef, k, mode, key, out_dtype, scale = inputs
         ctx.save_for_backward(tau, scale)
         ctx.meta = (k, mode, key)
-        return _compose_impl(theta0, tau, coef, k, mode, key, out_dtype, scale)
+        ctx.via_ops = _use_ops()
 
     @staticmethod
     def backward(ctx, grad_w):
         tau, scale = ctx.saved_tensors
-        g = _compose_backward(_DIRECT, grad_w, tau, scale, *ctx.meta)
-        return g, None, None, None, None, None, None, None
+        g = _route(_coef_grad_op, _coef_grad_impl, ctx)(grad_w.contiguous(), tau, *ctx.meta, scale)
+        return _grads(8, {2: g})
 
 
 class LinearFunction(torch.autograd.Function):
     """``y = x W^T + c`` with ``W = w0 + sum_i lam_W[i, part] tau_i`` and ``c = b0 + sum_i lam_c[i, part] tau_c_i``.
 
-    Chain rule (x, dy are ``[M, I]``, ``[M, O]``):
+    Outputs ``(y, w_saved)``: ``w_saved`` is the composed W kept for backward on the compose path
+    (an empty tensor on the fused path); it gets no gradient. Chain rule (x, dy are ``[M, I]``, ``[M, O]``):
 
     - ``dx = dy W``   (fused: W tiles rebuilt on the fly; else the W composed in forward);
     - ``G = dy^T x``  (never stored: each tile lives in registers of ``kernels.linear_coef_grad``);
@@ -342,18 +284,34 @@ class LinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w_coef, b_coef, w0, w_tau, w_scale, wmeta, b0, b_tau, b_scale, bmeta, fused):
-        y, w_saved = _linear_fwd_impl(x, w0, w_tau, w_coef, *wmeta, b0, b_tau, b_coef, *bmeta, w_scale, b_scale,
-                                      fused)
-        ctx.save_for_backward(x, w0, w_tau, w_coef, w_scale, b_tau, b_scale, w_saved)
-        ctx.meta = (*wmeta, *bmeta, fused)
-        return y
+    def forward(ctx, *inputs):
+        out = _route(_linear_op, _linear_fwd_impl)(*inputs)
+        LinearFunction.save(ctx, inputs, out)
+        return out
 
     @staticmethod
-    def backward(ctx, dy):
+    def save(ctx, inputs, output):
+        (x, w0, w_tau, w_coef, wk, wmode, wkey, b0, b_tau, b_coef, bk, bmode, bkey, w_scale, b_scale, fused) = inputs
+        ctx.save_for_backward(x, w0, w_tau, w_coef, w_scale, b_tau, b_scale, output[1])
+        ctx.meta = (wk, wmode, wkey, bk, bmode, bkey, fused)
+        ctx.via_ops = _use_ops()
+
+    @staticmethod
+    def backward(ctx, dy, _dw_saved):
+        x, w0, w_tau, w_coef, w_scale, b_tau, b_scale, w_saved = ctx.saved_tensors
+        wk, wmode, wkey, bk, bmode, bkey, fused = ctx.meta
         need = ctx.needs_input_grad
-        dx, dwc, dbc = _linear_backward(_DIRECT, dy, ctx.saved_tensors, ctx.meta, need[0], need[1], need[2])
-        return dx, dwc, dbc, None, None, None, None, None, None, None, None, None
+        dy = dy.contiguous()
+        dx = dwc = dbc = None
+        if need[0]:
+            dx = _route(_linear_dx_op, _linear_dx_impl, ctx)(dy, w0, w_tau, w_coef, wk, wmode, wkey, w_scale, w_saved,
+                                                        fused)
+        if need[3] and w_tau is not None:
+            dwc = _route(_linear_coef_grad_op, _linear_coef_grad_impl, ctx)(x, dy, w_tau, wk, wmode, wkey, w_scale)
+        if need[9] and b_tau is not None:
+            dbc = _route(_coef_grad_op, _coef_grad_impl, ctx)(dy.sum(0, dtype=torch.float32), b_tau, bk, bmode, bkey,
+                                                         b_scale)
+        return _grads(16, {0: dx, 3: dwc, 9: dbc})
 
 
 class ComposePackedFunction(torch.autograd.Function):
@@ -364,39 +322,61 @@ class ComposePackedFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, coef_flat, theta0_flat, tau_flat, layout, out_dtype, scale_flat):
-        ctx.save_for_backward(tau_flat, scale_flat)
-        ctx.layout = layout
-        return kernels.compose_packed(theta0_flat, tau_flat, coef_flat, layout, scale_flat=scale_flat,
-                                      out_dtype=out_dtype)
+    def forward(ctx, *inputs):
+        out = _route(_compose_packed_op, _compose_packed_impl)(*inputs)
+        ComposePackedFunction.save(ctx, inputs, out)
+        return out
+
+    @staticmethod
+    def save(ctx, inputs, output):
+        (theta0_flat, tau_flat, coef_flat, table, tile_map, block, kmax, total_cols, total_rows, out_dtype,
+         scale_flat) = inputs
+        ctx.save_for_backward(tau_flat, table, tile_map, scale_flat)
+        ctx.meta = (block, kmax, total_cols, total_rows)
+        ctx.via_ops = _use_ops()
 
     @staticmethod
     def backward(ctx, grad):
-        tau_flat, scale_flat = ctx.saved_tensors
-        g = kernels.coef_grad_packed(grad.contiguous(), tau_flat, ctx.layout, scale_flat=scale_flat)
-        return g, None, None, None, None, None
+        tau_flat, table, tile_map, scale_flat = ctx.saved_tensors
+        g = _route(_coef_grad_packed_op, _coef_grad_packed_impl, ctx)(grad.contiguous(), tau_flat, table, tile_map,
+                                                                 *ctx.meta, scale_flat)
+        return _grads(11, {2: g})
+
+
+def _register_autograd(op, fn):
+    """A call of the forward custom ``op`` itself is differentiable by ``fn``'s own rule (one chain
+    rule per op), its backward on the custom ops too."""
+
+    def setup_context(ctx, inputs, output):
+        fn.save(ctx, inputs, output)
+        ctx.via_ops = True
+
+    op.register_autograd(fn.backward, setup_context=setup_context)
+
+
+_register_autograd(_compose_op, ComposeFunction)
+_register_autograd(_linear_op, LinearFunction)
+_register_autograd(_compose_packed_op, ComposePackedFunction)
 
 
 # ------------------------------------------------------------------------------------------------
 # public API
 # ------------------------------------------------------------------------------------------------
-def _coef32(coef: torch.Tensor, n: int) -> torch.Tensor:
-    # indexing/float are differentiable: the gradient comes back in coef's own shape and dtype.
-    c = coef[:, None] if coef.dim() == 1 else coef
-    if c.dim() != 2 or c.shape[0] != n:
-        raise ValueError(f"coefficients must be [N] or [N, K] with N = {n}, got {tuple(coef.shape)}")
-    return c.float()
+_FROZEN = (1, "contiguous", 0)
 
 
-def compose(theta0, tau, coef, partition, out_dtype, scale=None):
-    """Differentiable (in ``coef``) ``theta0 + sum_i coef[i, part(e)] * tau_i``; see :class:`ComposeFunction`."""
-    n = tau.shape[0]
-    c = _coef32(coef, n)
-    k, mode, key = _part(as_partition(partition, c.shape[1]))
-    out_dtype = out_dtype or theta0.dtype
-    if _use_ops():
-        return _compose_op(theta0, tau, c, k, mode, key, out_dtype, scale)
-    return ComposeFunction.apply(c, theta0, tau, scale, k, mode, key, out_dtype)
+def _flat(block: Block):
+    """``(coef [N, K] fp32, (k, mode, key))`` of an adapted dense block: what the schema takes."""
+    c = coef_matrix(block.coef, block.tau.shape[0]).float()
+    p = as_partition(block.partition, c.shape[1])
+    return c, (p.k, p.mode, p.key)
+
+
+def compose(block: Block, out_dtype):
+    """Differentiable (in ``block.coef``) ``theta0 + sum_i coef[i, part(e)] * tau_i``; see :class:`ComposeFunction`."""
+    b = dense(block)
+    c, part = _flat(b)
+    return ComposeFunction.apply(b.theta0, b.tau, c, *part, out_dtype or b.theta0.dtype, b.scale)
 
 
 def compose_packed(theta0_flat, tau_flat, coef_flat, layout: PackedLayout, out_dtype, scale_flat=None):
@@ -405,40 +385,33 @@ def compose_packed(theta0_flat, tau_flat, coef_flat, layout: PackedLayout, out_d
     :class:`ComposePackedFunction`."""
     n = tau_flat.shape[0]
     c = coef_flat.reshape(n, layout.total_cols).float()
-    out_dtype = out_dtype or theta0_flat.dtype
-    if _use_ops():
-        return _compose_packed_op(theta0_flat, tau_flat, c, layout.table, layout.tile_map, layout.block,
-                                  layout.kmax, layout.total_cols, layout.total_rows, out_dtype, scale_flat)
-    return ComposePackedFunction.apply(c, theta0_flat, tau_flat, layout, out_dtype, scale_flat)
+    return ComposePackedFunction.apply(theta0_flat, tau_flat, c, layout.table, layout.tile_map, layout.block,
+                                       layout.kmax, layout.total_cols, layout.total_rows,
+                                       out_dtype or theta0_flat.dtype, scale_flat)
 
 
-def linear(x, w0, w_tau, w_coef, w_partition, b0, b_tau, b_coef, b_partition, w_scale=None, b_scale=None,
-           fused_max_m: Optional[int] = None):
+def linear(x, wblock: Block, bblock: Optional[Block] = None, fused_max_m: Optional[int] = None):
     """``y = x W^T + c`` with composed ``W`` and ``c`` (see :class:`LinearFunction` for the chain rule).
 
     x ``[..., I]``; runs in :func:`compute_dtype` (x's dtype, or the autocast dtype) and returns that
-    dtype. ``w_tau``/``b_tau`` None: that block is frozen at theta0; ``b0`` None: no bias.
+    dtype. A frozen block (no ``tau``) stays at theta0; ``bblock`` None or ``Block(None)``: no bias.
     ``fused_max_m`` overrides :data:`FUSED_MAX_M` for this call.
     """
+    w = dense(wblock, "the weight")
+    b = Block(None) if bblock is None else dense(bblock, "the bias")
     dtype = compute_dtype(x)
     lead, i_feat = x.shape[:-1], x.shape[-1]
     x2 = x.to(dtype).reshape(-1, i_feat)
     m = x2.shape[0]
-    o = w0.shape[0]
     wc = bc = None
-    wmeta = bmeta = (1, "contiguous", 0)
-    if w_tau is not None:
-        wc = _coef32(w_coef, w_tau.shape[0])
-        wmeta = _part(as_partition(w_partition, wc.shape[1]))
-    if b0 is None:
-        b_tau = None
+    wmeta = bmeta = _FROZEN
+    if w.tau is not None:
+        wc, wmeta = _flat(w)
+    b_tau = b.tau if b.theta0 is not None else None
     if b_tau is not None:
-        bc = _coef32(b_coef, b_tau.shape[0])
-        bmeta = _part(as_partition(b_partition, bc.shape[1]))
+        bc, bmeta = _flat(b)
     thr = FUSED_MAX_M if fused_max_m is None else fused_max_m
-    fused = w_tau is not None and m <= thr
-    if _use_ops():
-        y, _ = _linear_op(x2, w0, w_tau, wc, *wmeta, b0, b_tau, bc, *bmeta, w_scale, b_scale, fused)
-    else:
-        y = LinearFunction.apply(x2, wc, bc, w0, w_tau, w_scale, wmeta, b0, b_tau, b_scale, bmeta, fused)
-    return y.reshape(*lead, o)
+    fused = w.tau is not None and m <= thr
+    y, _ = LinearFunction.apply(x2, w.theta0, w.tau, wc, *wmeta, b.theta0, b_tau, bc, *bmeta, w.scale,
+                                b.scale if b_tau is not None else None, fused)
+    return y.reshape(*lead, w.theta0.shape[0])
