@@ -221,12 +221,14 @@ at::Tensor fused_linear_cpu(const at::Tensor& x, const at::Tensor& w0, const at:
     at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       SerialBlas serial_blas;
-      std::vector<float> buf(static_cast<size_t>(rt * in));
+      // thread-local buffers are tensors: 64-byte aligned, so the BLAS takes the same path every run
+      auto buf_t = at::empty({rt * in}, x32.options());
+      float* buf = buf_t.data_ptr<float>();
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t r0 = t * rt, rows = std::min(out, r0 + rt) - r0;
-        compose_range<T>(w, r0 * in, (r0 + rows) * in, buf.data());
-        round_to(buf.data(), rows * in, dt);
-        auto wt = at::from_blob(buf.data(), {rows, in}, x32.options());
+        compose_range<T>(w, r0 * in, (r0 + rows) * in, buf);
+        round_to(buf, rows * in, dt);
+        auto wt = buf_t.narrow(0, 0, rows * in).view({rows, in});
         auto yv = y32.narrow(1, r0, rows);
         if (b32.has_value()) {
           at::addmm_out(yv, b32->narrow(0, r0, rows), x32, wt.t());
@@ -273,25 +275,26 @@ std::tuple<at::Tensor, at::Tensor> fused_linear_backward_cpu(const at::Tensor& g
     at::parallel_for(0, ncol, 1, [&](int64_t t0, int64_t t1) {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       SerialBlas serial_blas;
-      std::vector<float> gbuf(static_cast<size_t>(rt * ct)), wbuf(need_dx ? static_cast<size_t>(rt * ct) : 0);
+      auto gbuf_t = new_output({rt * ct}, x32.options()), wbuf_t = new_output({need_dx ? rt * ct : 0}, x32.options());
+      float* gbuf = gbuf_t.data_ptr<float>();
+      float* wbuf = wbuf_t.data_ptr<float>();
       std::vector<float> kbuf(static_cast<size_t>(k));
       std::vector<int32_t> part(static_cast<size_t>(ct));
-      if (poison()) std::fill(gbuf.begin(), gbuf.end(), NAN), std::fill(wbuf.begin(), wbuf.end(), NAN);
       for (int64_t ci = t0; ci < t1; ++ci) {
         const int64_t c0 = ci * ct, cols = std::min(in, c0 + ct) - c0;
         auto xv = x32.narrow(1, c0, cols);
         for (int64_t rb = 0; rb < nrow; ++rb) {
           const int64_t r0 = rb * rt, rows = std::min(out, r0 + rt) - r0;
-          auto g = at::from_blob(gbuf.data(), {rows, cols}, x32.options());
+          auto g = gbuf_t.narrow(0, 0, rows * cols).view({rows, cols});
           auto dyv = dy32.narrow(1, r0, rows);
           at::mm_out(g, dyv.t(), xv);
           double* pt = partial.data() + (ci * nrow + rb) * n * k;
           std::fill(pt, pt + n * k, 0.0);
-          grad_block<T>(w, r0, r0 + rows, c0, c0 + cols, gbuf.data(), need_dx ? wbuf.data() : nullptr, pt,
+          grad_block<T>(w, r0, r0 + rows, c0, c0 + cols, gbuf, need_dx ? wbuf : nullptr, pt,
                         kbuf.data(), part.data());
           if (need_dx) {
-            round_to(wbuf.data(), rows * cols, dt);
-            auto wt = at::from_blob(wbuf.data(), {rows, cols}, x32.options());
+            round_to(wbuf, rows * cols, dt);
+            auto wt = wbuf_t.narrow(0, 0, rows * cols).view({rows, cols});
             auto dxv = dx32.narrow(1, c0, cols);
             if (rb == 0) {
               at::mm_out(dxv, dyv, wt);
