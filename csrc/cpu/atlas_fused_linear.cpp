@@ -52,13 +52,24 @@ struct SerialBlas {
   }
 };
 
-// Tile sizes: fixed functions of the shape, never of the thread count (determinism). The forward
-// tile holds about kFwdElems weights (384 KiB of fp32: in L2 for its GEMM); the backward block is
-// kBwdRows x kBwdCols (128 KiB of fp32 for W and for G), whose slab row segments (128 elements:
-// two or more 64-byte lines) are read whole.
+// Tile sizes: fixed functions of the shape, never of the thread count (determinism). Targets: a
+// forward tile of about fwd_elems weights (768 KiB of fp32, in L2 for its GEMM); a backward block
+// of bwd_rows x bwd_cols (384 KiB of fp32 for W and for G). Measured on the project's CPU (one
+// thread, ViT-B/32 shapes, M = 400): G blocks 128 columns wide cost 40% more than one whole GEMM,
+// 256-384 wide within 5-15%. Tile counts are rounded up to even numbers, so that two threads get
+// equal shares (768 columns: two tiles of 384, not three of 256).
 struct TileSizes {
-  int64_t fwd_elems = 98304, bwd_cols = 128, bwd_rows = 256;
+  int64_t fwd_elems = 196608, bwd_cols = 384, bwd_rows = 256;
 };
+
+// [0, total) in about total / target pieces, an even number of them when more than one: the size of
+// each piece (the last may be shorter).
+int64_t even_split(int64_t total, int64_t target) {
+  int64_t pieces = (total + target - 1) / target;
+  if (pieces > 1 && pieces % 2) ++pieces;
+  pieces = std::min(pieces, total);
+  return (total + pieces - 1) / pieces;
+}
 
 // ATLAS_KERNELS_EXT_FUSED_TILES="fwd_elems,bwd_cols,bwd_rows" overrides them (tests: many odd tiles
 // at small shapes).
@@ -214,7 +225,7 @@ at::Tensor fused_linear_cpu(const at::Tensor& x, const at::Tensor& w0, const at:
   c10::optional<at::Tensor> b32;
   if (bias.has_value()) b32 = bias->to(at::kFloat).contiguous().reshape({out});
   const WBlock w = make_block(th, tc, cc, sc, mode, key);
-  const int64_t rt = std::max<int64_t>(1, std::min<int64_t>(out, tile_sizes().fwd_elems / in));
+  const int64_t rt = even_split(out, std::max<int64_t>(1, tile_sizes().fwd_elems / in));
   const int64_t ntiles = (out + rt - 1) / rt;
   dispatch_storage(tc.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
@@ -266,7 +277,7 @@ std::tuple<at::Tensor, at::Tensor> fused_linear_backward_cpu(const at::Tensor& g
   }
   const WBlock w = make_block(th, tc, cc, sc, mode, key);
   const TileSizes ts = tile_sizes();
-  const int64_t ct = std::min(in, ts.bwd_cols), rt = std::min(out, ts.bwd_rows);
+  const int64_t ct = even_split(in, ts.bwd_cols), rt = std::min(out, ts.bwd_rows);
   const int64_t ncol = (in + ct - 1) / ct, nrow = (out + rt - 1) / rt;
   std::vector<double> partial(static_cast<size_t>(ncol * nrow * n * k), poison() ? NAN : 0.0);
   const at::ScalarType dt = x.scalar_type();
