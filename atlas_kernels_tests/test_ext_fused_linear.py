@@ -53,11 +53,19 @@ def _run(c, dy=None):
     return (y, dy) + torch.autograd.grad(y, (c["x"], c["wc"], c["bc"]), dy)
 
 
+@pytest.fixture(params=["blas", "aten-gemm"])
+def gemm_path(request, monkeypatch):
+    """The tile GEMMs by the BLAS sgemm directly, or through ATen (where torch has no sgemm_)."""
+    if request.param == "aten-gemm":
+        monkeypatch.setenv("ATLAS_KERNELS_EXT_ATEN_GEMM", "1")
+    return request.param
+
+
 @pytest.mark.parametrize("storage", STORAGES)
 @pytest.mark.parametrize("n,k,mode", [(1, 1, "contiguous"), (3, 3, "contiguous"), (3, 3, "hash"),
                                       (21, 1, "contiguous")], ids=["n1k1", "n3k3-contig", "n3k3-hash", "n21k1"])
 @pytest.mark.parametrize("cdtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-def test_fused_linear_matches_float64(storage, n, k, mode, cdtype):
+def test_fused_linear_matches_float64(storage, n, k, mode, cdtype, gemm_path):
     c = _case(n, k, mode, storage, cdtype=cdtype)
     y, dy, dx, dwc, dbc = _run(c)
     o, i = c["w0"].shape

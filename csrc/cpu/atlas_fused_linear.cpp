@@ -36,10 +36,42 @@
 // single-threaded. A weak symbol: torch builds without MKL leave it null (their BLAS is called
 // the same way; the ATen ops' own parallelism already runs serially inside a parallel region).
 extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));  // the C entry (mkl_service.h)
+// The BLAS sgemm torch links (Fortran interface, 32-bit integers), called directly: a tile GEMM
+// through ATen costs about ten dispatched ops (views, checks, resize), some 29,000 per ViT-B/32
+// step. Weak: where it is absent the tiles go through at::mm_out / addmm_ instead (as they do with
+// ATLAS_KERNELS_EXT_ATEN_GEMM=1: tests run that path too).
+extern "C" void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
+                       const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+                       const int* ldc) __attribute__((weak));
 
 namespace atlas_ext {
 namespace cpu {
 namespace {
+
+// Row-major C[m, n] = op(A) op(B) + beta * C, op(X) = X or X^T (X stored row-major with leading
+// dimension ld); by sgemm_ when available (column-major: C^T = op(B)^T op(A)^T), else through ATen
+// on views of the same memory. beta is 0 or 1; with 0, C is not read.
+void gemm_rm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+             int64_t ldb, float beta, float* c, int64_t ldc) {
+  const bool aten_gemm = std::getenv("ATLAS_KERNELS_EXT_ATEN_GEMM") != nullptr;
+  if (sgemm_ && !aten_gemm && std::max({m, n, k, lda, ldb, ldc}) < (int64_t(1) << 31)) {
+    const int mi = int(m), ni = int(n), ki = int(k), la = int(lda), lb = int(ldb), lc = int(ldc);
+    const float one = 1.f;
+    sgemm_(tb ? "T" : "N", ta ? "T" : "N", &ni, &mi, &ki, &one, b, &lb, a, &la, &beta, c, &lc);
+    return;
+  }
+  auto f32 = at::TensorOptions().dtype(at::kFloat);
+  auto av = ta ? at::from_blob(const_cast<float*>(a), {k, m}, {lda, 1}, f32).t()
+               : at::from_blob(const_cast<float*>(a), {m, k}, {lda, 1}, f32);
+  auto bv = tb ? at::from_blob(const_cast<float*>(b), {n, k}, {ldb, 1}, f32).t()
+               : at::from_blob(const_cast<float*>(b), {k, n}, {ldb, 1}, f32);
+  auto cv = at::from_blob(c, {m, n}, {ldc, 1}, f32);
+  if (beta == 0.f) {
+    at::mm_out(cv, av, bv);
+  } else {
+    cv.addmm_(av, bv);
+  }
+}
 
 // For the lifetime of a worker's loop: MKL runs single-threaded on this thread.
 struct SerialBlas {
@@ -224,6 +256,7 @@ at::Tensor fused_linear_cpu(const at::Tensor& x, const at::Tensor& w0, const at:
   }
   c10::optional<at::Tensor> b32;
   if (bias.has_value()) b32 = bias->to(at::kFloat).contiguous().reshape({out});
+  const float* bias_p = b32.has_value() ? b32->data_ptr<float>() : nullptr;
   const WBlock w = make_block(th, tc, cc, sc, mode, key);
   const int64_t rt = even_split(out, std::max<int64_t>(1, tile_sizes().fwd_elems / in));
   const int64_t ntiles = (out + rt - 1) / rt;
@@ -239,13 +272,10 @@ at::Tensor fused_linear_cpu(const at::Tensor& x, const at::Tensor& w0, const at:
         const int64_t r0 = t * rt, rows = std::min(out, r0 + rt) - r0;
         compose_range<T>(w, r0 * in, (r0 + rows) * in, buf);
         round_to(buf, rows * in, dt);
-        auto wt = buf_t.narrow(0, 0, rows * in).view({rows, in});
-        auto yv = y32.narrow(1, r0, rows);
-        if (b32.has_value()) {
-          at::addmm_out(yv, b32->narrow(0, r0, rows), x32, wt.t());
-        } else {
-          at::mm_out(yv, x32, wt.t());
-        }
+        float* yv = y32.data_ptr<float>() + r0;  // y[:, r0 : r0 + rows], leading dimension out
+        if (bias_p)
+          for (int64_t i = 0; i < m; ++i) std::memcpy(yv + i * out, bias_p + r0, rows * sizeof(float));
+        gemm_rm(false, true, m, rows, in, x32.data_ptr<float>(), in, buf, in, bias_p ? 1.f : 0.f, yv, out);
       }
     });
   });
@@ -293,25 +323,20 @@ std::tuple<at::Tensor, at::Tensor> fused_linear_backward_cpu(const at::Tensor& g
       std::vector<int32_t> part(static_cast<size_t>(ct));
       for (int64_t ci = t0; ci < t1; ++ci) {
         const int64_t c0 = ci * ct, cols = std::min(in, c0 + ct) - c0;
-        auto xv = x32.narrow(1, c0, cols);
         for (int64_t rb = 0; rb < nrow; ++rb) {
           const int64_t r0 = rb * rt, rows = std::min(out, r0 + rt) - r0;
-          auto g = gbuf_t.narrow(0, 0, rows * cols).view({rows, cols});
-          auto dyv = dy32.narrow(1, r0, rows);
-          at::mm_out(g, dyv.t(), xv);
+          const float* dyv = dy32.data_ptr<float>() + r0;  // dy[:, r0 : r0 + rows], leading dimension out
+          // G block [rows, cols] = dy[:, rows]^T x[:, cols]
+          gemm_rm(true, false, rows, cols, m, dyv, out, x32.data_ptr<float>() + c0, in, 0.f, gbuf, cols);
           double* pt = partial.data() + (ci * nrow + rb) * n * k;
           std::fill(pt, pt + n * k, 0.0);
           grad_block<T>(w, r0, r0 + rows, c0, c0 + cols, gbuf, need_dx ? wbuf : nullptr, pt,
                         kbuf.data(), part.data());
           if (need_dx) {
             round_to(wbuf, rows * cols, dt);
-            auto wt = wbuf_t.narrow(0, 0, rows * cols).view({rows, cols});
-            auto dxv = dx32.narrow(1, c0, cols);
-            if (rb == 0) {
-              at::mm_out(dxv, dyv, wt);
-            } else {
-              dxv.addmm_(dyv, wt);
-            }
+            // dx[:, cols] (+)= dy[:, rows] W[rows, cols]
+            gemm_rm(false, false, m, cols, rows, dyv, out, wbuf, cols, rb == 0 ? 0.f : 1.f,
+                    dx32.data_ptr<float>() + c0, in);
           }
         }
       }
