@@ -239,8 +239,9 @@ at::Tensor fused_linear_cpu(const at::Tensor& x, const at::Tensor& w0, const at:
   check_fused("fused_linear", x, "x", w0.dim() == 2 ? w0.size(1) : -1, w0, tau, coef, scale, mode);
   const int64_t m = x.size(0), out = w0.size(0), in = w0.size(1);
   if (bias.has_value())
-    TORCH_CHECK(bias->numel() == out && bias->device().is_cpu() && is_compute_dtype(bias->scalar_type()), "fused_linear: bias must be a CPU float32/bfloat16/float16 [",
-                out, "], got ", bias->scalar_type(), " ", bias->sizes());
+    TORCH_CHECK(bias->numel() == out && bias->device().is_cpu() && is_compute_dtype(bias->scalar_type()),
+                "fused_linear: bias must be a CPU float32/bfloat16/float16 [", out, "], got ", bias->scalar_type(),
+                " ", bias->sizes(), " on ", bias->device());
   const at::ScalarType dt = x.scalar_type();
   auto th = w0.contiguous();
   auto tc = tau.contiguous();
