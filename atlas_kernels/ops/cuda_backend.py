@@ -17,6 +17,7 @@ same ops. Importing this module without the built extension raises ImportError, 
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -161,7 +162,10 @@ def linear(x, w0, w_tau, w_coef, w_partition, b0, b_tau, b_coef, b_partition, w_
 # the tile-fused linear (CPU kernels only; csrc/cpu/atlas_fused_linear.cpp)
 # ------------------------------------------------------------------------------------------------
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_HAS_FUSED_CPU = torch._C._dispatch_has_kernel_for_dispatch_key("atlas_kernels_ext::fused_linear", "CPU")
+# ATLAS_KERNELS_EXT_FUSED_LINEAR=0 (read once, at import) turns the fused path off: linear then
+# composes and multiplies on CPU too (an A/B switch for benchmarks).
+_HAS_FUSED_CPU = (torch._C._dispatch_has_kernel_for_dispatch_key("atlas_kernels_ext::fused_linear", "CPU")
+                  and os.environ.get("ATLAS_KERNELS_EXT_FUSED_LINEAR", "1") != "0")
 
 
 def fused_linear_applies(x, w0, w_tau) -> bool:
