@@ -144,3 +144,17 @@ def test_fused_linear_not_taken_where_it_does_not_apply():
     assert not cb.fused_linear_applies(x, w0, None)
     assert not cb.fused_linear_applies(x.double(), w0, tau)
     assert not cb.fused_linear_applies(x.to("meta"), w0.to("meta"), tau.to("meta"))
+
+
+def test_fused_linear_switch_off_by_environment():
+    """ATLAS_KERNELS_EXT_FUSED_LINEAR=0 (read at import) sends linear to compose + matmul."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch; from atlas_kernels import ops; cb = ops._module('cuda'); "
+            "print(cb.fused_linear_applies(torch.randn(3, 4), torch.randn(5, 4), torch.randn(2, 5, 4)))")
+    env = dict(os.environ, ATLAS_KERNELS_EXT_FUSED_LINEAR="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
