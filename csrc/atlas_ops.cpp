@@ -4,6 +4,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <tuple>
+
 #include "atlas_checks.h"
 
 // An (empty) Python module, so that `import atlas_kernels._C` loads the library and runs the
@@ -43,6 +45,25 @@ at::Tensor coef_grad_packed_meta(const at::Tensor& grad_flat, const at::Tensor& 
   return at::empty_symint({tau_flat.sym_size(0), c10::SymInt(total_cols)}, grad_flat.options().dtype(at::kFloat));
 }
 
+at::Tensor fused_linear_meta(const at::Tensor& x, const at::Tensor& w0, const at::Tensor& tau, const at::Tensor& coef,
+                             const c10::optional<at::Tensor>& scale, int64_t mode, int64_t key,
+                             const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(is_compute_dtype(x.scalar_type()), "fused_linear: x must be float32, bfloat16 or float16, got ",
+              x.scalar_type());
+  TORCH_CHECK(x.dim() == 2 && w0.dim() == 2, "fused_linear: x must be [M, in] and w0 [out, in], got ", x.sym_sizes(),
+              " and ", w0.sym_sizes());
+  return at::empty_symint({x.sym_size(0), w0.sym_size(0)}, x.options());
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_linear_backward_meta(const at::Tensor& grad_out, const at::Tensor& x,
+                                                              const at::Tensor& w0, const at::Tensor& tau,
+                                                              const at::Tensor& coef,
+                                                              const c10::optional<at::Tensor>& scale, int64_t mode,
+                                                              int64_t key, bool need_dx) {
+  auto dx = need_dx ? at::empty_symint(x.sym_sizes(), x.options()) : at::empty({0}, x.options());
+  return {dx, at::empty_symint({tau.sym_size(0), coef.sym_size(1)}, x.options().dtype(at::kFloat))};
+}
+
 }  // namespace
 }  // namespace atlas_ext
 
@@ -54,6 +75,12 @@ TORCH_LIBRARY(atlas_kernels_ext, m) {
         "Tensor table, Tensor tile_map, int block, int kmax, ScalarType out_dtype) -> Tensor");
   m.def("coef_grad_packed(Tensor grad_flat, Tensor tau_flat, Tensor? scale_flat, Tensor table, "
         "Tensor tile_map, int block, int kmax, int total_cols) -> Tensor");
+  // The tile-fused linear (CPU kernels only; CUDA tensors take compose + matmul, see
+  // atlas_kernels/ops/cuda_backend.py): y = x W^T + bias, W composed tile by tile, never stored.
+  m.def("fused_linear(Tensor x, Tensor w0, Tensor tau, Tensor coef, Tensor? scale, int mode, int key, "
+        "Tensor? bias) -> Tensor");
+  m.def("fused_linear_backward(Tensor grad_out, Tensor x, Tensor w0, Tensor tau, Tensor coef, Tensor? scale, "
+        "int mode, int key, bool need_dx) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(atlas_kernels_ext, Meta, m) {
@@ -61,4 +88,6 @@ TORCH_LIBRARY_IMPL(atlas_kernels_ext, Meta, m) {
   m.impl("coef_grad", &atlas_ext::coef_grad_meta);
   m.impl("compose_packed", &atlas_ext::compose_packed_meta);
   m.impl("coef_grad_packed", &atlas_ext::coef_grad_packed_meta);
+  m.impl("fused_linear", &atlas_ext::fused_linear_meta);
+  m.impl("fused_linear_backward", &atlas_ext::fused_linear_backward_meta);
 }

@@ -22,7 +22,7 @@ def extension():
         raise RuntimeError(
             "ATLAS_KERNELS_BUILD_EXT=1 needs torch importable while building: run "
             "`ATLAS_KERNELS_BUILD_EXT=1 pip install -e . --no-build-isolation`") from exc
-    sources = [_rel("atlas_ops.cpp"), _rel("cpu", "atlas_cpu.cpp")]
+    sources = [_rel("atlas_ops.cpp"), _rel("cpu", "atlas_cpu.cpp"), _rel("cpu", "atlas_fused_linear.cpp")]
     cxx = ["-O3"]  # the C++ standard is the one torch asks for (C++20 for torch >= 2.10)
     if platform.machine() in ("x86_64", "AMD64") and os.environ.get("ATLAS_KERNELS_EXT_NO_AVX2") != "1":
         cxx += ["-mavx2", "-mfma", "-mf16c"]

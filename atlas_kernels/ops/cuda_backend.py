@@ -17,6 +17,7 @@ same ops. Importing this module without the built extension raises ImportError, 
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -31,7 +32,8 @@ try:
 except ImportError as exc:  # not built: plain `pip install -e .`
     raise ImportError(f"atlas_kernels._C (the compiled extension) is not built: {exc}") from exc
 
-__all__ = ["compose", "linear", "compose_packed", "compute_dtype", "has_device_kernels"]
+__all__ = ["compose", "linear", "compose_packed", "compute_dtype", "has_device_kernels", "fused_linear",
+           "fused_linear_applies"]
 
 _ops = torch.ops.atlas_kernels_ext
 _MODE = {"contiguous": 1, "hash": 2}
@@ -138,8 +140,100 @@ def compose_packed(theta0_flat, tau_flat, coef_flat, layout, out_dtype, scale_fl
 def linear(x, wblock: Block, bblock: Optional[Block] = None):
     """``y = x W^T + c`` with ``W`` and ``c`` composed by the extension in the compute dtype.
 
-    Chain rule: ``F.linear``'s backward gives ``dx = dy W`` and the would-be weight gradient
+    CPU tensors take the tile-fused linear (:class:`FusedLinearFunction`: ``W`` and its gradient
+    are never stored) where :func:`fused_linear_applies`; everything else (CUDA tensors: the fused
+    op has CPU kernels only; frozen weights; weights that are not 2-D) composes then multiplies.
+    Chain rule there: ``F.linear``'s backward gives ``dx = dy W`` and the would-be weight gradient
     ``G = dy^T x`` (one block, transient), which the compose op's backward reduces against the slab:
     ``dlam_W[i, k] = <G, tau_i>`` over part k; likewise ``dlam_c[i, k] = <sum_rows dy, tau_c_i>``.
     """
+    if fused_linear_applies(x, wblock):
+        return fused_linear(x, wblock, bblock)
     return torch_backend.linear_with(compose, x, wblock, bblock)
+
+
+# ------------------------------------------------------------------------------------------------
+# the tile-fused linear (CPU kernels only; csrc/cpu/atlas_fused_linear.cpp)
+# ------------------------------------------------------------------------------------------------
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# ATLAS_KERNELS_EXT_FUSED_LINEAR=0 (read once, at import) turns the fused path off: linear then
+# composes and multiplies on CPU too (an A/B switch for benchmarks).
+_HAS_FUSED_CPU = (torch._C._dispatch_has_kernel_for_dispatch_key("atlas_kernels_ext::fused_linear", "CPU")
+                  and os.environ.get("ATLAS_KERNELS_EXT_FUSED_LINEAR", "1") != "0")
+
+
+def fused_linear_applies(x, wblock: Block) -> bool:
+    """Whether :func:`linear` takes the tile-fused op: CPU tensors, an adapted 2-D weight, a
+    float32/bfloat16/float16 compute dtype and ``theta0``. Otherwise (CUDA tensors, where the
+    extension has compose/coef_grad kernels but no fused linear; frozen or non-2-D weights; float64)
+    :func:`linear` composes the weight, then multiplies."""
+    w0, w_tau = wblock.theta0, wblock.tau
+    return (_HAS_FUSED_CPU and w_tau is not None and wblock.lora is None and x.device.type == "cpu"
+            and w0.device.type == "cpu" and w0.dim() == 2 and w_tau.dim() == 3 and x.dim() >= 1
+            and x.shape[-1] == w0.shape[1] and compute_dtype(x) in _FUSED_DTYPES and w0.dtype in _FUSED_DTYPES)
+
+
+class FusedLinearFunction(torch.autograd.Function):
+    """``y = x W^T + c`` with ``W = w0 + sum_i lam[i, part(e)] * tau_i`` (``* scale[i, row]``) and
+    ``c = b0 + sum_i mu[i, part(e)] * tau_c_i``, the weight composed tile by tile inside the op
+    (``atlas_kernels_ext::fused_linear``): neither ``W`` nor its gradient is ever stored, and only
+    ``x`` (which the plain model's linear keeps too) is saved for backward.
+
+    Chain rule, with ``dy = dL/dy`` over the rows of ``x`` (leading dims flattened):
+
+    - ``dL/dx = dy W`` (``W`` recomposed tile by tile in ``fused_linear_backward``);
+    - ``dL/dlam[i, k] = sum_{e : part(e) = k} G[e] * tau_i[e]`` (``* scale``) with ``G = dy^T x``,
+      each tile of ``G`` reduced against the slab tiles while they are in cache (the same read
+      serves the recomposition for ``dx``); per-tile partials summed in a fixed order;
+    - ``dL/dmu[i, k] = sum_{e : part(e) = k} (sum_rows dy)[e] * tau_c_i[e]`` (``coef_grad``).
+
+    ``w0``, ``b0`` and the slabs are frozen (no gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, x2, w_coef, b_coef, w0, w_tau, w_scale, w_mode, w_key, b0, b_tau, b_scale, b_mode, b_key):
+        dtype = x2.dtype
+        if b0 is None:
+            b = None
+        elif b_tau is None:
+            b = b0.to(dtype)
+        else:
+            b = _ops.compose(b0, b_tau, b_coef, b_scale, b_mode, b_key, dtype)
+        y = _ops.fused_linear(x2, w0, w_tau, w_coef, w_scale, w_mode, w_key, b)
+        ctx.save_for_backward(x2, w0, w_tau, w_coef, w_scale, b_tau, b_scale)
+        ctx.meta = (w_mode, w_key, b_mode, b_key, None if b_coef is None else b_coef.shape[1])
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, w0, w_tau, w_coef, w_scale, b_tau, b_scale = ctx.saved_tensors
+        w_mode, w_key, b_mode, b_key, b_k = ctx.meta
+        dy = dy.contiguous()
+        dx, d_w = _ops.fused_linear_backward(dy, x2, w0, w_tau, w_coef, w_scale, w_mode, w_key,
+                                             ctx.needs_input_grad[0])
+        d_b = None
+        if b_tau is not None and ctx.needs_input_grad[2]:
+            d_b = _ops.coef_grad(dy.sum(0, dtype=torch.float32), b_tau, b_scale, b_k, b_mode, b_key)
+        return (dx if ctx.needs_input_grad[0] else None, d_w, d_b) + (None,) * 10
+
+
+def fused_linear(x, wblock: Block, bblock: Optional[Block] = None):
+    """``linear`` through :class:`FusedLinearFunction` (CPU tensors; see :func:`fused_linear_applies`),
+    in the compute dtype of ``x``; ``x`` may have leading batch dims."""
+    dtype = compute_dtype(x)
+    w0, w_tau = wblock.theta0, wblock.tau
+    out_f, in_f = w0.shape
+    wc = coef_matrix(wblock.coef, w_tau.shape[0]).float()
+    w_mode, w_key = _part(wblock.partition, wc.shape[1])
+    b0 = b_tau = b_scale = bc = None
+    b_mode, b_key = 0, 0
+    if bblock is not None and bblock.theta0 is not None:
+        b0, b_tau, b_scale = dense(bblock).theta0, bblock.tau, bblock.scale
+        if b_tau is not None:
+            bc = coef_matrix(bblock.coef, b_tau.shape[0]).float()
+            b_mode, b_key = _part(bblock.partition, bc.shape[1])
+    lead = x.shape[:-1]
+    with torch.autocast("cpu", enabled=False):
+        y = FusedLinearFunction.apply(x.to(dtype).reshape(-1, in_f), wc, bc, w0, w_tau, wblock.scale, w_mode, w_key,
+                                      b0, b_tau, b_scale, b_mode, b_key)
+    return y.reshape(*lead, out_f)

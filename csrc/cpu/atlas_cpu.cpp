@@ -11,170 +11,17 @@
 // Coefficient gradients: every tile writes its N x K partial sums (8-lane fp32 accumulators, summed
 // in a fixed order), then the tiles are summed in tile order in float64: the result does not
 // depend on the number of threads, and no atomics are used.
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Float8_e4m3fn.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <cmath>
-#include <cstring>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#include <immintrin.h>
-#define ATLAS_AVX2 1
-#else
-#define ATLAS_AVX2 0
-#endif
-
 #include "../atlas_checks.h"
+#include "atlas_cpu_vec.h"
 
 namespace atlas_ext {
 namespace cpu {
 namespace {
-
-constexpr int64_t kChunk = 2048;  // elements per tile of a single-block op (fixed: determinism)
-
-struct Fp8Lut {
-  alignas(64) float v[256];
-  Fp8Lut() {
-    for (int b = 0; b < 256; ++b) v[b] = static_cast<float>(c10::Float8_e4m3fn(uint8_t(b), c10::Float8_e4m3fn::from_bits()));
-  }
-};
-const float* fp8_lut() {
-  static const Fp8Lut lut;
-  return lut.v;
-}
-
-// Decoders: one element, or eight into an AVX2 register.
-template <typename T> struct Dec;
-template <> struct Dec<float> {
-  static float one(const float* p) { return *p; }
-#if ATLAS_AVX2
-  static __m256 eight(const float* p) { return _mm256_loadu_ps(p); }
-#endif
-};
-template <> struct Dec<c10::BFloat16> {
-  static float one(const c10::BFloat16* p) { return static_cast<float>(*p); }
-#if ATLAS_AVX2
-  static __m256 eight(const c10::BFloat16* p) {
-    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  }
-#endif
-};
-template <> struct Dec<c10::Half> {
-  static float one(const c10::Half* p) { return static_cast<float>(*p); }
-#if ATLAS_AVX2
-  static __m256 eight(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-#endif
-};
-template <> struct Dec<int8_t> {
-  static float one(const int8_t* p) { return static_cast<float>(*p); }
-#if ATLAS_AVX2
-  static __m256 eight(const int8_t* p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-  }
-#endif
-};
-template <> struct Dec<c10::Float8_e4m3fn> {
-  static float one(const c10::Float8_e4m3fn* p) { return fp8_lut()[p->x]; }
-#if ATLAS_AVX2
-  static __m256 eight(const c10::Float8_e4m3fn* p) {  // a gather from the 1 KiB table (in L1)
-    __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-    return _mm256_i32gather_ps(fp8_lut(), idx, 4);
-  }
-#endif
-};
-
-// acc[j] += c * t[j]
-template <typename T>
-void axpy(float* acc, const T* t, int64_t n, float c) {
-  int64_t j = 0;
-#if ATLAS_AVX2
-  const __m256 vc = _mm256_set1_ps(c);
-  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(acc + j, _mm256_fmadd_ps(vc, Dec<T>::eight(t + j), _mm256_loadu_ps(acc + j)));
-#endif
-  for (; j < n; ++j) acc[j] = std::fma(c, Dec<T>::one(t + j), acc[j]);
-}
-
-// acc[j] += crow[part[j]] * s * t[j]   (hash partitions: the coefficient varies per element)
-template <typename T>
-void axpy_gather(float* acc, const T* t, int64_t n, const float* crow, const int32_t* part, float s) {
-  int64_t j = 0;
-#if ATLAS_AVX2
-  const __m256 vs = _mm256_set1_ps(s);
-  for (; j + 8 <= n; j += 8) {
-    __m256 c = _mm256_mul_ps(_mm256_i32gather_ps(crow, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(part + j)), 4), vs);
-    _mm256_storeu_ps(acc + j, _mm256_fmadd_ps(c, Dec<T>::eight(t + j), _mm256_loadu_ps(acc + j)));
-  }
-#endif
-  for (; j < n; ++j) acc[j] = std::fma(crow[part[j]] * s, Dec<T>::one(t + j), acc[j]);
-}
-
-// sum_j g[j] * t[j], in a fixed order.
-template <typename T>
-float dot(const float* g, const T* t, int64_t n) {
-  int64_t j = 0;
-  float total = 0.f;
-#if ATLAS_AVX2
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-  for (; j + 16 <= n; j += 16) {
-    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(g + j), Dec<T>::eight(t + j), a0);
-    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(g + j + 8), Dec<T>::eight(t + j + 8), a1);
-  }
-  for (; j + 8 <= n; j += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(g + j), Dec<T>::eight(t + j), a0);
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, _mm256_add_ps(a0, a1));
-  for (int q = 0; q < 8; ++q) total += lanes[q];
-#endif
-  for (; j < n; ++j) total = std::fma(g[j], Dec<T>::one(t + j), total);
-  return total;
-}
-
-// out[part[j]] += s * g[j] * t[j]  (hash partitions; products vectorised, sums in element order)
-template <typename T>
-void dot_scatter(const float* g, const T* t, int64_t n, const int32_t* part, float s, float* out) {
-  int64_t j = 0;
-#if ATLAS_AVX2
-  alignas(32) float prod[8];
-  const __m256 vs = _mm256_set1_ps(s);
-  for (; j + 8 <= n; j += 8) {
-    _mm256_store_ps(prod, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(g + j), Dec<T>::eight(t + j)), vs));
-    for (int q = 0; q < 8; ++q) out[part[j + q]] += prod[q];
-  }
-#endif
-  for (; j < n; ++j) out[part[j]] += g[j] * Dec<T>::one(t + j) * s;
-}
-
-// dst[j] = float(src[a + j]) for a compute-dtype tensor
-void load_f32(const void* src, at::ScalarType st, int64_t a, int64_t n, float* dst) {
-  if (st == at::kFloat) {
-    std::memcpy(dst, static_cast<const float*>(src) + a, n * sizeof(float));
-  } else if (st == at::kBFloat16) {
-    const auto* p = static_cast<const c10::BFloat16*>(src) + a;
-    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(p[j]);
-  } else {
-    const auto* p = static_cast<const c10::Half*>(src) + a;
-    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(p[j]);
-  }
-}
-
-// dst[a + j] = cast(src[j]), round to nearest even
-void store_f32(const float* src, int64_t n, void* dst, at::ScalarType dt, int64_t a) {
-  if (dt == at::kFloat) {
-    std::memcpy(static_cast<float*>(dst) + a, src, n * sizeof(float));
-  } else if (dt == at::kBFloat16) {
-    auto* p = static_cast<c10::BFloat16*>(dst) + a;
-    for (int64_t j = 0; j < n; ++j) p[j] = c10::BFloat16(src[j]);
-  } else {
-    auto* p = static_cast<c10::Half*>(dst) + a;
-    for (int64_t j = 0; j < n; ++j) p[j] = c10::Half(src[j]);
-  }
-}
 
 // What one launch shares: the flat buffers and their strides (a slab row is tau + i * P).
 struct Bufs {
@@ -258,18 +105,6 @@ void grad_tile(const Bufs& q, const Seg& s, int64_t a, int64_t b, float* partial
       }
       r = e;
     }
-  }
-}
-
-template <typename F>
-void dispatch_storage(at::ScalarType t, const F& f) {
-  switch (t) {
-    case at::kFloat: f(float{}); break;
-    case at::kBFloat16: f(c10::BFloat16{}); break;
-    case at::kHalf: f(c10::Half{}); break;
-    case at::kChar: f(int8_t{}); break;
-    case at::kFloat8_e4m3fn: f(c10::Float8_e4m3fn{}); break;
-    default: TORCH_CHECK(false, "atlas_kernels_ext: unsupported storage dtype ", t);
   }
 }
 
