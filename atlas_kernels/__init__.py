@@ -32,7 +32,7 @@ _EXPORTS = {
     "estimate_memory": "planner", "MemoryEstimate": "planner",
     "read_peft_adapter": "peft", "write_peft_adapter": "peft", "match_blocks": "peft",
     "load_plain_state_dict": "state_dicts",
-    "export_linearised": "linearised.export", "load_linearised": "linearised.export",
+    "export_linearised": "linearised.export", "load_linearised": "patching",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

@@ -57,6 +57,7 @@ from .state_dicts import attach_guard, detach_guard
 from .task_vectors import TaskVectors
 
 __all__ = ["patch", "unpatch", "is_patched", "coefficients", "save_coefficients", "load_coefficients",
+           "load_linearised",
            "PatchConfig"]
 
 BlockFilter = Union[None, str, Iterable[str], Callable[[str, torch.Tensor], bool]]
@@ -368,3 +369,28 @@ def _own_class(m: nn.Module) -> None:
         return
     body = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
     m.__class__ = type(cls.__name__, cls.__bases__, body)
+
+
+def load_linearised(path, module: nn.Module, *, backend: str = "auto") -> nn.Module:
+    """Rebuild the linearised model written by :func:`atlas_kernels.export_linearised` on ``module``:
+    a plain module of the same architecture (for an open_clip tower: ``create_model(name,
+    pretrained=None).visual``), on the device it should run on. Returns ``module``, patched
+    linearised, every coefficient 1 and frozen (inference: one forward-mode pass, no training graph).
+    The file is read and checked by :func:`atlas_kernels.linearised.export.read_linearised`."""
+    from .linearised.export import read_linearised
+
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    if is_patched(module):
+        raise RuntimeError("load_linearised needs a plain module; this one is already patched")
+    theta0, deltas = read_linearised(path, module)
+    with torch.no_grad():
+        module.load_state_dict(theta0, strict=True)
+    device = next(iter(module.parameters())).device
+    tvs = TaskVectors({k: d[None] for k, d in deltas.items()}, names=["linearised"]).to(device)
+    patch(module, tvs, backend=backend, linearised=True)
+    with torch.no_grad():
+        for c in coefficients(module).values():
+            c.fill_(1.0)
+            c.requires_grad_(False)
+    return module

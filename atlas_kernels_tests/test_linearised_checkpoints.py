@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import atlas_kernels as ak
-from atlas_kernels.linearised import checkpoints as lc
+from atlas_kernels.checkpoints import linearised as lc
 
 open_clip = pytest.importorskip("open_clip")
 

@@ -234,19 +234,16 @@ def test_import_linearised_files(published, tmp_path, capsys, monkeypatch):
     shutil.copy(root / "zeroshot.pt", root / "linear_zeroshot.pt")
     shutil.copy(root / "DTD" / "finetuned.pt", root / "DTD" / "linear_finetuned.pt")
     args = ["import", str(root), "--model-config", str(d / "tiny-vit.json"), "--out", str(tmp_path / "t.safetensors")]
-    monkeypatch.setitem(sys.modules, "atlas_kernels.linearised", None)  # not installed, whatever the tree holds
+    monkeypatch.setitem(sys.modules, "atlas_kernels.checkpoints.linearised", None)  # no reader, whatever the tree holds
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "skipped 2 linearised checkpoint(s)" in out and "linear_finetuned.pt" in out
     assert not (tmp_path / "t.linear.safetensors").exists()
 
-    fake = types.ModuleType("atlas_kernels.linearised.checkpoints")
+    fake = types.ModuleType("atlas_kernels.checkpoints.linearised")
     # these copies are plain pickled modules: "not the positional format" for any file it is asked about
     fake.is_linearised_state_dict = lambda sd: False
-    pkg = types.ModuleType("atlas_kernels.linearised")
-    pkg.checkpoints = fake
-    monkeypatch.setitem(sys.modules, "atlas_kernels.linearised", pkg)
-    monkeypatch.setitem(sys.modules, "atlas_kernels.linearised.checkpoints", fake)
+    monkeypatch.setitem(sys.modules, "atlas_kernels.checkpoints.linearised", fake)
     assert main(args + ["--prefix", "model.visual."]) == 0
     assert (tmp_path / "t.linear.safetensors").is_file()
     assert ak.TaskVectors.load(str(tmp_path / "t.linear.safetensors")).names == ["DTD"]

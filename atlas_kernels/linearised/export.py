@@ -24,7 +24,7 @@ from ..modules import AtlasModule
 from ..patch_config import PatchConfig
 from .modules import block_delta
 
-__all__ = ["export_linearised", "load_linearised", "FORMAT"]
+__all__ = ["export_linearised", "read_linearised", "FORMAT"]
 
 FORMAT = "atlas_kernels.linearised"
 _PARAM = re.compile(r"(^|\.)parametrizations\.([^.]+)\.original$")
@@ -77,19 +77,12 @@ def export_linearised(module: nn.Module, path) -> None:
     atomic_save_safetensors(tensors, path, metadata=meta)
 
 
-def load_linearised(path, module: nn.Module, *, backend: str = "auto") -> nn.Module:
-    """Rebuild the linearised model written by :func:`export_linearised` on ``module``: a plain
-    module of the same architecture (for an open_clip tower: ``create_model(name,
-    pretrained=None).visual``), on the device it should run on. Returns ``module``, patched
-    linearised, every coefficient 1 and frozen (inference: one forward-mode pass, no training graph)."""
+def read_linearised(path, module: nn.Module):
+    """The ``(theta0, displacements)`` state dicts of a linearised export written by
+    :func:`export_linearised`, checked against ``module`` (same names and shapes, finite
+    displacements). :func:`atlas_kernels.load_linearised` patches a module with them."""
     from ..checkpoints import read_safetensors
-    from ..patching import is_patched, patch
-    from ..task_vectors import TaskVectors
 
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
-    if is_patched(module):
-        raise RuntimeError("load_linearised needs a plain module; this one is already patched")
     path = str(path)
     meta, tensors = read_safetensors(path)
     if meta.get("format") != FORMAT:
@@ -108,13 +101,4 @@ def load_linearised(path, module: nn.Module, *, backend: str = "auto") -> nn.Mod
     for k, d in deltas.items():
         if k not in theta0 or d.shape != theta0[k].shape or not all_finite(d):
             raise ValueError(f"{path!r}: displacement of block {k!r} does not match theta0 or is not finite")
-    with torch.no_grad():
-        module.load_state_dict(theta0, strict=True)
-    device = next(iter(module.parameters())).device
-    tvs = TaskVectors({k: d[None] for k, d in deltas.items()}, names=["linearised"]).to(device)
-    patch(module, tvs, backend=backend, linearised=True)
-    with torch.no_grad():
-        for c in coefficients(module).values():
-            c.fill_(1.0)
-            c.requires_grad_(False)
-    return module
+    return theta0, deltas

@@ -17,6 +17,7 @@ future rename fails loudly instead of mismatching.
 from __future__ import annotations
 
 import errno
+import importlib
 import logging
 import os
 import warnings
@@ -25,8 +26,8 @@ from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 
-from . import safe_pickle
-from ._checks import prefix_matches_nothing
+from .. import safe_pickle
+from .._checks import prefix_matches_nothing
 
 __all__ = ["load_state_dict_file", "convert_checkpoint", "load_head", "Head", "select_tower",
            "find_tower_prefix"]
@@ -116,14 +117,15 @@ def load_state_dict_file(path) -> Dict[str, torch.Tensor]:
 
 
 def linearised_formats():
-    """The reader of the published linearised checkpoints (:mod:`atlas_kernels.linearised.checkpoints`),
+    """The reader of the published linearised checkpoints (:mod:`atlas_kernels.checkpoints.linearised`),
     or None in an install without the linearised mode (then plain and pickled state dicts only).
     The one place that looks: the task-vector import asks here too."""
     try:
-        from .linearised import checkpoints
+        # import_module, not "from . import linearised": it consults sys.modules every time, so a
+        # test (or an install) that takes the reader away is seen even after it was imported once
+        return importlib.import_module(__name__ + ".linearised")
     except ImportError:
         return None
-    return checkpoints
 
 
 def _unwrap(obj, path) -> Dict[str, torch.Tensor]:
@@ -241,7 +243,7 @@ def load_head(path, *, normalize: Optional[bool] = None) -> Head:
 
 def save_head(head: Head, path) -> None:
     """Write a head as safetensors (``weight``, ``bias``; metadata ``normalize``), atomically."""
-    from ._io import atomic_save_safetensors
+    from .._io import atomic_save_safetensors
 
     atomic_save_safetensors({"weight": head.weight.contiguous(), "bias": head.bias.contiguous()}, path,
                             metadata={"normalize": "true" if head.normalize else "false"})
@@ -254,7 +256,7 @@ def convert_checkpoint(src, dst, *, prefix: Optional[str] = None) -> Dict[str, t
     sd = load_state_dict_file(src)
     if prefix:
         sd = select_tower(sd, prefix, str(src))[0]
-    from ._io import atomic_save_safetensors
+    from .._io import atomic_save_safetensors
 
     sd = {k: v.detach().clone().contiguous() for k, v in sd.items()}
     atomic_save_safetensors(sd, dst)
