@@ -308,9 +308,15 @@ def test_tiny_vit_cuda_backend_matches_float64_reference(tiny_vit):
         assert rel < 1e-4, (k, rel)
 
 
-def test_patched_tower_cuda_backend_compiles_fullgraph(tiny_vit):
+@pytest.mark.parametrize("fused", [False, True], ids=["compose-matmul", "fused-linear"])
+def test_patched_tower_cuda_backend_compiles_fullgraph(tiny_vit, fused, monkeypatch):
     """torch.compile(fullgraph=True) of a tower patched with backend="cuda" traces the extension's
-    ops (C++ Meta kernels, autograd registered from Python) and matches eager."""
+    ops (C++ Meta kernels, autograd registered from Python) and matches eager; on CPU both with the
+    default compose + matmul and with the opt-in tile-fused linear."""
     _ext_on_dev()
+    if fused:
+        if DEV != "cpu":
+            pytest.skip("the tile-fused linear has CPU kernels only")
+        monkeypatch.setattr(ops._module("cuda"), "FUSED_LINEAR_CPU", True)
     m, coefs, _, x = _patched_tiny(tiny_vit, 2, 2, "hash", "cuda")
     assert_compiles_like_eager(m, coefs, x)

@@ -33,6 +33,13 @@ def _cb():
     return ops._module("cuda")
 
 
+@pytest.fixture(autouse=True)
+def fused_on(monkeypatch):
+    """The fused path is opt-in (slower than compose + matmul on the project's CPU): on for these tests."""
+    if EXT_MISSING is None:
+        monkeypatch.setattr(_cb(), "FUSED_LINEAR_CPU", True)
+
+
 def _case(n, k, mode, storage, o=45, i=37, lead=(2, 3), cdtype=torch.float32, seed=0):
     torch.manual_seed(seed)
     pw = Partition.for_block("w", k, mode, seed=4) if k > 1 else Partition(1)
@@ -148,8 +155,10 @@ def test_fused_linear_not_taken_where_it_does_not_apply():
     assert not cb.fused_linear_applies(x.to("meta"), Block(w0.to("meta"), tau.to("meta"), coef.to("meta")))
 
 
-def test_fused_linear_switch_off_by_environment():
-    """ATLAS_KERNELS_EXT_FUSED_LINEAR=0 (read at import) sends linear to compose + matmul."""
+@pytest.mark.parametrize("value,taken", [(None, "False"), ("0", "False"), ("1", "True")])
+def test_fused_linear_switch_by_environment(value, taken):
+    """Off by default and with ATLAS_KERNELS_EXT_FUSED_LINEAR=0 (read at import): linear composes
+    and multiplies; =1 turns the tile-fused op on."""
     import os
     import subprocess
     import sys
@@ -158,7 +167,9 @@ def test_fused_linear_switch_off_by_environment():
             "from atlas_kernels.blocks import Block; "
             "b = Block(torch.randn(5, 4), torch.randn(2, 5, 4), torch.zeros(2)); "
             "print(cb.fused_linear_applies(torch.randn(3, 4), b))")
-    env = dict(os.environ, ATLAS_KERNELS_EXT_FUSED_LINEAR="0")
+    env = {k: v for k, v in os.environ.items() if k != "ATLAS_KERNELS_EXT_FUSED_LINEAR"}
+    if value is not None:
+        env["ATLAS_KERNELS_EXT_FUSED_LINEAR"] = value
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip() == taken

@@ -156,19 +156,23 @@ def linear(x, wblock: Block, bblock: Optional[Block] = None):
 # the tile-fused linear (CPU kernels only; csrc/cpu/atlas_fused_linear.cpp)
 # ------------------------------------------------------------------------------------------------
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# ATLAS_KERNELS_EXT_FUSED_LINEAR=0 (read once, at import) turns the fused path off: linear then
-# composes and multiplies on CPU too (an A/B switch for benchmarks).
-_HAS_FUSED_CPU = (torch._C._dispatch_has_kernel_for_dispatch_key("atlas_kernels_ext::fused_linear", "CPU")
-                  and os.environ.get("ATLAS_KERNELS_EXT_FUSED_LINEAR", "1") != "0")
+# The tile-fused path is opt-in: ATLAS_KERNELS_EXT_FUSED_LINEAR=1 (read once, at import) or
+# FUSED_LINEAR_CPU = True turns it on. Measured on this project's 2-core CPU (quiet, two threads,
+# ViT-B/32, N = 8, batch 8, fp32, float16 slabs; bench/results/2026-12-01-cpu-ext-fused-onoff.txt):
+# fused 2859-2916 ms against 1533-1568 ms for compose + matmul, with peak RSS 2.95 against 3.34 GB.
+# So linear composes and multiplies by default, and the fused op is the lower-memory choice.
+HAS_FUSED_CPU = torch._C._dispatch_has_kernel_for_dispatch_key("atlas_kernels_ext::fused_linear", "CPU")
+FUSED_LINEAR_CPU = HAS_FUSED_CPU and os.environ.get("ATLAS_KERNELS_EXT_FUSED_LINEAR", "0") == "1"
 
 
 def fused_linear_applies(x, wblock: Block) -> bool:
-    """Whether :func:`linear` takes the tile-fused op: CPU tensors, an adapted 2-D weight, a
+    """Whether :func:`linear` takes the tile-fused op: switched on (:data:`FUSED_LINEAR_CPU`), CPU
+    tensors, an adapted 2-D weight, a
     float32/bfloat16/float16 compute dtype and ``theta0``. Otherwise (CUDA tensors, where the
     extension has compose/coef_grad kernels but no fused linear; frozen or non-2-D weights; float64)
     :func:`linear` composes the weight, then multiplies."""
     w0, w_tau = wblock.theta0, wblock.tau
-    return (_HAS_FUSED_CPU and w_tau is not None and wblock.lora is None and x.device.type == "cpu"
+    return (FUSED_LINEAR_CPU and w_tau is not None and wblock.lora is None and x.device.type == "cpu"
             and w0.device.type == "cpu" and w0.dim() == 2 and w_tau.dim() == 3 and x.dim() >= 1
             and x.shape[-1] == w0.shape[1] and compute_dtype(x) in _FUSED_DTYPES and w0.dtype in _FUSED_DTYPES)
 
