@@ -157,10 +157,9 @@ def linear(x, wblock: Block, bblock: Optional[Block] = None):
 # ------------------------------------------------------------------------------------------------
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # The tile-fused path is opt-in: ATLAS_KERNELS_EXT_FUSED_LINEAR=1 (read once, at import) or
-# FUSED_LINEAR_CPU = True turns it on. Measured on this project's 2-core CPU (quiet, two threads,
-# ViT-B/32, N = 8, batch 8, fp32, float16 slabs; bench/results/2026-12-01-cpu-ext-fused-onoff.txt):
-# fused 2859-2916 ms against 1533-1568 ms for compose + matmul, with peak RSS 2.95 against 3.34 GB.
-# So linear composes and multiplies by default, and the fused op is the lower-memory choice.
+# FUSED_LINEAR_CPU = True turns it on. It uses less memory but measured slower than compose +
+# matmul on the project's CPU (bench/results/2026-12-01-cpu-ext-fused-onoff.txt), so linear
+# composes and multiplies by default.
 HAS_FUSED_CPU = torch._C._dispatch_has_kernel_for_dispatch_key("atlas_kernels_ext::fused_linear", "CPU")
 FUSED_LINEAR_CPU = HAS_FUSED_CPU and os.environ.get("ATLAS_KERNELS_EXT_FUSED_LINEAR", "0") == "1"
 
