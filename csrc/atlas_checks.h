@@ -2,6 +2,9 @@
 // was expected and what arrived.
 #pragma once
 #include <ATen/ATen.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Half.h>
 #include <c10/util/Optional.h>
 
 #include "atlas_common.h"
@@ -110,6 +113,20 @@ inline void check_packed(const char* op, const at::Tensor& flat, const char* fna
   } else {
     TORCH_CHECK(tau_flat.scalar_type() != at::kChar && tau_flat.scalar_type() != at::kFloat8_e4m3fn, op,
                 ": int8 / float8_e4m3fn task vectors need scale_flat, got None");
+  }
+}
+
+// Calls f(T{}) with T the C++ type of a task-vector storage dtype: the one list of storages the
+// CPU and CUDA kernels both dispatch on.
+template <typename F>
+inline void dispatch_storage(at::ScalarType t, const F& f) {
+  switch (t) {
+    case at::kFloat: f(float{}); break;
+    case at::kBFloat16: f(c10::BFloat16{}); break;
+    case at::kHalf: f(c10::Half{}); break;
+    case at::kChar: f(int8_t{}); break;
+    case at::kFloat8_e4m3fn: f(c10::Float8_e4m3fn{}); break;
+    default: TORCH_CHECK(false, "atlas_kernels_ext: unsupported storage dtype ", t);
   }
 }
 

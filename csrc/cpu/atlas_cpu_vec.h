@@ -8,6 +8,8 @@
 #include <c10/util/Float8_e4m3fn.h>
 #include <c10/util/Half.h>
 
+#include "../atlas_checks.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -194,18 +196,6 @@ inline void store_f32(const float* src, int64_t n, void* dst, at::ScalarType dt,
   } else {
     auto* p = static_cast<c10::Half*>(dst) + a;
     for (int64_t j = 0; j < n; ++j) p[j] = c10::Half(src[j]);
-  }
-}
-
-template <typename F>
-inline void dispatch_storage(at::ScalarType t, const F& f) {
-  switch (t) {
-    case at::kFloat: f(float{}); break;
-    case at::kBFloat16: f(c10::BFloat16{}); break;
-    case at::kHalf: f(c10::Half{}); break;
-    case at::kChar: f(int8_t{}); break;
-    case at::kFloat8_e4m3fn: f(c10::Float8_e4m3fn{}); break;
-    default: TORCH_CHECK(false, "atlas_kernels_ext: unsupported storage dtype ", t);
   }
 }
 

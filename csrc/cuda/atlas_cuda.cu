@@ -214,18 +214,6 @@ __global__ void grad_reduce_kernel(const float* partial, float* out, const int64
   }
 }
 
-template <typename F>
-void dispatch_storage(at::ScalarType t, const F& f) {
-  switch (t) {
-    case at::kFloat: f(float{}); break;
-    case at::kBFloat16: f(c10::BFloat16{}); break;
-    case at::kHalf: f(c10::Half{}); break;
-    case at::kChar: f(int8_t{}); break;
-    case at::kFloat8_e4m3fn: f(c10::Float8_e4m3fn{}); break;
-    default: TORCH_CHECK(false, "atlas_kernels_ext: unsupported storage dtype ", t);
-  }
-}
-
 Bufs make_bufs(const at::Tensor& theta, const at::Tensor& tau, const float* coef, int64_t coef_stride,
                const c10::optional<at::Tensor>& scale, int64_t scale_stride) {
   Bufs q;
