@@ -155,17 +155,18 @@ def test_fused_linear_not_taken_where_it_does_not_apply():
     assert not cb.fused_linear_applies(x.to("meta"), Block(w0.to("meta"), tau.to("meta"), coef.to("meta")))
 
 
-@pytest.mark.parametrize("value,taken", [(None, "False"), ("0", "False"), ("1", "True")])
-def test_fused_linear_switch_by_environment(value, taken):
-    """Off by default and with ATLAS_KERNELS_EXT_FUSED_LINEAR=0 (read at import): linear composes
-    and multiplies; =1 turns the tile-fused op on."""
+@pytest.mark.parametrize("value,storage,taken", [(None, "float16", "False"), (None, "int8", "True"),
+                                                 ("0", "int8", "False"), ("1", "float16", "True")])
+def test_fused_linear_switch_by_environment(value, storage, taken):
+    """By default (ATLAS_KERNELS_EXT_FUSED_LINEAR unset) the fused op serves one-byte storages only,
+    the measured faster path there; =0 turns it off, =1 on for every storage (read at import)."""
     import os
     import subprocess
     import sys
 
     code = ("import torch; from atlas_kernels import ops; cb = ops._module('cuda'); "
             "from atlas_kernels.blocks import Block; "
-            "b = Block(torch.randn(5, 4), torch.randn(2, 5, 4), torch.zeros(2)); "
+            f"b = Block(torch.randn(5, 4), torch.ones(2, 5, 4).to(torch.{storage}), torch.zeros(2)); "
             "print(cb.fused_linear_applies(torch.randn(3, 4), b))")
     env = {k: v for k, v in os.environ.items() if k != "ATLAS_KERNELS_EXT_FUSED_LINEAR"}
     if value is not None:

@@ -24,6 +24,12 @@ def extension():
             "`ATLAS_KERNELS_BUILD_EXT=1 pip install -e . --no-build-isolation`") from exc
     sources = [_rel("atlas_ops.cpp"), _rel("cpu", "atlas_cpu.cpp"), _rel("cpu", "atlas_fused_linear.cpp")]
     cxx = ["-O3"]  # the C++ standard is the one torch asks for (C++20 for torch >= 2.10)
+    if platform.system() == "Linux":
+        # at::parallel_for is a header template: without -fopenmp (_OPENMP undefined) it compiles to a
+        # plain serial call, and every CPU kernel of the extension ran on one thread whatever
+        # torch.get_num_threads() said. Compile only: the GOMP symbols resolve to the OpenMP runtime
+        # torch itself loads, so the process keeps one thread pool.
+        cxx += ["-fopenmp"]
     if platform.machine() in ("x86_64", "AMD64") and os.environ.get("ATLAS_KERNELS_EXT_NO_AVX2") != "1":
         cxx += ["-mavx2", "-mfma", "-mf16c"]
     if os.environ.get("CUDA_HOME"):

@@ -156,22 +156,26 @@ def linear(x, wblock: Block, bblock: Optional[Block] = None):
 # the tile-fused linear (CPU kernels only; csrc/cpu/atlas_fused_linear.cpp)
 # ------------------------------------------------------------------------------------------------
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# The tile-fused path is opt-in: ATLAS_KERNELS_EXT_FUSED_LINEAR=1 (read once, at import) or
-# FUSED_LINEAR_CPU = True turns it on. It uses less memory but measured slower than compose +
-# matmul on the project's CPU (bench/results/2026-12-01-cpu-ext-fused-onoff.txt), so linear
-# composes and multiplies by default.
+# When linear takes the tile-fused op on CPU: FUSED_LINEAR_CPU None ("auto", the default) for
+# one-byte storages (int8, float8_e4m3fn) only, True always, False never; the environment variable
+# ATLAS_KERNELS_EXT_FUSED_LINEAR=1 / =0 (read once, at import) sets True / False. The rule is the
+# measurement in bench/results/2026-12-01-cpu-ext-openmp.txt: with int8 slabs the fused op was the
+# faster path, with float16 slabs compose + matmul was (the fused op always uses less memory).
 HAS_FUSED_CPU = torch._C._dispatch_has_kernel_for_dispatch_key("atlas_kernels_ext::fused_linear", "CPU")
-FUSED_LINEAR_CPU = HAS_FUSED_CPU and os.environ.get("ATLAS_KERNELS_EXT_FUSED_LINEAR", "0") == "1"
+FUSED_LINEAR_CPU = {"1": True, "0": False}.get(os.environ.get("ATLAS_KERNELS_EXT_FUSED_LINEAR", ""))
 
 
 def fused_linear_applies(x, wblock: Block) -> bool:
-    """Whether :func:`linear` takes the tile-fused op: switched on (:data:`FUSED_LINEAR_CPU`), CPU
-    tensors, an adapted 2-D weight, a
+    """Whether :func:`linear` takes the tile-fused op: chosen by :data:`FUSED_LINEAR_CPU` (by default
+    for one-byte storages), CPU tensors, an adapted 2-D weight, a
     float32/bfloat16/float16 compute dtype and ``theta0``. Otherwise (CUDA tensors, where the
     extension has compose/coef_grad kernels but no fused linear; frozen or non-2-D weights; float64)
     :func:`linear` composes the weight, then multiplies."""
     w0, w_tau = wblock.theta0, wblock.tau
-    return (FUSED_LINEAR_CPU and w_tau is not None and wblock.lora is None and x.device.type == "cpu"
+    if not HAS_FUSED_CPU or w_tau is None:
+        return False
+    wanted = w_tau.element_size() == 1 if FUSED_LINEAR_CPU is None else FUSED_LINEAR_CPU
+    return (wanted and wblock.lora is None and x.device.type == "cpu"
             and w0.device.type == "cpu" and w0.dim() == 2 and w_tau.dim() == 3 and x.dim() >= 1
             and x.shape[-1] == w0.shape[1] and compute_dtype(x) in _FUSED_DTYPES and w0.dtype in _FUSED_DTYPES)
 
