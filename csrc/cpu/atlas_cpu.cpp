@@ -38,17 +38,24 @@ struct Bufs {
   at::ScalarType out_t;
 };
 
+// The start of a tile [a, b) of block `s`: the first buffer (theta0, or the gradient) read as fp32
+// into buf, the hash part of every element into part (hash layouts only), and the block's slab.
+template <typename T>
+inline const T* begin_tile(const Bufs& q, const Seg& s, int64_t a, int64_t len, float* buf, int32_t* part) {
+  load_f32(q.theta, q.theta_t, s.start + a, len, buf);
+  if (s.mode == kModeHash)
+    for (int64_t j = 0; j < len; ++j) part[j] = static_cast<int32_t>(part_of(a + j, s));
+  return static_cast<const T*>(q.tau) + s.start;
+}
+
 // Elements [a, b) (block-local, b - a <= kChunk) of block `s`: out = theta0 + sum_i coef * tau.
 template <typename T>
 void compose_tile(const Bufs& q, const Seg& s, int64_t a, int64_t b) {
   alignas(64) float acc[kChunk];
   alignas(64) int32_t part[kChunk];
   const int64_t len = b - a;
-  load_f32(q.theta, q.theta_t, s.start + a, len, acc);
   const bool hash = s.mode == kModeHash;
-  if (hash)
-    for (int64_t j = 0; j < len; ++j) part[j] = static_cast<int32_t>(part_of(a + j, s));
-  const T* tau = static_cast<const T*>(q.tau) + s.start;
+  const T* tau = begin_tile<T>(q, s, a, len, acc, part);
   for (int64_t i = 0; i < q.n; ++i) {
     const T* ti = tau + i * q.P;
     const float* ci = q.coef + i * q.coef_stride + s.col;
@@ -79,11 +86,8 @@ void grad_tile(const Bufs& q, const Seg& s, int64_t a, int64_t b, float* partial
   alignas(64) float g[kChunk];
   alignas(64) int32_t part[kChunk];
   const int64_t len = b - a;
-  load_f32(q.theta, q.theta_t, s.start + a, len, g);
   const bool hash = s.mode == kModeHash;
-  if (hash)
-    for (int64_t j = 0; j < len; ++j) part[j] = static_cast<int32_t>(part_of(a + j, s));
-  const T* tau = static_cast<const T*>(q.tau) + s.start;
+  const T* tau = begin_tile<T>(q, s, a, len, g, part);
   for (int64_t i = 0; i < q.n; ++i) {
     const T* ti = tau + i * q.P;
     float* pi = partial + i * kstride;

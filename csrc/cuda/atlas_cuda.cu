@@ -62,6 +62,20 @@ union Pack {
   T v[VEC];
 };
 
+// VEC slab elements from ti: one 16-byte load where aligned and whole, else element by element
+// (the missing tail repeats ti[0]; callers use only the first cnt).
+template <typename T, int VEC>
+__device__ __forceinline__ Pack<T, VEC> load_pack(const T* ti, int cnt, bool vec_ok) {
+  Pack<T, VEC> pk;
+  if (vec_ok && cnt == VEC) {
+    pk.u = *reinterpret_cast<const uint4*>(ti);
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) pk.v[j] = ti[j < cnt ? j : 0];
+  }
+  return pk;
+}
+
 __device__ __forceinline__ Seg load_seg(const int64_t* table, int64_t seg) { return table_seg(table + seg * kSegColumns); }
 
 // The tile of this CUDA block: its segment and block-local element range [a, b).
@@ -102,13 +116,7 @@ __global__ void __launch_bounds__(kThreads) compose_kernel(Bufs q, Seg single, c
     }
     for (int64_t i = 0; i < q.n; ++i) {
       const T* ti = tau + i * q.P + e0;
-      Pack<T, VEC> pk;
-      if (vec_ok && cnt == VEC) {
-        pk.u = *reinterpret_cast<const uint4*>(ti);
-      } else {
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) pk.v[j] = ti[j < cnt ? j : 0];
-      }
+      const Pack<T, VEC> pk = load_pack<T, VEC>(ti, cnt, vec_ok);
       const float* ci = q.coef + i * q.coef_stride + s.col;
       const float* si = q.scale ? q.scale + i * q.scale_stride : nullptr;
 #pragma unroll
@@ -160,13 +168,7 @@ __global__ void __launch_bounds__(kThreads) grad_partial_kernel(Bufs q, Seg sing
            e0 += static_cast<int64_t>(blockDim.x) * VEC) {
         const int cnt = static_cast<int>(min(static_cast<int64_t>(VEC), b - e0));
         const T* ti = tau + i * q.P + e0;
-        Pack<T, VEC> pk;
-        if (vec_ok && cnt == VEC) {
-          pk.u = *reinterpret_cast<const uint4*>(ti);
-        } else {
-#pragma unroll
-          for (int j = 0; j < VEC; ++j) pk.v[j] = ti[j < cnt ? j : 0];
-        }
+        const Pack<T, VEC> pk = load_pack<T, VEC>(ti, cnt, vec_ok);
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
           if (j < cnt) {
