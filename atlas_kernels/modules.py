@@ -163,11 +163,9 @@ class _BlockHolder(nn.Module):
         return Block.read(self, name + "_", self._theta0(name), self._partitions.get(name))
 
     def composed(self, name: str, dtype: torch.dtype) -> Optional[torch.Tensor]:
-        """The block's current value in ``dtype`` (differentiable in its coefficients)."""
-        theta0 = self._theta0(name)
-        if theta0 is None or name not in self._partitions:
-            return None if theta0 is None else theta0.to(dtype)
-        return _block_compose(theta0, self, name + "_", self._partitions[name], dtype, self.backend)
+        """The block's current value in ``dtype`` (differentiable in its coefficients; ``theta0``
+        cast for a frozen block, None for an absent one: :func:`atlas_kernels.ops.compose`)."""
+        return ops.compose(self._block(name), dtype, backend=self.backend)
 
     def _linear(self, x: torch.Tensor, wname: str, bname: str) -> torch.Tensor:
         """``x W^T + c`` for blocks ``wname``/``bname`` through the backend's fused linear op (or the
