@@ -1,9 +1,10 @@
-"""The compiled extension's tile-fused CPU linear (``atlas_kernels_ext::fused_linear`` and
+"""The compiled extension's fused CPU linear (``atlas_kernels_ext::fused_linear`` and
 ``fused_linear_backward``, wired in ``ops.cuda_backend.linear`` for CPU tensors) against the float64
 reference: every storage, N = 1, 3, 21, K = 1, 3 (contiguous and hash), fp32/bf16/fp16 compute,
-odd shapes cut into many odd tiles (``ATLAS_KERNELS_EXT_FUSED_TILES``), NaN-poisoned outputs and
-scratch, and gradients bitwise equal over two runs and over 1 and 2 threads. Skips without the
-extension (build: ``ATLAS_KERNELS_BUILD_EXT=1 python setup.py build_ext --inplace``).
+odd shapes cut into many odd chunks (``ATLAS_KERNELS_EXT_FUSED_CHUNK``), NaN-poisoned outputs and
+scratch, gradients bitwise equal over two runs, and the coefficient reduction bitwise equal over 1
+and 2 threads. Skips without the extension (build:
+``ATLAS_KERNELS_BUILD_EXT=1 python setup.py build_ext --inplace``).
 """
 from __future__ import annotations
 
@@ -18,14 +19,14 @@ from atlas_kernels_tests.test_backends import EPS, EXT_MISSING, STORAGES, check,
 
 pytestmark = pytest.mark.skipif(EXT_MISSING is not None, reason=f"compiled extension not built: {EXT_MISSING}")
 
-# forward tiles of 100 // in rows; backward blocks of 7 rows x 11 columns (8 vector lanes + a tail)
-SMALL_TILES = "100,11,7"
+# chunks of 27 elements: with in = 37, runs cut by chunk edges and by row ends, 8 vector lanes + a tail
+SMALL_CHUNK = "27"
 
 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     monkeypatch.setenv("ATLAS_KERNELS_EXT_POISON", "1")
-    monkeypatch.setenv("ATLAS_KERNELS_EXT_FUSED_TILES", SMALL_TILES)
+    monkeypatch.setenv("ATLAS_KERNELS_EXT_FUSED_CHUNK", SMALL_CHUNK)
     yield
 
 
@@ -61,19 +62,11 @@ def _run(c, dy=None):
     return (y, dy) + torch.autograd.grad(y, (c["x"], c["wc"], c["bc"]), dy)
 
 
-@pytest.fixture(params=["blas", "aten-gemm"])
-def gemm_path(request, monkeypatch):
-    """The tile GEMMs by the BLAS sgemm directly, or through ATen (where torch has no sgemm_)."""
-    if request.param == "aten-gemm":
-        monkeypatch.setenv("ATLAS_KERNELS_EXT_ATEN_GEMM", "1")
-    return request.param
-
-
 @pytest.mark.parametrize("storage", STORAGES)
 @pytest.mark.parametrize("n,k,mode", [(1, 1, "contiguous"), (3, 3, "contiguous"), (3, 3, "hash"),
                                       (21, 1, "contiguous")], ids=["n1k1", "n3k3-contig", "n3k3-hash", "n21k1"])
 @pytest.mark.parametrize("cdtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-def test_fused_linear_matches_float64(storage, n, k, mode, cdtype, gemm_path):
+def test_fused_linear_matches_float64(storage, n, k, mode, cdtype):
     c = _case(n, k, mode, storage, cdtype=cdtype)
     y, dy, dx, dwc, dbc = _run(c)
     o, i = c["w0"].shape
@@ -94,24 +87,32 @@ def test_fused_linear_matches_float64(storage, n, k, mode, cdtype, gemm_path):
     check(dbc, g64[2], None, R.coef_grad(dya.sum(0), bt64.abs(), 2, c["pb"]), 4 * EPS[cdtype], "dcoef_b")
 
 
-@pytest.mark.parametrize("tiles", [SMALL_TILES, None], ids=["small-tiles", "default-tiles"])
-def test_fused_linear_deterministic_over_runs_and_threads(monkeypatch, tiles):
-    if tiles is None:
-        monkeypatch.delenv("ATLAS_KERNELS_EXT_FUSED_TILES")
+@pytest.mark.parametrize("chunk", [SMALL_CHUNK, None], ids=["small-chunks", "default-chunks"])
+def test_fused_linear_deterministic_over_runs_and_threads(monkeypatch, chunk):
+    """Bitwise the same over two runs. Over 1 and 2 threads: the coefficient gradients (the
+    extension's reduction: chunks fixed by the shape, partials summed in chunk order). x and dy
+    hold small integers there, so that G = dy^T x is exact whatever order torch's BLAS sums in
+    (the GEMMs are torch's, as in every backend; y and dx round as its BLAS does)."""
+    if chunk is None:
+        monkeypatch.delenv("ATLAS_KERNELS_EXT_FUSED_CHUNK")
     c = _case(3, 3, "hash", "int8", o=301, i=270, lead=(17,))
     first = _run(c)
     again = _run(c, first[1])
+    for name, a, b in zip(("y", "dy", "dx", "dcoef_W", "dcoef_b"), first, again):
+        assert torch.equal(a, b), f"{name}: differs between two runs"
+    with torch.no_grad():
+        c["x"].copy_(torch.randint(-3, 4, c["x"].shape))
+    dy = torch.randint(-3, 4, first[1].shape).float()
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = _run(c, first[1])
+        one = _run(c, dy)
         torch.set_num_threads(2)
-        two = _run(c, first[1])
+        two = _run(c, dy)
     finally:
         torch.set_num_threads(threads)
-    for name, a, b, s, t in zip(("y", "dy", "dx", "dcoef_W", "dcoef_b"), first, again, one, two):
-        assert torch.equal(a, b), f"{name}: differs between two runs"
-        assert torch.equal(a, s) and torch.equal(a, t), f"{name}: depends on the thread count"
+    for name, s, t in zip(("dcoef_W", "dcoef_b"), one[3:], two[3:]):
+        assert torch.equal(s, t), f"{name}: depends on the thread count"
 
 
 def test_fused_linear_frozen_or_missing_bias_and_plain_x():

@@ -48,34 +48,54 @@ inline const T* begin_tile(const Bufs& q, const Seg& s, int64_t a, int64_t len, 
   return static_cast<const T*>(q.tau) + s.start;
 }
 
+// Scaled storage: the scale of slab i for row `row` of the tile's block (1 without scales).
+inline float slab_scale(const Bufs& q, const Seg& s, int64_t i, int64_t row) {
+  return q.scale ? q.scale[i * q.scale_stride + s.row_off + row] : 1.f;
+}
+
+// Calls f(r, e, p, row) for the runs [r, e) of [a, b) that share one part p and one scale row
+// (contiguous and single-part layouts; hash layouts vary the part per element).
+template <typename F>
+inline void for_each_run(const Bufs& q, const Seg& s, int64_t a, int64_t b, F&& f) {
+  for (int64_t r = a; r < b;) {
+    int64_t e = std::min(b, part_end(r, s));
+    int64_t row = 0;
+    if (q.scale) {
+      row = r / s.row_len;
+      e = std::min(e, (row + 1) * s.row_len);
+    }
+    f(r, e, part_of(r, s), row);
+    r = e;
+  }
+}
+
 // Elements [a, b) (block-local, b - a <= kChunk) of block `s`: out = theta0 + sum_i coef * tau.
 template <typename T>
 void compose_tile(const Bufs& q, const Seg& s, int64_t a, int64_t b) {
   alignas(64) float acc[kChunk];
   alignas(64) int32_t part[kChunk];
   const int64_t len = b - a;
-  const bool hash = s.mode == kModeHash;
   const T* tau = begin_tile<T>(q, s, a, len, acc, part);
-  for (int64_t i = 0; i < q.n; ++i) {
-    const T* ti = tau + i * q.P;
-    const float* ci = q.coef + i * q.coef_stride + s.col;
-    const float* si = q.scale ? q.scale + i * q.scale_stride + s.row_off : nullptr;
-    for (int64_t r = a; r < b;) {
-      int64_t e = b;
-      float sc = 1.f;
-      if (si) {
-        const int64_t row = r / s.row_len;
-        e = std::min(e, (row + 1) * s.row_len);
-        sc = si[row];
+  if (s.mode == kModeHash) {
+    for (int64_t i = 0; i < q.n; ++i) {
+      const T* ti = tau + i * q.P;
+      const float* ci = q.coef + i * q.coef_stride + s.col;
+      for (int64_t r = a; r < b;) {
+        int64_t e = b;
+        if (q.scale) e = std::min(e, (r / s.row_len + 1) * s.row_len);
+        axpy_gather<T>(acc + (r - a), ti + r, e - r, ci, part + (r - a), slab_scale(q, s, i, q.scale ? r / s.row_len : 0));
+        r = e;
       }
-      if (hash) {
-        axpy_gather<T>(acc + (r - a), ti + r, e - r, ci, part + (r - a), sc);
-      } else {
-        e = std::min(e, part_end(r, s));
-        axpy<T>(acc + (r - a), ti + r, e - r, ci[part_of(r, s)] * sc);
-      }
-      r = e;
     }
+  } else {  // slabs in register groups (axpy_slabs): acc is loaded and stored once per group
+    for_each_run(q, s, a, b, [&](int64_t r, int64_t e, int64_t p, int64_t row) {
+      for (int64_t i0 = 0; i0 < q.n; i0 += kGroup) {
+        const int g = static_cast<int>(std::min<int64_t>(kGroup, q.n - i0));
+        float c[kGroup] = {};
+        for (int u = 0; u < g; ++u) c[u] = q.coef[(i0 + u) * q.coef_stride + s.col + p] * slab_scale(q, s, i0 + u, row);
+        axpy_slabs<T>(g, acc + (r - a), tau + i0 * q.P + r, q.P, c, e - r);
+      }
+    });
   }
   store_f32(acc, len, q.out, q.out_t, s.start + a);
 }
@@ -86,29 +106,28 @@ void grad_tile(const Bufs& q, const Seg& s, int64_t a, int64_t b, float* partial
   alignas(64) float g[kChunk];
   alignas(64) int32_t part[kChunk];
   const int64_t len = b - a;
-  const bool hash = s.mode == kModeHash;
   const T* tau = begin_tile<T>(q, s, a, len, g, part);
-  for (int64_t i = 0; i < q.n; ++i) {
-    const T* ti = tau + i * q.P;
-    float* pi = partial + i * kstride;
-    std::fill(pi, pi + kstride, 0.f);
-    const float* si = q.scale ? q.scale + i * q.scale_stride + s.row_off : nullptr;
-    for (int64_t r = a; r < b;) {
-      int64_t e = b;
-      float sc = 1.f;
-      if (si) {
-        const int64_t row = r / s.row_len;
-        e = std::min(e, (row + 1) * s.row_len);
-        sc = si[row];
+  std::fill(partial, partial + q.n * kstride, 0.f);
+  if (s.mode == kModeHash) {
+    for (int64_t i = 0; i < q.n; ++i) {
+      const T* ti = tau + i * q.P;
+      float* pi = partial + i * kstride;
+      for (int64_t r = a; r < b;) {
+        int64_t e = b;
+        if (q.scale) e = std::min(e, (r / s.row_len + 1) * s.row_len);
+        dot_scatter<T>(g + (r - a), ti + r, e - r, part + (r - a), slab_scale(q, s, i, q.scale ? r / s.row_len : 0), pi);
+        r = e;
       }
-      if (hash) {
-        dot_scatter<T>(g + (r - a), ti + r, e - r, part + (r - a), sc, pi);
-      } else {
-        e = std::min(e, part_end(r, s));
-        pi[part_of(r, s)] += dot<T>(g + (r - a), ti + r, e - r) * sc;
-      }
-      r = e;
     }
+  } else {  // per run, the dots of a group of slabs at once (dot_slabs); per slab the runs in order
+    for_each_run(q, s, a, b, [&](int64_t r, int64_t e, int64_t p, int64_t row) {
+      for (int64_t i0 = 0; i0 < q.n; i0 += kGroup) {
+        const int gs = static_cast<int>(std::min<int64_t>(kGroup, q.n - i0));
+        float d[kGroup];
+        dot_slabs<T>(gs, g + (r - a), tau + i0 * q.P + r, q.P, e - r, d);
+        for (int u = 0; u < gs; ++u) partial[(i0 + u) * kstride + p] += d[u] * slab_scale(q, s, i0 + u, row);
+      }
+    });
   }
 }
 

@@ -164,6 +164,142 @@ inline float axpy_dot(float* acc, const float* g, const T* t, int64_t n, float c
   return total;
 }
 
+// --- Several slabs at once -------------------------------------------------------------------
+// The loops below take a group of G <= kGroup slabs side by side (slab g at t + g * stride) and keep
+// the weight accumulator (and the dot accumulators) in registers across them: one load and one
+// store of acc per vector and group, instead of one per slab. Per slab and element they do the same
+// arithmetic in the same order as the one-slab loops above (axpy over g = 0, 1, ...; dot with its
+// two accumulators; axpy_dot with its one), so their results are bitwise the same.
+constexpr int kGroup = 4;
+
+// acc[j] = fma(c[G-1], t_{G-1}[j], ... fma(c[0], t_0[j], acc[j]))
+template <typename T, int G>
+inline void axpy_group(float* acc, const T* t, int64_t stride, const float* c, int64_t n) {
+  int64_t j = 0;
+#if ATLAS_AVX2
+  __m256 vc[G];
+  for (int g = 0; g < G; ++g) vc[g] = _mm256_set1_ps(c[g]);
+  for (; j + 16 <= n; j += 16) {
+    __m256 a0 = _mm256_loadu_ps(acc + j), a1 = _mm256_loadu_ps(acc + j + 8);
+    for (int g = 0; g < G; ++g) {
+      a0 = _mm256_fmadd_ps(vc[g], Dec<T>::eight(t + g * stride + j), a0);
+      a1 = _mm256_fmadd_ps(vc[g], Dec<T>::eight(t + g * stride + j + 8), a1);
+    }
+    _mm256_storeu_ps(acc + j, a0);
+    _mm256_storeu_ps(acc + j + 8, a1);
+  }
+  for (; j + 8 <= n; j += 8) {
+    __m256 a0 = _mm256_loadu_ps(acc + j);
+    for (int g = 0; g < G; ++g) a0 = _mm256_fmadd_ps(vc[g], Dec<T>::eight(t + g * stride + j), a0);
+    _mm256_storeu_ps(acc + j, a0);
+  }
+#endif
+  for (; j < n; ++j) {
+    float a = acc[j];
+    for (int g = 0; g < G; ++g) a = std::fma(c[g], Dec<T>::one(t + g * stride + j), a);
+    acc[j] = a;
+  }
+}
+
+// out[g] = dot<T>(x, t_g, n) for the G slabs (the same two accumulators and order as dot)
+template <typename T, int G>
+inline void dot_group(const float* x, const T* t, int64_t stride, int64_t n, float* out) {
+  int64_t j = 0;
+  for (int g = 0; g < G; ++g) out[g] = 0.f;
+#if ATLAS_AVX2
+  __m256 a0[G], a1[G];
+  for (int g = 0; g < G; ++g) a0[g] = a1[g] = _mm256_setzero_ps();
+  for (; j + 16 <= n; j += 16) {
+    const __m256 x0 = _mm256_loadu_ps(x + j), x1 = _mm256_loadu_ps(x + j + 8);
+    for (int g = 0; g < G; ++g) {
+      a0[g] = _mm256_fmadd_ps(x0, Dec<T>::eight(t + g * stride + j), a0[g]);
+      a1[g] = _mm256_fmadd_ps(x1, Dec<T>::eight(t + g * stride + j + 8), a1[g]);
+    }
+  }
+  for (; j + 8 <= n; j += 8) {
+    const __m256 x0 = _mm256_loadu_ps(x + j);
+    for (int g = 0; g < G; ++g) a0[g] = _mm256_fmadd_ps(x0, Dec<T>::eight(t + g * stride + j), a0[g]);
+  }
+  for (int g = 0; g < G; ++g) {
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, _mm256_add_ps(a0[g], a1[g]));
+    for (int q = 0; q < 8; ++q) out[g] += lanes[q];
+  }
+#endif
+  for (; j < n; ++j)
+    for (int g = 0; g < G; ++g) out[g] = std::fma(x[j], Dec<T>::one(t + g * stride + j), out[g]);
+}
+
+// acc += sum_g c[g] t_g (as axpy_group) and out[g] = sum_j x[j] t_g[j] (as axpy_dot), each element
+// of each slab decoded once.
+template <typename T, int G>
+inline void axpy_dot_group(float* acc, const float* x, const T* t, int64_t stride, const float* c, int64_t n,
+                           float* out) {
+  int64_t j = 0;
+  for (int g = 0; g < G; ++g) out[g] = 0.f;
+#if ATLAS_AVX2
+  __m256 vc[G], a0[G];
+  for (int g = 0; g < G; ++g) {
+    vc[g] = _mm256_set1_ps(c[g]);
+    a0[g] = _mm256_setzero_ps();
+  }
+  for (; j + 8 <= n; j += 8) {
+    const __m256 x0 = _mm256_loadu_ps(x + j);
+    __m256 w = _mm256_loadu_ps(acc + j);
+    for (int g = 0; g < G; ++g) {
+      const __m256 v = Dec<T>::eight(t + g * stride + j);
+      w = _mm256_fmadd_ps(vc[g], v, w);
+      a0[g] = _mm256_fmadd_ps(x0, v, a0[g]);
+    }
+    _mm256_storeu_ps(acc + j, w);
+  }
+  for (int g = 0; g < G; ++g) {
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, a0[g]);
+    for (int q = 0; q < 8; ++q) out[g] += lanes[q];
+  }
+#endif
+  for (; j < n; ++j) {
+    float w = acc[j];
+    for (int g = 0; g < G; ++g) {
+      const float v = Dec<T>::one(t + g * stride + j);
+      w = std::fma(c[g], v, w);
+      out[g] = std::fma(x[j], v, out[g]);
+    }
+    acc[j] = w;
+  }
+}
+
+// The group loops for a run-time group size 1 <= g <= kGroup.
+template <typename T>
+inline void axpy_slabs(int g, float* acc, const T* t, int64_t stride, const float* c, int64_t n) {
+  switch (g) {
+    case 4: axpy_group<T, 4>(acc, t, stride, c, n); break;
+    case 3: axpy_group<T, 3>(acc, t, stride, c, n); break;
+    case 2: axpy_group<T, 2>(acc, t, stride, c, n); break;
+    default: axpy_group<T, 1>(acc, t, stride, c, n);
+  }
+}
+template <typename T>
+inline void dot_slabs(int g, const float* x, const T* t, int64_t stride, int64_t n, float* out) {
+  switch (g) {
+    case 4: dot_group<T, 4>(x, t, stride, n, out); break;
+    case 3: dot_group<T, 3>(x, t, stride, n, out); break;
+    case 2: dot_group<T, 2>(x, t, stride, n, out); break;
+    default: dot_group<T, 1>(x, t, stride, n, out);
+  }
+}
+template <typename T>
+inline void axpy_dot_slabs(int g, float* acc, const float* x, const T* t, int64_t stride, const float* c, int64_t n,
+                           float* out) {
+  switch (g) {
+    case 4: axpy_dot_group<T, 4>(acc, x, t, stride, c, n, out); break;
+    case 3: axpy_dot_group<T, 3>(acc, x, t, stride, c, n, out); break;
+    case 2: axpy_dot_group<T, 2>(acc, x, t, stride, c, n, out); break;
+    default: axpy_dot_group<T, 1>(acc, x, t, stride, c, n, out);
+  }
+}
+
 // dst[j] = float(cast<dt>(src[j])) in place: a weight tile rounded to the compute dtype.
 inline void round_to(float* v, int64_t n, at::ScalarType dt) {
   if (dt == at::kBFloat16) {

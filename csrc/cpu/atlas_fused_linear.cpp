@@ -1,22 +1,27 @@
-// Tile-fused linear of the atlas_kernels extension (CPU only): y = x W^T + b with
-// W = theta0 + sum_i coef[i, part(e)] * tau_i (* scale[i, row]), never writing W or its gradient
-// G = dy^T x to memory.
+// Fused linear of the atlas_kernels extension (CPU only): y = x W^T + b with
+// W = theta0 + sum_i coef[i, part(e)] * tau_i (* scale[i, row]), composed into a per-thread scratch
+// buffer of one block (reused by every call: W and its gradient G = dy^T x are never allocated,
+// never kept from the forward to the backward, and stay in the cache between the kernel that writes
+// them and the GEMM that reads them).
 //
-// forward (fused_linear): parallel over fixed tiles of rows of W. A tile's rows are a contiguous
-//   element range: composed into a thread-local fp32 buffer (the slabs decoded in registers, as in
-//   atlas_cpu.cpp), then y[:, rows] = x W_rows^T (+ b[rows]) by one single-threaded GEMM (ATen ops
-//   inside at::parallel_for run on the calling thread) into the column slice of y.
-// backward (fused_linear_backward): parallel over fixed tiles of columns of W (so dx[:, cols] needs
-//   no reduction across threads); inside a column tile, blocks of rows. Per block: the G block
-//   dy[:, rows]^T x[:, cols] into a thread-local buffer; then every slab's block is decoded once,
-//   serving the recomposition W[rows, cols] += coef * tau_i and the dot <G, tau_i> (axpy_dot);
-//   then dx[:, cols] += dy[:, rows] W[rows, cols]. Each block writes its own N x K partial sums
-//   (float64), summed in block order afterwards: no atomics, and the result does not depend on the
-//   number of threads (the tiles are fixed functions of the shape).
+// forward (fused_linear): W composed into the scratch W (at::parallel_for over fixed chunks of
+//   elements, the slabs decoded in registers, as in atlas_cpu.cpp), rounded to the compute dtype,
+//   then y = x W^T (+ b) by one ATen GEMM over all threads.
+// backward (fused_linear_backward): G = dy^T x by one ATen GEMM into the scratch G; then one pass
+//   over the slabs, chunk by chunk, serves both the recomposition of W (into the scratch W, for
+//   dx = dy W by one more GEMM) and the dots <G, tau_i> (each slab element decoded once); each chunk
+//   writes its own N x K partial sums (float64), summed in chunk order afterwards: no atomics, and
+//   the reduction does not depend on the number of threads (the chunks are fixed by the shape).
 //
-// Per step the slabs are read twice (once per pass), theta0 twice, and neither W nor G is written.
-// The GEMMs run in float32: a bf16/fp16 compute dtype rounds the composed weight tile to that
-// dtype (as the composed block of compose+F.linear is) and the outputs once at the end.
+// Why one block at a time and not tiles of rows (the first design, which never wrote W at all): the
+// tile GEMMs were single-threaded and small, and measured 25-40% slower than one GEMM over the
+// whole block on the project's CPU; a block's scratch (at most 9.4 MB for ViT-B/32) stays in the
+// last-level cache, so writing and reading it costs far less than the tile GEMMs lost. The DRAM
+// traffic is the same: per step the slabs are read twice (once per pass) and theta0 twice.
+//
+// The GEMMs run in float32: a bf16/fp16 compute dtype rounds the composed weight to that dtype (as
+// the composed block of compose+F.linear is) and the outputs once at the end. The GEMMs are ATen's
+// (torch's BLAS), as in every backend; their rounding may depend on the BLAS's thread count.
 // The bias is composed by the caller (atlas_kernels_ext::compose, a small block) and added here;
 // its coefficient gradient (from dy summed over rows) is the caller's too.
 #include <ATen/Parallel.h>
@@ -30,92 +35,29 @@
 #include "../atlas_checks.h"
 #include "atlas_cpu_vec.h"
 
-// MKL (torch's CPU BLAS on x86-64) runs each GEMM on all of its threads even when called from an
-// at::parallel_for worker: with two threads per tile call on two cores, every small GEMM waits at
-// barriers (measured: 6x slower than one thread). The per-thread setting below makes the tile GEMMs
-// single-threaded. A weak symbol: torch builds without MKL leave it null (their BLAS is called
-// the same way; the ATen ops' own parallelism already runs serially inside a parallel region).
-extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));  // the C entry (mkl_service.h)
-// The BLAS sgemm torch links (Fortran interface, 32-bit integers), called directly: a tile GEMM
-// through ATen costs about ten dispatched ops (views, checks, resize), some 29,000 per ViT-B/32
-// step. Weak: where it is absent the tiles go through at::mm_out / addmm_ instead (as they do with
-// ATLAS_KERNELS_EXT_ATEN_GEMM=1: tests run that path too).
-extern "C" void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
-                       const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-                       const int* ldc) __attribute__((weak));
-
 namespace atlas_ext {
 namespace cpu {
 namespace {
 
-// Row-major C[m, n] = op(A) op(B) + beta * C, op(X) = X or X^T (X stored row-major with leading
-// dimension ld); by sgemm_ when available (column-major: C^T = op(B)^T op(A)^T), else through ATen
-// on views of the same memory. beta is 0 or 1; with 0, C is not read.
-void gemm_rm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
-             int64_t ldb, float beta, float* c, int64_t ldc) {
-  const bool aten_gemm = std::getenv("ATLAS_KERNELS_EXT_ATEN_GEMM") != nullptr;
-  if (sgemm_ && !aten_gemm && std::max({m, n, k, lda, ldb, ldc}) < (int64_t(1) << 31)) {
-    const int mi = int(m), ni = int(n), ki = int(k), la = int(lda), lb = int(ldb), lc = int(ldc);
-    const float one = 1.f;
-    sgemm_(tb ? "T" : "N", ta ? "T" : "N", &ni, &mi, &ki, &one, b, &lb, a, &la, &beta, c, &lc);
-    return;
+// Elements per chunk of the parallel loops: kChunk, or ATLAS_KERNELS_EXT_FUSED_CHUNK (1 to kChunk;
+// tests: many chunks, and runs cut by chunk edges, at small shapes).
+int64_t chunk_elems() {
+  if (const char* env = std::getenv("ATLAS_KERNELS_EXT_FUSED_CHUNK")) {
+    const long long c = std::atoll(env);
+    if (c >= 1) return std::min<int64_t>(c, kChunk);
   }
-  auto f32 = at::TensorOptions().dtype(at::kFloat);
-  auto av = ta ? at::from_blob(const_cast<float*>(a), {k, m}, {lda, 1}, f32).t()
-               : at::from_blob(const_cast<float*>(a), {m, k}, {lda, 1}, f32);
-  auto bv = tb ? at::from_blob(const_cast<float*>(b), {n, k}, {ldb, 1}, f32).t()
-               : at::from_blob(const_cast<float*>(b), {k, n}, {ldb, 1}, f32);
-  auto cv = at::from_blob(c, {m, n}, {ldc, 1}, f32);
-  if (beta == 0.f) {
-    at::mm_out(cv, av, bv);
-  } else {
-    cv.addmm_(av, bv);
-  }
+  return kChunk;
 }
 
-// For the lifetime of a worker's loop: MKL runs single-threaded on this thread.
-struct SerialBlas {
-  int prev = 0;
-  SerialBlas() {
-    if (MKL_Set_Num_Threads_Local) prev = MKL_Set_Num_Threads_Local(1);
-  }
-  ~SerialBlas() {
-    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev);
-  }
-};
-
-// Tile sizes: fixed functions of the shape, never of the thread count (determinism). Targets: a
-// forward tile of about fwd_elems weights (768 KiB of fp32, in L2 for its GEMM); a backward block
-// of bwd_rows x bwd_cols (384 KiB of fp32 for W and for G). Measured on the project's CPU (one
-// thread, ViT-B/32 shapes, M = 400): G blocks 128 columns wide cost 40% more than one whole GEMM,
-// 256-384 wide within 5-15%. Tile counts are rounded up to even numbers, so that two threads get
-// equal shares (768 columns: two tiles of 384, not three of 256).
-struct TileSizes {
-  int64_t fwd_elems = 196608, bwd_cols = 384, bwd_rows = 256;
-};
-
-// [0, total) in about total / target pieces, an even number of them when more than one: the size of
-// each piece (the last may be shorter).
-int64_t even_split(int64_t total, int64_t target) {
-  int64_t pieces = (total + target - 1) / target;
-  if (pieces > 1 && pieces % 2) ++pieces;
-  pieces = std::min(pieces, total);
-  return (total + pieces - 1) / pieces;
-}
-
-// ATLAS_KERNELS_EXT_FUSED_TILES="fwd_elems,bwd_cols,bwd_rows" overrides them (tests: many odd tiles
-// at small shapes).
-TileSizes tile_sizes() {
-  TileSizes t;
-  if (const char* env = std::getenv("ATLAS_KERNELS_EXT_FUSED_TILES")) {
-    long long a = 0, b = 0, c = 0;
-    if (std::sscanf(env, "%lld,%lld,%lld", &a, &b, &c) == 3 && a >= 1 && b >= 1 && c >= 1) {
-      t.fwd_elems = a;
-      t.bwd_cols = b;
-      t.bwd_rows = c;
-    }
-  }
-  return t;
+// The calling thread's scratch buffer `which` (0: W, 1: G) of at least numel floats: grown when a
+// larger block arrives, otherwise reused (no allocation, no page faults, warm in the cache).
+// Poisoned with NaN on every call under ATLAS_KERNELS_EXT_POISON.
+float* scratch(int which, int64_t numel) {
+  thread_local at::Tensor bufs[2];
+  at::Tensor& b = bufs[which];
+  if (!b.defined() || b.numel() < numel) b = at::empty({numel}, at::TensorOptions().dtype(at::kFloat));
+  if (poison()) b.fill_(std::numeric_limits<float>::quiet_NaN());
+  return b.data_ptr<float>();
 }
 
 // One weight block [out, in] with its N slabs.
@@ -127,80 +69,111 @@ struct WBlock {
   const float* coef;      // [n, k]
   const float* scale;     // [n, out] or nullptr
   Seg seg;                // block-local partition (start 0, row_len = in)
+  int64_t chunk;          // elements per chunk of the parallel loops
 };
+
+// Calls f(r, e, p, row) for the runs [r, e) of [a, b) (block-local) that share one part p and one
+// row of W (so one scale per slab): contiguous and single-part layouts.
+template <typename F>
+inline void for_each_run(const WBlock& w, int64_t a, int64_t b, F&& f) {
+  for (int64_t r = a; r < b;) {
+    const int64_t row = r / w.seg.row_len;
+    const int64_t e = std::min({b, (row + 1) * w.seg.row_len, part_end(r, w.seg)});
+    f(r, e, part_of(r, w.seg), row);
+    r = e;
+  }
+}
+
+// The per-slab multipliers of a run: c[u] = coef[i0 + u, p] * scale[i0 + u, row], u < g.
+inline void run_coefs(const WBlock& w, int64_t i0, int g, int64_t p, int64_t row, float* c) {
+  for (int u = 0; u < g; ++u) {
+    const int64_t i = i0 + u;
+    c[u] = w.coef[i * w.seg.k + p] * (w.scale ? w.scale[i * w.out + row] : 1.f);
+  }
+}
 
 // acc[0 .. b - a) = theta0[a .. b) + sum_i coef[i, part(e)] * scale[i, row(e)] * tau[i, e]
 template <typename T>
 void compose_range(const WBlock& w, int64_t a, int64_t b, float* acc) {
   alignas(64) int32_t part[kChunk];
   const Seg& s = w.seg;
-  const bool hash = s.mode == kModeHash;
-  load_f32(w.theta, w.theta_t, a, b - a, acc);
+  const T* tau = static_cast<const T*>(w.tau);
   for (int64_t c0 = a; c0 < b; c0 += kChunk) {  // chunks of kChunk: the accumulator stays in L1
     const int64_t c1 = std::min(b, c0 + kChunk);
-    if (hash)
+    float* ac = acc + (c0 - a);
+    load_f32(w.theta, w.theta_t, c0, c1 - c0, ac);
+    if (s.mode == kModeHash) {
       for (int64_t j = 0; j < c1 - c0; ++j) part[j] = static_cast<int32_t>(part_of(c0 + j, s));
-    for (int64_t i = 0; i < w.n; ++i) {
-      const T* ti = static_cast<const T*>(w.tau) + i * w.P;
-      const float* ci = w.coef + i * s.k;
-      for (int64_t r = c0; r < c1;) {
-        const int64_t row = r / s.row_len;
-        int64_t e = std::min(c1, (row + 1) * s.row_len);
-        const float sc = w.scale ? w.scale[i * w.out + row] : 1.f;
-        if (hash) {
-          axpy_gather<T>(acc + (r - a), ti + r, e - r, ci, part + (r - c0), sc);
-        } else {
-          e = std::min(e, part_end(r, s));
-          axpy<T>(acc + (r - a), ti + r, e - r, ci[part_of(r, s)] * sc);
+      for (int64_t i = 0; i < w.n; ++i) {
+        const T* ti = tau + i * w.P;
+        for (int64_t r = c0; r < c1;) {
+          const int64_t row = r / s.row_len;
+          const int64_t e = std::min(c1, (row + 1) * s.row_len);
+          const float sc = w.scale ? w.scale[i * w.out + row] : 1.f;
+          axpy_gather<T>(ac + (r - c0), ti + r, e - r, w.coef + i * s.k, part + (r - c0), sc);
+          r = e;
         }
-        r = e;
       }
+    } else {  // slabs in register groups: the accumulator loaded and stored once per group
+      for_each_run(w, c0, c1, [&](int64_t r, int64_t e, int64_t p, int64_t row) {
+        for (int64_t i0 = 0; i0 < w.n; i0 += kGroup) {
+          const int g = static_cast<int>(std::min<int64_t>(kGroup, w.n - i0));
+          float c[kGroup] = {};
+          run_coefs(w, i0, g, p, row, c);
+          axpy_slabs<T>(g, ac + (r - c0), tau + i0 * w.P + r, w.P, c, e - r);
+        }
+      });
     }
   }
 }
 
-// Block rows [r0, r1) x columns [c0, c1): wt = W block (if wt), and
-// partial[i * k + p] += sum over the block's part-p elements of g * scale * tau_i. g, wt: [r1 - r0, c1 - c0].
+// Elements [a, b) (block-local, at most one chunk) of the backward pass: wt[0 .. b - a) = W[a .. b)
+// (if wt), and partial[i * k + p] += sum over the range's part-p elements of g * scale * tau_i,
+// g = G + a.
 template <typename T>
-void grad_block(const WBlock& w, int64_t r0, int64_t r1, int64_t c0, int64_t c1, const float* g, float* wt,
-                double* partial, float* kbuf, int32_t* part) {
+void grad_range(const WBlock& w, int64_t a, int64_t b, const float* g, float* wt, double* partial) {
+  alignas(64) int32_t part[kChunk];
+  alignas(64) float kbuf[64];
   const Seg& s = w.seg;
-  const int64_t ct = c1 - c0;
-  const bool hash = s.mode == kModeHash;
-  for (int64_t o = r0; o < r1; ++o) {
-    const int64_t a = o * w.in + c0;  // block-local first element of this row segment
-    const float* gr = g + (o - r0) * ct;
-    float* wr = wt ? wt + (o - r0) * ct : nullptr;
-    if (wr) load_f32(w.theta, w.theta_t, a, ct, wr);
-    if (hash)
-      for (int64_t j = 0; j < ct; ++j) part[j] = static_cast<int32_t>(part_of(a + j, s));
-    for (int64_t i = 0; i < w.n; ++i) {
-      const T* t = static_cast<const T*>(w.tau) + i * w.P + a;
-#if ATLAS_AVX2
-      if (o + 4 < r1)  // the same segment four rows down: strided rows defeat the streaming prefetcher
-        for (int64_t j = 0; j < ct * static_cast<int64_t>(sizeof(T)); j += 64)
-          _mm_prefetch(reinterpret_cast<const char*>(t + 4 * w.in) + j, _MM_HINT_T0);
-#endif
-      const float sc = w.scale ? w.scale[i * w.out + o] : 1.f;
-      const float* ci = w.coef + i * s.k;
-      double* pi = partial + i * s.k;
-      if (hash) {
-        if (wr) axpy_gather<T>(wr, t, ct, ci, part, sc);
-        std::fill(kbuf, kbuf + s.k, 0.f);
-        dot_scatter<T>(gr, t, ct, part, 1.f, kbuf);
-        for (int64_t p = 0; p < s.k; ++p) pi[p] += static_cast<double>(kbuf[p]) * sc;
+  const T* tau = static_cast<const T*>(w.tau);
+  if (wt) load_f32(w.theta, w.theta_t, a, b - a, wt);
+  if (s.mode == kModeHash) {
+    std::vector<float> kvec(s.k > 64 ? s.k : 0);
+    float* kb = s.k > 64 ? kvec.data() : kbuf;
+    for (int64_t j = 0; j < b - a; ++j) part[j] = static_cast<int32_t>(part_of(a + j, s));
+    for (int64_t r = a; r < b;) {  // runs of one row (one scale per slab)
+      const int64_t row = r / s.row_len;
+      const int64_t e = std::min(b, (row + 1) * s.row_len);
+      for (int64_t i = 0; i < w.n; ++i) {
+        const T* t = tau + i * w.P + r;
+        const float sc = w.scale ? w.scale[i * w.out + row] : 1.f;
+        if (wt) axpy_gather<T>(wt + (r - a), t, e - r, w.coef + i * s.k, part + (r - a), sc);
+        std::fill(kb, kb + s.k, 0.f);
+        dot_scatter<T>(g + (r - a), t, e - r, part + (r - a), 1.f, kb);
+        for (int64_t p = 0; p < s.k; ++p) partial[i * s.k + p] += static_cast<double>(kb[p]) * sc;
+      }
+      r = e;
+    }
+    return;
+  }
+  // per run, a group of slabs at once: each element decoded once for W and for the dot
+  for_each_run(w, a, b, [&](int64_t r, int64_t e, int64_t p, int64_t row) {
+    for (int64_t i0 = 0; i0 < w.n; i0 += kGroup) {
+      const int gs = static_cast<int>(std::min<int64_t>(kGroup, w.n - i0));
+      float c[kGroup] = {}, d[kGroup];
+      const T* t = tau + i0 * w.P + r;
+      if (wt) {
+        run_coefs(w, i0, gs, p, row, c);
+        axpy_dot_slabs<T>(gs, wt + (r - a), g + (r - a), t, w.P, c, e - r, d);
       } else {
-        for (int64_t r = a; r < a + ct;) {
-          const int64_t e = std::min(a + ct, part_end(r, s));
-          const int64_t p = part_of(r, s);
-          const float d = wr ? axpy_dot<T>(wr + (r - a), gr + (r - a), t + (r - a), e - r, ci[p] * sc)
-                             : dot<T>(gr + (r - a), t + (r - a), e - r);
-          pi[p] += static_cast<double>(d) * sc;
-          r = e;
-        }
+        dot_slabs<T>(gs, g + (r - a), t, w.P, e - r, d);
+      }
+      for (int u = 0; u < gs; ++u) {
+        const int64_t i = i0 + u;
+        partial[i * s.k + p] += static_cast<double>(d[u]) * (w.scale ? w.scale[i * w.out + row] : 1.f);
       }
     }
-  }
+  });
 }
 
 void check_fused(const char* op, const at::Tensor& x, const char* xname, int64_t xcols, const at::Tensor& w0,
@@ -230,6 +203,7 @@ WBlock make_block(const at::Tensor& w0, const at::Tensor& tau, const at::Tensor&
   w.coef = coef.data_ptr<float>();
   w.scale = scale.has_value() ? scale->data_ptr<float>() : nullptr;
   w.seg = block_seg(w0, coef.size(1), mode, key);
+  w.chunk = chunk_elems();
   return w;
 }
 
@@ -242,44 +216,36 @@ at::Tensor fused_linear_cpu(const at::Tensor& x, const at::Tensor& w0, const at:
     TORCH_CHECK(bias->numel() == out && bias->device().is_cpu() && is_compute_dtype(bias->scalar_type()),
                 "fused_linear: bias must be a CPU float32/bfloat16/float16 [", out, "], got ", bias->scalar_type(),
                 " ", bias->sizes(), " on ", bias->device());
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::ScalarType dt = x.scalar_type();
   auto th = w0.contiguous();
   auto tc = tau.contiguous();
   auto cc = coef.contiguous();
   auto sc = scale.has_value() ? c10::optional<at::Tensor>(scale->contiguous()) : c10::nullopt;
   auto x32 = x.to(at::kFloat).contiguous();
-  auto y32 = new_output({m, out}, x.options().dtype(at::kFloat));
-  if (m == 0 || out == 0) return y32.to(dt);
-  if (in == 0) {
-    y32.zero_();
-    if (bias.has_value()) y32.add_(bias->to(at::kFloat).reshape({1, out}));
-    return y32.to(dt);
-  }
   c10::optional<at::Tensor> b32;
   if (bias.has_value()) b32 = bias->to(at::kFloat).contiguous().reshape({out});
-  const float* bias_p = b32.has_value() ? b32->data_ptr<float>() : nullptr;
+  at::Tensor y32;
+  if (m == 0 || out == 0 || in == 0) {
+    y32 = at::zeros({m, out}, x.options().dtype(at::kFloat));
+    if (b32.has_value()) y32.add_(b32->reshape({1, out}));
+    return y32.to(dt);
+  }
   const WBlock w = make_block(th, tc, cc, sc, mode, key);
-  const int64_t rt = even_split(out, std::max<int64_t>(1, tile_sizes().fwd_elems / in));
-  const int64_t ntiles = (out + rt - 1) / rt;
+  const int64_t P = out * in;
+  float* wbuf = scratch(0, P);
   dispatch_storage(tc.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      SerialBlas serial_blas;
-      // thread-local buffers are tensors: 64-byte aligned, so the BLAS takes the same path every run
-      auto buf_t = at::empty({rt * in}, x32.options());
-      float* buf = buf_t.data_ptr<float>();
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t r0 = t * rt, rows = std::min(out, r0 + rt) - r0;
-        compose_range<T>(w, r0 * in, (r0 + rows) * in, buf);
-        round_to(buf, rows * in, dt);
-        float* yv = y32.data_ptr<float>() + r0;  // y[:, r0 : r0 + rows], leading dimension out
-        if (bias_p)
-          for (int64_t i = 0; i < m; ++i) std::memcpy(yv + i * out, bias_p + r0, rows * sizeof(float));
-        gemm_rm(false, true, m, rows, in, x32.data_ptr<float>(), in, buf, in, bias_p ? 1.f : 0.f, yv, out);
+    at::parallel_for(0, (P + w.chunk - 1) / w.chunk, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t a = c * w.chunk, b = std::min(P, a + w.chunk);
+        compose_range<T>(w, a, b, wbuf + a);
+        round_to(wbuf + a, b - a, dt);
       }
     });
   });
+  auto wv = at::from_blob(wbuf, {out, in}, x32.options());
+  y32 = b32.has_value() ? at::addmm(b32->reshape({1, out}), x32, wv.t()) : at::mm(x32, wv.t());
   return dt == at::kFloat ? y32 : y32.to(dt);
 }
 
@@ -292,65 +258,50 @@ std::tuple<at::Tensor, at::Tensor> fused_linear_backward_cpu(const at::Tensor& g
   check_fused("fused_linear_backward", grad_out, "grad_out", w0.size(0), w0, tau, coef, scale, mode);
   TORCH_CHECK(grad_out.size(0) == x.size(0), "fused_linear_backward: grad_out has ", grad_out.size(0),
               " rows but x has ", x.size(0));
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t m = x.size(0), out = w0.size(0), in = w0.size(1), n = tau.size(0), k = coef.size(1);
+  const at::ScalarType dt = x.scalar_type();
   auto th = w0.contiguous();
   auto tc = tau.contiguous();
   auto cc = coef.contiguous();
   auto sc = scale.has_value() ? c10::optional<at::Tensor>(scale->contiguous()) : c10::nullopt;
-  auto x32 = x.to(at::kFloat).contiguous();
-  auto dy32 = grad_out.to(at::kFloat).contiguous();
-  auto dx32 = need_dx ? new_output({m, in}, x.options().dtype(at::kFloat)) : at::empty({0}, x.options());
   auto dcoef = new_output({n, k}, x.options().dtype(at::kFloat));
   if (m == 0 || out == 0 || in == 0 || n == 0) {
     dcoef.zero_();
-    if (need_dx) dx32.zero_();
-    return {need_dx ? dx32.to(x.scalar_type()) : dx32, dcoef};
+    auto dx = need_dx ? at::zeros({m, in}, x.options()) : at::empty({0}, x.options());
+    return {dx, dcoef};
   }
+  auto x32 = x.to(at::kFloat).contiguous();
+  auto dy32 = grad_out.to(at::kFloat).contiguous();
   const WBlock w = make_block(th, tc, cc, sc, mode, key);
-  const TileSizes ts = tile_sizes();
-  const int64_t ct = even_split(in, ts.bwd_cols), rt = std::min(out, ts.bwd_rows);
-  const int64_t ncol = (in + ct - 1) / ct, nrow = (out + rt - 1) / rt;
-  std::vector<double> partial(static_cast<size_t>(ncol * nrow * n * k), poison() ? NAN : 0.0);
-  const at::ScalarType dt = x.scalar_type();
+  const int64_t P = out * in, nchunks = (P + w.chunk - 1) / w.chunk;
+  float* gbuf = scratch(1, P);
+  float* wbuf = need_dx ? scratch(0, P) : nullptr;
+  auto f32 = x32.options();
+  auto gv = at::from_blob(gbuf, {out, in}, f32);
+  at::mm_out(gv, dy32.t(), x32);  // G = dy^T x
+  std::vector<double> partial(static_cast<size_t>(nchunks * n * k), poison() ? NAN : 0.0);
   dispatch_storage(tc.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    at::parallel_for(0, ncol, 1, [&](int64_t t0, int64_t t1) {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      SerialBlas serial_blas;
-      auto gbuf_t = new_output({rt * ct}, x32.options()), wbuf_t = new_output({need_dx ? rt * ct : 0}, x32.options());
-      float* gbuf = gbuf_t.data_ptr<float>();
-      float* wbuf = wbuf_t.data_ptr<float>();
-      std::vector<float> kbuf(static_cast<size_t>(k));
-      std::vector<int32_t> part(static_cast<size_t>(ct));
-      for (int64_t ci = t0; ci < t1; ++ci) {
-        const int64_t c0 = ci * ct, cols = std::min(in, c0 + ct) - c0;
-        for (int64_t rb = 0; rb < nrow; ++rb) {
-          const int64_t r0 = rb * rt, rows = std::min(out, r0 + rt) - r0;
-          const float* dyv = dy32.data_ptr<float>() + r0;  // dy[:, r0 : r0 + rows], leading dimension out
-          // G block [rows, cols] = dy[:, rows]^T x[:, cols]
-          gemm_rm(true, false, rows, cols, m, dyv, out, x32.data_ptr<float>() + c0, in, 0.f, gbuf, cols);
-          double* pt = partial.data() + (ci * nrow + rb) * n * k;
-          std::fill(pt, pt + n * k, 0.0);
-          grad_block<T>(w, r0, r0 + rows, c0, c0 + cols, gbuf, need_dx ? wbuf : nullptr, pt,
-                        kbuf.data(), part.data());
-          if (need_dx) {
-            round_to(wbuf, rows * cols, dt);
-            // dx[:, cols] (+)= dy[:, rows] W[rows, cols]
-            gemm_rm(false, false, m, cols, rows, dyv, out, wbuf, cols, rb == 0 ? 0.f : 1.f,
-                    dx32.data_ptr<float>() + c0, in);
-          }
-        }
+    at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t a = c * w.chunk, b = std::min(P, a + w.chunk);
+        double* pt = partial.data() + c * n * k;
+        std::fill(pt, pt + n * k, 0.0);
+        grad_range<T>(w, a, b, gbuf + a, wbuf ? wbuf + a : nullptr, pt);
+        if (wbuf) round_to(wbuf + a, b - a, dt);
       }
     });
   });
   float* o = dcoef.data_ptr<float>();
-  const int64_t nb = ncol * nrow;
-  for (int64_t c = 0; c < n * k; ++c) {  // blocks summed in block order
+  for (int64_t c = 0; c < n * k; ++c) {  // chunks summed in chunk order
     double acc = 0.0;
-    for (int64_t b = 0; b < nb; ++b) acc += partial[b * n * k + c];
+    for (int64_t b = 0; b < nchunks; ++b) acc += partial[b * n * k + c];
     o[c] = static_cast<float>(acc);
   }
-  return {need_dx ? (dt == at::kFloat ? dx32 : dx32.to(dt)) : dx32, dcoef};
+  if (!need_dx) return {at::empty({0}, x.options()), dcoef};
+  auto dx32 = at::mm(dy32, at::from_blob(wbuf, {out, in}, f32));  // dx = dy W
+  return {dt == at::kFloat ? dx32 : dx32.to(dt), dcoef};
 }
 
 }  // namespace
