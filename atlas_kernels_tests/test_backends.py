@@ -49,6 +49,16 @@ def _backend_param(name):
 
 BACKENDS = [_backend_param(b) for b in ("torch", "triton", "cuda")]
 PACKED_BACKENDS = [_backend_param(b) for b in ("triton", "cuda")]
+# the extension's linear on CPU takes its fused op by default; "cuda:compose" turns that off, so the
+# compose + matmul path (the one CUDA tensors take) is tested on CPU too
+LINEAR_BACKENDS = BACKENDS + [pytest.param("cuda:compose", marks=needs_ext)]
+
+
+def _linear_backend(backend, monkeypatch):
+    if backend == "cuda:compose":
+        monkeypatch.setattr(ops._module("cuda"), "FUSED_LINEAR_CPU", False)
+        return "cuda"
+    return backend
 
 
 @pytest.fixture(autouse=True)
@@ -139,10 +149,11 @@ def test_ext_cpu_coef_grad_independent_of_threads(storage):
           R.coef_grad(g.abs(), R.dequantize(tau, scale).abs(), 3, Partition(3, "hash", 1234)), name="dcoef")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
 @pytest.mark.parametrize("storage", ["bfloat16", "int8"])
 @pytest.mark.parametrize("cdtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_linear(backend, storage, cdtype):
+def test_linear(backend, storage, cdtype, monkeypatch):
+    backend = _linear_backend(backend, monkeypatch)
     n, o, i = 3, 77, 123
     pw, pb = Partition.for_block("w", 3, "hash", 7), Partition(2)
     w0, b0 = torch.randn(o, i, device=DEV) * 0.1, torch.randn(o, device=DEV)
@@ -288,12 +299,15 @@ def _patched_tiny(tiny_vit, n, partitions, mode, backend):
     return m, coefs, tvs, torch.randn(2, 3, 32, 32, generator=g).to(DEV)
 
 
-def test_tiny_vit_cuda_backend_matches_float64_reference(tiny_vit):
-    """A whole patched tower on the extension (small blocks grouped: the packed ops) against float64."""
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-linear", "compose-matmul"])
+def test_tiny_vit_cuda_backend_matches_float64_reference(tiny_vit, fused, monkeypatch):
+    """A whole patched tower on the extension (small blocks grouped: the packed ops) against float64,
+    with the fused linear (CPU's default) and with compose + matmul."""
 
     import atlas_kernels as ak
 
     _ext_on_dev()
+    monkeypatch.setattr(ops._module("cuda"), "FUSED_LINEAR_CPU", fused)
     m, coefs, tvs, x = _patched_tiny(tiny_vit, 3, 2, "hash", "cuda")
     assert any(isinstance(mod, ak.grouping.SmallBlockGroup) for mod in m.modules())
     out = m(x)
@@ -312,11 +326,11 @@ def test_tiny_vit_cuda_backend_matches_float64_reference(tiny_vit):
 def test_patched_tower_cuda_backend_compiles_fullgraph(tiny_vit, fused, monkeypatch):
     """torch.compile(fullgraph=True) of a tower patched with backend="cuda" traces the extension's
     ops (C++ Meta kernels, autograd registered from Python) and matches eager; on CPU both with the
-    default compose + matmul and with the opt-in tile-fused linear."""
+    fused linear (the default) and with compose + matmul."""
     _ext_on_dev()
     if fused:
         if DEV != "cpu":
-            pytest.skip("the tile-fused linear has CPU kernels only")
-        monkeypatch.setattr(ops._module("cuda"), "FUSED_LINEAR_CPU", True)
+            pytest.skip("the fused linear has CPU kernels only")
+    monkeypatch.setattr(ops._module("cuda"), "FUSED_LINEAR_CPU", fused)
     m, coefs, _, x = _patched_tiny(tiny_vit, 2, 2, "hash", "cuda")
     assert_compiles_like_eager(m, coefs, x)

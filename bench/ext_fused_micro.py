@@ -1,12 +1,12 @@
-"""Micro benchmark of the compiled extension's tile-fused CPU linear (issue 15).
+"""Micro benchmark of the compiled extension's fused CPU linear (issue 15).
 
 One weight block at a time (ViT-B/32 shapes), N task vectors, M = batch x tokens rows, fp32
 compute, forward + backward:
 
 - ``floor``: ``F.linear`` with ``x`` and ``W`` requiring grad (the plain model: weight gradient
   included);
-- ``fused``: ``atlas_kernels_ext::fused_linear`` + ``fused_linear_backward`` (W and G never stored);
-- ``compose``: the previous extension path, ``compose`` + ``F.linear`` + ``coef_grad``.
+- ``fused``: ``atlas_kernels_ext::fused_linear`` + ``fused_linear_backward`` (W and G in a reused scratch);
+- ``compose``: compose + matmul, ``compose`` + ``F.linear`` + ``coef_grad`` (what CUDA tensors take).
 
 ``(x - floor) / two_pass`` with ``two_pass = 2 * slab bytes / copy`` (copy: read + write bytes of a
 256 MiB ``copy_`` per second, measured in the same run, as the ``ceiling`` row of ``python -m bench``).

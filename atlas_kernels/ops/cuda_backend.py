@@ -140,8 +140,9 @@ def compose_packed(theta0_flat, tau_flat, coef_flat, layout, out_dtype, scale_fl
 def linear(x, wblock: Block, bblock: Optional[Block] = None):
     """``y = x W^T + c`` with ``W`` and ``c`` composed by the extension in the compute dtype.
 
-    CPU tensors take the tile-fused linear (:class:`FusedLinearFunction`: ``W`` and its gradient
-    are never stored) where :func:`fused_linear_applies`; everything else (CUDA tensors: the fused
+    CPU tensors take the fused linear (:class:`FusedLinearFunction`: ``W`` and its gradient live
+    only in a per-thread scratch of one block, never kept) where :func:`fused_linear_applies`;
+    everything else (CUDA tensors: the fused
     op has CPU kernels only; frozen weights; weights that are not 2-D) composes then multiplies.
     Chain rule there: ``F.linear``'s backward gives ``dx = dy W`` and the would-be weight gradient
     ``G = dy^T x`` (one block, transient), which the compose op's backward reduces against the slab:
@@ -153,28 +154,30 @@ def linear(x, wblock: Block, bblock: Optional[Block] = None):
 
 
 # ------------------------------------------------------------------------------------------------
-# the tile-fused linear (CPU kernels only; csrc/cpu/atlas_fused_linear.cpp)
+# the fused linear (CPU kernels only; csrc/cpu/atlas_fused_linear.cpp)
 # ------------------------------------------------------------------------------------------------
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# When linear takes the tile-fused op on CPU: FUSED_LINEAR_CPU None ("auto", the default) for
-# one-byte storages (int8, float8_e4m3fn) only, True always, False never; the environment variable
-# ATLAS_KERNELS_EXT_FUSED_LINEAR=1 / =0 (read once, at import) sets True / False. The rule is the
-# measurement in bench/results/2026-12-01-cpu-ext-openmp.txt: with int8 slabs the fused op was the
-# faster path, with float16 slabs compose + matmul was (the fused op always uses less memory).
+# When linear takes the fused op on CPU: FUSED_LINEAR_CPU None ("auto", the default) or True
+# wherever it applies, False never; the environment variable ATLAS_KERNELS_EXT_FUSED_LINEAR=1 / =0
+# (read once, at import) sets True / False. Since the op composes one whole block into a reused
+# scratch and multiplies with one ATen GEMM, it runs the same GEMMs as compose + matmul with fewer
+# memory passes (no W allocated and kept for backward, no G allocated): measured faster for
+# float16 and int8 slabs (bench/results/2026-12-01-cpu-ext-scratch.txt). The first, tile-fused
+# design (single-threaded tile GEMMs) was slower with float16 slabs, hence the switch.
 HAS_FUSED_CPU = torch._C._dispatch_has_kernel_for_dispatch_key("atlas_kernels_ext::fused_linear", "CPU")
 FUSED_LINEAR_CPU = {"1": True, "0": False}.get(os.environ.get("ATLAS_KERNELS_EXT_FUSED_LINEAR", ""))
 
 
 def fused_linear_applies(x, wblock: Block) -> bool:
-    """Whether :func:`linear` takes the tile-fused op: chosen by :data:`FUSED_LINEAR_CPU` (by default
-    for one-byte storages), CPU tensors, an adapted 2-D weight, a
+    """Whether :func:`linear` takes the fused op: chosen by :data:`FUSED_LINEAR_CPU` (by default
+    wherever it applies), CPU tensors, an adapted 2-D weight, a
     float32/bfloat16/float16 compute dtype and ``theta0``. Otherwise (CUDA tensors, where the
     extension has compose/coef_grad kernels but no fused linear; frozen or non-2-D weights; float64)
     :func:`linear` composes the weight, then multiplies."""
     w0, w_tau = wblock.theta0, wblock.tau
     if not HAS_FUSED_CPU or w_tau is None:
         return False
-    wanted = w_tau.element_size() == 1 if FUSED_LINEAR_CPU is None else FUSED_LINEAR_CPU
+    wanted = FUSED_LINEAR_CPU is not False
     return (wanted and wblock.lora is None and x.device.type == "cpu"
             and w0.device.type == "cpu" and w0.dim() == 2 and w_tau.dim() == 3 and x.dim() >= 1
             and x.shape[-1] == w0.shape[1] and compute_dtype(x) in _FUSED_DTYPES and w0.dtype in _FUSED_DTYPES)
@@ -182,16 +185,18 @@ def fused_linear_applies(x, wblock: Block) -> bool:
 
 class FusedLinearFunction(torch.autograd.Function):
     """``y = x W^T + c`` with ``W = w0 + sum_i lam[i, part(e)] * tau_i`` (``* scale[i, row]``) and
-    ``c = b0 + sum_i mu[i, part(e)] * tau_c_i``, the weight composed tile by tile inside the op
-    (``atlas_kernels_ext::fused_linear``): neither ``W`` nor its gradient is ever stored, and only
-    ``x`` (which the plain model's linear keeps too) is saved for backward.
+    ``c = b0 + sum_i mu[i, part(e)] * tau_c_i``, the weight composed inside the op
+    (``atlas_kernels_ext::fused_linear``) into a per-thread scratch of one block that the next
+    block reuses: neither ``W`` nor its gradient is ever allocated or kept, and only ``x`` (which
+    the plain model's linear keeps too) is saved for backward.
 
     Chain rule, with ``dy = dL/dy`` over the rows of ``x`` (leading dims flattened):
 
-    - ``dL/dx = dy W`` (``W`` recomposed tile by tile in ``fused_linear_backward``);
-    - ``dL/dlam[i, k] = sum_{e : part(e) = k} G[e] * tau_i[e]`` (``* scale``) with ``G = dy^T x``,
-      each tile of ``G`` reduced against the slab tiles while they are in cache (the same read
-      serves the recomposition for ``dx``); per-tile partials summed in a fixed order;
+    - ``dL/dx = dy W`` (``W`` recomposed into the scratch in ``fused_linear_backward``);
+    - ``dL/dlam[i, k] = sum_{e : part(e) = k} G[e] * tau_i[e]`` (``* scale``) with ``G = dy^T x``
+      (one GEMM into the scratch), reduced chunk by chunk against the slabs in the same pass
+      that recomposes ``W`` (each slab element read once for both); per-chunk partials summed in
+      a fixed order;
     - ``dL/dmu[i, k] = sum_{e : part(e) = k} (sum_rows dy)[e] * tau_c_i[e]`` (``coef_grad``).
 
     ``w0``, ``b0`` and the slabs are frozen (no gradient).
