@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # torch is imported lazily (inside the functions), so that --
 ROW_FIELDS = (
     "date", "device", "torch", "triton", "atlas_kernels", "model", "n_task_vectors", "batch", "precision",
     "storage", "partitions", "method", "backend", "adapted_params", "step_ms", "step_ms_p20", "step_ms_p80",
-    "peak_bytes", "oom",
+    "peak_bytes", "oom", "run", "round",
 )
 CEILING_FIELDS = ("copy_gbps", "matmul_tflops")
 
@@ -84,6 +84,10 @@ def parse_args(argv=None):
     p.add_argument("--max-minutes", type=float, default=None,
                    help="start no job that would end past this budget (run again to resume)")
     p.add_argument("--timeout", type=float, default=900, help="CPU: seconds per job subprocess")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the whole job list this many times in turn (the ceiling too), so that a slow "
+                   "spell of a shared machine falls on every method: the table pools each job's steps over "
+                   "the rounds and takes (atlas-floor)/2pass per round, then its median (default 1)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--subprocess", dest="subprocess", action="store_true", default=None,
                       help="one process per job (default on CPU: honest peak RSS)")
@@ -244,22 +248,28 @@ def main(argv=None) -> int:
     if use_sub and not cpu:
         sys.exit("--subprocess is for CPU runs (GPU peaks come from max_memory_allocated)")
     session = None if use_sub else Session(dev, settings, cache_models=not cpu)
+    if args.rounds < 1:
+        sys.exit(f"--rounds must be >= 1, got {args.rounds}")
     info = env.run_info(dev)
+    info["run"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())  # the rows of one invocation
     t_run = time.perf_counter()
     longest = 0.0
     stopped = False
-    for i, job in enumerate(todo):
+    todo = [(rnd, job) for rnd in range(1, args.rounds + 1) for job in todo]
+    i = 0
+    for i, (rnd, job) in enumerate(todo):
         elapsed = time.perf_counter() - t_run
         if args.max_minutes is not None and elapsed + longest > args.max_minutes * 60:
             print(f"budget of {args.max_minutes} min reached after {i} jobs; run the same command again to resume",
                   flush=True)
             stopped = True
             break
-        print(f"[{i + 1}/{len(todo)}] {job.label()} ... ", end="", flush=True)
+        print(f"[{i + 1}/{len(todo)}]" + (f" round {rnd}" if args.rounds > 1 else "") + f" {job.label()} ... ",
+              end="", flush=True)
         t0 = time.perf_counter()
         res = run_subprocess(job, settings.as_dict(), args.timeout) if use_sub else session.run(job)
         longest = max(longest, time.perf_counter() - t0)
-        row = make_row(info, job, res)
+        row = make_row(dict(info, round=rnd), job, res)
         atomic_append_line(out, json.dumps(row))
         print(_line(job, res) + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
 

@@ -114,7 +114,8 @@ def time_step(step: Callable[[], None], dev: torch.device, settings: Settings) -
         # the machine may be shared: the 1-minute load average before and after says how much
         out.update(peak_bytes=max_rss_bytes(), peak_kind="ru_maxrss", threads=torch.get_num_threads(),
                    loadavg_1m=[round(load0, 2), round(os.getloadavg()[0], 2)])
-    out.update(steps_timed=n, warmup=settings.warmup, first_step_ms=first_ms)
+    out.update(steps_timed=n, warmup=settings.warmup, first_step_ms=first_ms,
+               step_times_ms=[round(t, 3) for t in times])  # every timed step: rounds pool them
     return out
 
 

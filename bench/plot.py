@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .summary import METHOD_ORDER, ceiling_row, latest, load_rows
+from .summary import METHOD_ORDER, ceiling_row, load_rows, merged
 
 COLORS = {
     "naive": "#d62728", "merge_once": "#ff7f0e", "floor": "#555555",
@@ -130,7 +130,7 @@ def plot(path, out=None) -> Path:
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    rows = [r for r in latest(load_rows(path)) if r.get("method") != "ceiling" and r.get("model")]
+    rows = [r for r in merged(load_rows(path)) if r.get("method") != "ceiling" and r.get("model")]
     if not rows:
         raise ValueError(f"{path}: no benchmark rows to plot")
     out = Path(out) if out else path.with_suffix(".png")
@@ -174,7 +174,7 @@ def plot(path, out=None) -> Path:
                     n_txt = f", N={next(iter(ns))}" if ns else ""
                     ax.set_title(f"{model}, batch {batch}{n_txt}: {what}", fontsize=10)
     meta = rows[0]
-    ceil = ceiling_row(load_rows(path))
+    ceil = ceiling_row(merged(load_rows(path)))
     title = (f"{meta.get('device')} | {meta.get('date')} | torch {meta.get('torch')} | "
              f"atlas_kernels {meta.get('atlas_kernels')}")
     if ceil:

@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .summary import ceiling_row, fmt, gb, latest, load_rows, ratios
+from .summary import ceiling_row, fmt, gb, load_rows, merged, ratios
 
 
 def _x(v) -> str:
@@ -20,8 +20,9 @@ def _x(v) -> str:
 
 
 def markdown(path, n=None, all_rows=False) -> str:
-    rows = latest(load_rows(path))
-    rs = ratios(rows)
+    loaded = load_rows(path)
+    rs = ratios(loaded)
+    rows = merged(loaded)
     if not rs:
         return f"_{path}: no successful atlas rows to report._\n"
     ns = sorted({d["n_task_vectors"] for d in rs})

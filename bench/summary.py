@@ -36,6 +36,64 @@ def latest(rows: Iterable[dict]) -> List[dict]:
     return list(d.values())
 
 
+def rounds_of(rows: Iterable[dict]) -> Dict[tuple, Dict[int, dict]]:
+    """Per job key, the rows of the run that wrote its last row, by round (``python -m bench
+    --rounds R`` writes one row per job and round, all with the same ``run``). A row of a run
+    without rounds (or of an older file) is that run's round 1."""
+    rows = list(rows)
+    last_run = {row_key(r): r.get("run") for r in rows}
+    out: Dict[tuple, Dict[int, dict]] = {}
+    for r in rows:
+        k = row_key(r)
+        if r.get("run") == last_run[k]:
+            out.setdefault(k, {})[int(r.get("round") or 1)] = r
+    return out
+
+
+def _median(xs: List[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+
+
+def _quantile(xs: List[float], q: float) -> float:
+    xs = sorted(xs)
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def merged(rows: Iterable[dict]) -> List[dict]:
+    """One row per job key, as :func:`latest`, except that a key measured in several rounds gets
+    the rounds pooled: ``step_ms`` and its p20/p80 from every timed step of every round (the
+    median of the rounds' medians where the steps were not written), the highest peak, the median
+    copy bandwidth and matmul rate of the ceiling, and ``rounds`` = how many."""
+    out = []
+    for by_round in rounds_of(rows).values():
+        rs = [by_round[i] for i in sorted(by_round)]
+        if len(rs) == 1:
+            out.append(rs[0])
+            continue
+        m = dict(rs[-1], rounds=len(rs))
+        good = [r for r in rs if ok(r)]
+        steps = [t for r in good for t in (r.get("step_times_ms") or [])]
+        if steps and all(r.get("step_times_ms") for r in good):
+            m.update(step_ms=_median(steps), step_ms_p20=_quantile(steps, 0.2), step_ms_p80=_quantile(steps, 0.8))
+        elif good:
+            m.update(step_ms=_median([r["step_ms"] for r in good]), step_ms_p20=min(r["step_ms"] for r in good),
+                     step_ms_p80=max(r["step_ms"] for r in good))
+        peaks = [r["peak_bytes"] for r in rs if r.get("peak_bytes")]
+        if peaks:
+            m["peak_bytes"] = max(peaks)
+        for f in ("copy_gbps", "matmul_tflops"):
+            vals = [r[f] for r in rs if r.get(f)]
+            if vals:
+                m[f] = _median(vals)
+        out.append(m)
+    return out
+
+
 def ok(r: Optional[dict]) -> bool:
     return r is not None and not r.get("oom") and not r.get("error") and r.get("step_ms") is not None
 
@@ -55,10 +113,28 @@ def two_pass_ms(n: int, adapted_params: int, storage: str, copy_gbps: float) -> 
     return 2 * n * adapted_params * BYTES_PER_ELEMENT[storage] / (copy_gbps * 1e9) * 1e3
 
 
+def _paired_two_pass(atlas_rounds: Dict[int, dict], floor_rounds: Dict[int, dict],
+                     ceil_rounds: Dict[int, dict], n: int, storage: str) -> List[float]:
+    """(atlas - floor) / two_pass per round where all three were measured in that round (each
+    round's own copy bandwidth): a slow spell of a shared machine then lands on both terms."""
+    vals = []
+    for i, a in sorted(atlas_rounds.items()):
+        f, c = floor_rounds.get(i), ceil_rounds.get(i)
+        if ok(a) and ok(f) and c and c.get("copy_gbps") and a.get("adapted_params"):
+            vals.append((a["step_ms"] - f["step_ms"]) / two_pass_ms(n, a["adapted_params"], storage, c["copy_gbps"]))
+    return vals
+
+
 def ratios(rows: List[dict]) -> List[dict]:
     """For every successful atlas row: atlas/naive, atlas/merge_once, atlas/floor (step time; <1
-    means atlas is faster), peak memory of each, and (atlas - floor) / two_pass_time."""
-    rows = latest(rows)
+    means atlas is faster), peak memory of each, and (atlas - floor) / two_pass_time. With several
+    rounds (``--rounds``): step times pooled over the rounds (:func:`merged`), and
+    (atlas - floor) / two_pass the median over rounds of each round's own value (paired by round),
+    with its spread in ``two_pass_rounds``."""
+    rows = list(rows)
+    by_round = rounds_of(rows)
+    ceil_rounds = next((v for v in by_round.values() if v[max(v)].get("method") == "ceiling"), {})
+    rows = merged(rows)
     by = {}
     for r in rows:
         if r.get("method") in ("naive", "merge_once"):
@@ -96,6 +172,13 @@ def ratios(rows: List[dict]) -> List[dict]:
             d["two_pass_ms"] = tp
             if d["floor_ms"]:
                 d["(atlas-floor)/two_pass"] = (d["atlas_ms"] - d["floor_ms"]) / tp
+        d["two_pass_rounds"] = None
+        if floor is not None and a.get("rounds"):
+            paired = _paired_two_pass(by_round.get(row_key(a), {}), by_round.get(row_key(floor), {}), ceil_rounds,
+                                      a["n_task_vectors"], a["storage"])
+            if len(paired) >= 2:
+                d["two_pass_rounds"] = paired
+                d["(atlas-floor)/two_pass"] = _median(paired)
         out.append(d)
     return out
 
@@ -116,7 +199,9 @@ def sort_key(r: dict):
 
 
 def format_table(rows: List[dict]) -> str:
-    rows = sorted(latest(rows), key=sort_key)
+    rows = list(rows)
+    rs = ratios(rows)
+    rows = sorted(merged(rows), key=sort_key)
     lines = []
     ceil = ceiling_row(rows)
     if ceil:
@@ -142,17 +227,21 @@ def format_table(rows: List[dict]) -> str:
             f"{r.get('precision') or '':<4} {r.get('storage') or '-':<9} {r.get('partitions') or '-':>2} {m:<17} "
             f"{fmt(r.get('step_ms'), 1):>10} {p:>19} {gb(r.get('peak_bytes')):>8}  {note}"
         )
-    rs = ratios(rows)
     if rs:
+        rounds = max((r.get("rounds") or 1) for r in rows)
         lines.append("")
-        lines.append("ratios (step time; < 1: atlas faster)")
+        lines.append("ratios (step time; < 1: atlas faster)" + (
+            f"; {rounds} rounds: step times pooled, (a-f)/2pass the median of the rounds' own values "
+            "[their min, max]" if rounds > 1 else ""))
         h2 = (f"{'model':<9} {'N':>3} {'batch':>5} {'prec':<4} {'storage':<9} {'K':>2} {'backend':<7} "
               f"{'/naive':>7} {'/merge':>7} {'/floor':>7} {'2pass ms':>9} {'(a-f)/2pass':>11}")
         lines += [h2, "-" * len(h2)]
         for d in rs:
+            spread = d.get("two_pass_rounds")
             lines.append(
                 f"{d['model']:<9} {d['n_task_vectors']:>3} {d['batch']:>5} {d['precision']:<4} {d['storage']:<9} "
                 f"{d['partitions']:>2} {d['backend']:<7} {fmt(d['atlas/naive']):>7} {fmt(d['atlas/merge_once']):>7} "
                 f"{fmt(d['atlas/floor']):>7} {fmt(d['two_pass_ms']):>9} {fmt(d['(atlas-floor)/two_pass']):>11}"
+                + (f" [{min(spread):.2f}, {max(spread):.2f}]" if spread else "")
             )
     return "\n".join(lines)
