@@ -53,6 +53,18 @@ def max_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def reset_peak_rss() -> bool:
+    """Linux: set this process's peak RSS (VmHWM, which ru_maxrss reads) back to its current RSS
+    (``echo 5 > /proc/self/clear_refs``), so that a later :func:`max_rss_bytes` is the peak of what
+    ran since: the CPU twin of ``torch.cuda.reset_peak_memory_stats``. False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 # --------------------------------------------------------------------------------------------
 # timing
 
@@ -76,7 +88,9 @@ def _quantiles(times_ms: List[float]) -> dict:
 def time_step(step: Callable[[], None], dev: torch.device, settings: Settings) -> dict:
     """Warm up, then time. GPU: CUDA events around every step, peak from max_memory_allocated
     (reset after warm-up, so it is the steady-state step's peak including everything resident).
-    CPU: time.perf_counter around every step, peak RSS of this process (ru_maxrss)."""
+    CPU: time.perf_counter around every step; peak RSS of this process over the timed steps (the
+    high-water mark reset after warm-up, as on GPU: the steady-state step's peak with everything
+    resident; ``lifetime_peak_bytes`` keeps the whole process's, setup transients included)."""
     # The first call apart: Triton compiles and autotunes here (and the caching allocator grows), so
     # first_step_ms is compile + autotune + one step; step_ms below is the steady state only.
     _sync(dev)
@@ -104,6 +118,8 @@ def time_step(step: Callable[[], None], dev: torch.device, settings: Settings) -
                    peak_kind="cuda.max_memory_allocated")
     else:
         n = settings.steps or 5
+        lifetime_before = max_rss_bytes()
+        reset = reset_peak_rss()
         load0 = os.getloadavg()[0]
         times = []
         for _ in range(n):
@@ -112,7 +128,9 @@ def time_step(step: Callable[[], None], dev: torch.device, settings: Settings) -
             times.append((time.perf_counter() - t0) * 1e3)
         out = _quantiles(times)
         # the machine may be shared: the 1-minute load average before and after says how much
-        out.update(peak_bytes=max_rss_bytes(), peak_kind="ru_maxrss", threads=torch.get_num_threads(),
+        out.update(peak_bytes=max_rss_bytes(), lifetime_peak_bytes=max(lifetime_before, max_rss_bytes()),
+                   peak_kind="ru_maxrss over the timed steps (reset after warm-up)" if reset else "ru_maxrss",
+                   threads=torch.get_num_threads(),
                    loadavg_1m=[round(load0, 2), round(os.getloadavg()[0], 2)])
     out.update(steps_timed=n, warmup=settings.warmup, first_step_ms=first_ms,
                step_times_ms=[round(t, 3) for t in times])  # every timed step: rounds pool them

@@ -58,9 +58,11 @@ def markdown(path, n=None, all_rows=False) -> str:
         )
     lines.append("")
     kind = meta.get("peak_kind", "")
-    if kind == "ru_maxrss":
-        lines.append("Peak memory on CPU is the peak RSS of a fresh process per (configuration, method), "
-                     "so it includes the Python interpreter and torch (about 0.5 GB).")
+    if kind.startswith("ru_maxrss"):
+        lines.append("Peak memory on CPU is the peak RSS of a fresh process per (configuration, method)"
+                     + (" over the timed steps (its high-water mark reset after warm-up, as on GPU)"
+                        if "reset" in kind else "")
+                     + ", so it includes the Python interpreter and torch (about 0.5 GB).")
     elif kind:
         lines.append("Peak memory is torch.cuda.max_memory_allocated over the timed steps "
                      "(model, task vectors, optimizer state and activations included).")
