@@ -67,8 +67,9 @@ def _module(name: str):
 # "auto", per device type: the backend measured fastest there, and where the measurement is.
 # Backends missing from an installation (the extension not built, no Triton) fall through in order.
 AUTO_CHOICE = {
-    # bench/results/2026-12-01-cpu-ext.jsonl (ViT-B/32, N = 8, batch 8, fp32, float16/int8 task
-    # vectors, one CPU run) and bench/results/2026-12-01-cpu-ext-micro.txt (compose and coefficient
+    # bench/results/2026-12-01-cpu-ext-scratch.txt (ViT-B/32, N = 8, batch 8, fp32, float16/int8
+    # task vectors, 4 rounds on the project's CPU: step 1217 vs 1912 ms with float16 slabs, 1024
+    # vs 5933 ms with int8) and bench/results/2026-12-01-cpu-ext-micro.txt (compose and coefficient
     # gradient of a 3072 x 768 block): the extension's CPU kernels beat the torch backend
     "cpu": ("cuda", "torch"),
     # no GPU measurement of the extension yet: Triton stays the choice on CUDA devices
