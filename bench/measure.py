@@ -57,9 +57,12 @@ def reset_peak_rss() -> bool:
     """Linux: set this process's peak RSS (VmHWM, which ru_maxrss reads) back to its current RSS
     (``echo 5 > /proc/self/clear_refs``), so that a later :func:`max_rss_bytes` is the peak of what
     ran since: the CPU twin of ``torch.cuda.reset_peak_memory_stats``. False where it cannot."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+    try:  # a kernel control file, not a file of results: no atomic write (it cannot be renamed into)
+        fd = os.open("/proc/self/clear_refs", os.O_WRONLY)
+        try:
+            os.write(fd, b"5")
+        finally:
+            os.close(fd)
         return True
     except OSError:
         return False
