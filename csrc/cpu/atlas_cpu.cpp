@@ -2,8 +2,9 @@
 //
 // Work is cut into fixed tiles of elements (kChunk for one block; the layout's `block` for the
 // packed ops), independent of the thread count, and spread over threads with at::parallel_for.
-// Inside a tile, an fp32 accumulator of the tile (kChunk floats: L1-resident) is updated once per
-// task vector: the N slabs are each read once. Compact storage (bf16, fp16, int8, fp8 e4m3) is
+// Inside a tile, an fp32 accumulator of the tile (kChunk floats: L1-resident) is updated by groups
+// of four task vectors at a time (axpy_slabs / dot_slabs: the accumulator stays in registers across
+// a group; hash partitions one slab at a time): the N slabs are each read once. Compact storage (bf16, fp16, int8, fp8 e4m3) is
 // decoded 8 elements at a time in AVX2 registers (Dec<T>::eight) and fused into the multiply-add;
 // no widened copy of a slab is ever made. Without AVX2 (another architecture, or
 // ATLAS_KERNELS_EXT_NO_AVX2=1 at build time) the same loops run with the scalar decoders.
