@@ -54,22 +54,6 @@ inline float slab_scale(const Bufs& q, const Seg& s, int64_t i, int64_t row) {
   return q.scale ? q.scale[i * q.scale_stride + s.row_off + row] : 1.f;
 }
 
-// Calls f(r, e, p, row) for the runs [r, e) of [a, b) that share one part p and one scale row
-// (contiguous and single-part layouts; hash layouts vary the part per element).
-template <typename F>
-inline void for_each_run(const Bufs& q, const Seg& s, int64_t a, int64_t b, F&& f) {
-  for (int64_t r = a; r < b;) {
-    int64_t e = std::min(b, part_end(r, s));
-    int64_t row = 0;
-    if (q.scale) {
-      row = r / s.row_len;
-      e = std::min(e, (row + 1) * s.row_len);
-    }
-    f(r, e, part_of(r, s), row);
-    r = e;
-  }
-}
-
 // Elements [a, b) (block-local, b - a <= kChunk) of block `s`: out = theta0 + sum_i coef * tau.
 template <typename T>
 void compose_tile(const Bufs& q, const Seg& s, int64_t a, int64_t b) {
@@ -89,7 +73,7 @@ void compose_tile(const Bufs& q, const Seg& s, int64_t a, int64_t b) {
       }
     }
   } else {  // slabs in register groups (axpy_slabs): acc is loaded and stored once per group
-    for_each_run(q, s, a, b, [&](int64_t r, int64_t e, int64_t p, int64_t row) {
+    for_each_run(s, q.scale != nullptr, a, b, [&](int64_t r, int64_t e, int64_t p, int64_t row) {
       for (int64_t i0 = 0; i0 < q.n; i0 += kGroup) {
         const int g = static_cast<int>(std::min<int64_t>(kGroup, q.n - i0));
         float c[kGroup] = {};
@@ -121,7 +105,7 @@ void grad_tile(const Bufs& q, const Seg& s, int64_t a, int64_t b, float* partial
       }
     }
   } else {  // per run, the dots of a group of slabs at once (dot_slabs); per slab the runs in order
-    for_each_run(q, s, a, b, [&](int64_t r, int64_t e, int64_t p, int64_t row) {
+    for_each_run(s, q.scale != nullptr, a, b, [&](int64_t r, int64_t e, int64_t p, int64_t row) {
       for (int64_t i0 = 0; i0 < q.n; i0 += kGroup) {
         const int gs = static_cast<int>(std::min<int64_t>(kGroup, q.n - i0));
         float d[kGroup];
@@ -247,12 +231,7 @@ at::Tensor coef_grad_cpu(const at::Tensor& grad, const at::Tensor& tau, const c1
   tl.add(block_seg(grad, k, mode, key));
   std::vector<float> partial(static_cast<size_t>(tl.size() * n * k), poison() ? NAN : 0.f);
   run_grad(q, tau.scalar_type(), tl, partial.data(), k);
-  float* o = out.data_ptr<float>();
-  for (int64_t c = 0; c < n * k; ++c) {  // tiles summed in tile order (float64)
-    double acc = 0.0;
-    for (int64_t t = 0; t < tl.size(); ++t) acc += partial[t * n * k + c];
-    o[c] = static_cast<float>(acc);
-  }
+  sum_in_order(partial.data(), tl.size(), n * k, out.data_ptr<float>());  // tiles in tile order
   return out;
 }
 

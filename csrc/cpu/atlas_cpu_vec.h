@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -270,33 +271,59 @@ inline void axpy_dot_group(float* acc, const float* x, const T* t, int64_t strid
   }
 }
 
+// f(std::integral_constant<int, G>{}) for the run-time group size g (1 <= g <= kGroup): the one
+// switch from a run-time group size to the compile-time G of the group loops.
+template <typename F>
+inline void with_group(int g, F&& f) {
+  switch (g) {
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    default: f(std::integral_constant<int, 1>{});
+  }
+}
+
 // The group loops for a run-time group size 1 <= g <= kGroup.
 template <typename T>
 inline void axpy_slabs(int g, float* acc, const T* t, int64_t stride, const float* c, int64_t n) {
-  switch (g) {
-    case 4: axpy_group<T, 4>(acc, t, stride, c, n); break;
-    case 3: axpy_group<T, 3>(acc, t, stride, c, n); break;
-    case 2: axpy_group<T, 2>(acc, t, stride, c, n); break;
-    default: axpy_group<T, 1>(acc, t, stride, c, n);
-  }
+  with_group(g, [&](auto G) { axpy_group<T, decltype(G)::value>(acc, t, stride, c, n); });
 }
 template <typename T>
 inline void dot_slabs(int g, const float* x, const T* t, int64_t stride, int64_t n, float* out) {
-  switch (g) {
-    case 4: dot_group<T, 4>(x, t, stride, n, out); break;
-    case 3: dot_group<T, 3>(x, t, stride, n, out); break;
-    case 2: dot_group<T, 2>(x, t, stride, n, out); break;
-    default: dot_group<T, 1>(x, t, stride, n, out);
-  }
+  with_group(g, [&](auto G) { dot_group<T, decltype(G)::value>(x, t, stride, n, out); });
 }
 template <typename T>
 inline void axpy_dot_slabs(int g, float* acc, const float* x, const T* t, int64_t stride, const float* c, int64_t n,
                            float* out) {
-  switch (g) {
-    case 4: axpy_dot_group<T, 4>(acc, x, t, stride, c, n, out); break;
-    case 3: axpy_dot_group<T, 3>(acc, x, t, stride, c, n, out); break;
-    case 2: axpy_dot_group<T, 2>(acc, x, t, stride, c, n, out); break;
-    default: axpy_dot_group<T, 1>(acc, x, t, stride, c, n, out);
+  with_group(g, [&](auto G) { axpy_dot_group<T, decltype(G)::value>(acc, x, t, stride, c, n, out); });
+}
+
+// Calls f(r, e, p, row) for the runs [r, e) of [a, b) (block-local elements of segment s) that share
+// one part p and, with by_row (scaled storage: one scale per slab and row), one row of s.row_len
+// elements (row is 0 without by_row). Contiguous and single-part layouts; hash layouts vary the
+// part per element.
+template <typename F>
+inline void for_each_run(const Seg& s, bool by_row, int64_t a, int64_t b, F&& f) {
+  for (int64_t r = a; r < b;) {
+    int64_t e = std::min(b, part_end(r, s));
+    int64_t row = 0;
+    if (by_row) {
+      row = r / s.row_len;
+      e = std::min(e, (row + 1) * s.row_len);
+    }
+    f(r, e, part_of(r, s), row);
+    r = e;
+  }
+}
+
+// out[c] = float(sum over blocks b = 0, 1, ... of partial[b * nk + c]), summed in float64 in block
+// order: the fixed-order final sum of every CPU coefficient-gradient reduction over one block.
+template <typename P>
+inline void sum_in_order(const P* partial, int64_t nblocks, int64_t nk, float* out) {
+  for (int64_t c = 0; c < nk; ++c) {
+    double acc = 0.0;
+    for (int64_t b = 0; b < nblocks; ++b) acc += partial[b * nk + c];
+    out[c] = static_cast<float>(acc);
   }
 }
 

@@ -70,25 +70,15 @@ struct WBlock {
   const float* scale;     // [n, out] or nullptr
   Seg seg;                // block-local partition (start 0, row_len = in)
   int64_t chunk;          // elements per chunk of the parallel loops
+  // the scale of slab i for row `row` of W (1 without scales)
+  float scale_of(int64_t i, int64_t row) const { return scale ? scale[i * out + row] : 1.f; }
 };
-
-// Calls f(r, e, p, row) for the runs [r, e) of [a, b) (block-local) that share one part p and one
-// row of W (so one scale per slab): contiguous and single-part layouts.
-template <typename F>
-inline void for_each_run(const WBlock& w, int64_t a, int64_t b, F&& f) {
-  for (int64_t r = a; r < b;) {
-    const int64_t row = r / w.seg.row_len;
-    const int64_t e = std::min({b, (row + 1) * w.seg.row_len, part_end(r, w.seg)});
-    f(r, e, part_of(r, w.seg), row);
-    r = e;
-  }
-}
 
 // The per-slab multipliers of a run: c[u] = coef[i0 + u, p] * scale[i0 + u, row], u < g.
 inline void run_coefs(const WBlock& w, int64_t i0, int g, int64_t p, int64_t row, float* c) {
   for (int u = 0; u < g; ++u) {
     const int64_t i = i0 + u;
-    c[u] = w.coef[i * w.seg.k + p] * (w.scale ? w.scale[i * w.out + row] : 1.f);
+    c[u] = w.coef[i * w.seg.k + p] * w.scale_of(i, row);
   }
 }
 
@@ -109,13 +99,13 @@ void compose_range(const WBlock& w, int64_t a, int64_t b, float* acc) {
         for (int64_t r = c0; r < c1;) {
           const int64_t row = r / s.row_len;
           const int64_t e = std::min(c1, (row + 1) * s.row_len);
-          const float sc = w.scale ? w.scale[i * w.out + row] : 1.f;
+          const float sc = w.scale_of(i, row);
           axpy_gather<T>(ac + (r - c0), ti + r, e - r, w.coef + i * s.k, part + (r - c0), sc);
           r = e;
         }
       }
     } else {  // slabs in register groups: the accumulator loaded and stored once per group
-      for_each_run(w, c0, c1, [&](int64_t r, int64_t e, int64_t p, int64_t row) {
+      for_each_run(w.seg, true, c0, c1, [&](int64_t r, int64_t e, int64_t p, int64_t row) {
         for (int64_t i0 = 0; i0 < w.n; i0 += kGroup) {
           const int g = static_cast<int>(std::min<int64_t>(kGroup, w.n - i0));
           float c[kGroup] = {};
@@ -146,7 +136,7 @@ void grad_range(const WBlock& w, int64_t a, int64_t b, const float* g, float* wt
       const int64_t e = std::min(b, (row + 1) * s.row_len);
       for (int64_t i = 0; i < w.n; ++i) {
         const T* t = tau + i * w.P + r;
-        const float sc = w.scale ? w.scale[i * w.out + row] : 1.f;
+        const float sc = w.scale_of(i, row);
         if (wt) axpy_gather<T>(wt + (r - a), t, e - r, w.coef + i * s.k, part + (r - a), sc);
         std::fill(kb, kb + s.k, 0.f);
         dot_scatter<T>(g + (r - a), t, e - r, part + (r - a), 1.f, kb);
@@ -157,7 +147,7 @@ void grad_range(const WBlock& w, int64_t a, int64_t b, const float* g, float* wt
     return;
   }
   // per run, a group of slabs at once: each element decoded once for W and for the dot
-  for_each_run(w, a, b, [&](int64_t r, int64_t e, int64_t p, int64_t row) {
+  for_each_run(w.seg, true, a, b, [&](int64_t r, int64_t e, int64_t p, int64_t row) {
     for (int64_t i0 = 0; i0 < w.n; i0 += kGroup) {
       const int gs = static_cast<int>(std::min<int64_t>(kGroup, w.n - i0));
       float c[kGroup] = {}, d[kGroup];
@@ -170,7 +160,7 @@ void grad_range(const WBlock& w, int64_t a, int64_t b, const float* g, float* wt
       }
       for (int u = 0; u < gs; ++u) {
         const int64_t i = i0 + u;
-        partial[i * s.k + p] += static_cast<double>(d[u]) * (w.scale ? w.scale[i * w.out + row] : 1.f);
+        partial[i * s.k + p] += static_cast<double>(d[u]) * w.scale_of(i, row);
       }
     }
   });
@@ -293,12 +283,7 @@ std::tuple<at::Tensor, at::Tensor> fused_linear_backward_cpu(const at::Tensor& g
       }
     });
   });
-  float* o = dcoef.data_ptr<float>();
-  for (int64_t c = 0; c < n * k; ++c) {  // chunks summed in chunk order
-    double acc = 0.0;
-    for (int64_t b = 0; b < nchunks; ++b) acc += partial[b * n * k + c];
-    o[c] = static_cast<float>(acc);
-  }
+  sum_in_order(partial.data(), nchunks, n * k, dcoef.data_ptr<float>());  // chunks in chunk order
   if (!need_dx) return {at::empty({0}, x.options()), dcoef};
   auto dx32 = at::mm(dy32, at::from_blob(wbuf, {out, in}, f32));  // dx = dy W
   return {dt == at::kFloat ? dx32 : dx32.to(dt), dcoef};
