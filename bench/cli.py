@@ -256,7 +256,6 @@ def main(argv=None) -> int:
     longest = 0.0
     stopped = False
     todo = [(rnd, job) for rnd in range(1, args.rounds + 1) for job in todo]
-    i = 0
     for i, (rnd, job) in enumerate(todo):
         elapsed = time.perf_counter() - t_run
         if args.max_minutes is not None and elapsed + longest > args.max_minutes * 60:

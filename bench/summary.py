@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from statistics import median, quantiles
 from typing import Dict, Iterable, List, Optional
 
 from atlas_kernels.storage import BYTES_PER_ELEMENT
@@ -50,20 +51,6 @@ def rounds_of(rows: Iterable[dict]) -> Dict[tuple, Dict[int, dict]]:
     return out
 
 
-def _median(xs: List[float]) -> float:
-    xs = sorted(xs)
-    n = len(xs)
-    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
-
-
-def _quantile(xs: List[float], q: float) -> float:
-    xs = sorted(xs)
-    pos = q * (len(xs) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
 def merged(rows: Iterable[dict]) -> List[dict]:
     """One row per job key, as :func:`latest`, except that a key measured in several rounds gets
     the rounds pooled: ``step_ms`` and its p20/p80 from every timed step of every round (the
@@ -79,9 +66,10 @@ def merged(rows: Iterable[dict]) -> List[dict]:
         good = [r for r in rs if ok(r)]
         steps = [t for r in good for t in (r.get("step_times_ms") or [])]
         if steps and all(r.get("step_times_ms") for r in good):
-            m.update(step_ms=_median(steps), step_ms_p20=_quantile(steps, 0.2), step_ms_p80=_quantile(steps, 0.8))
+            q = quantiles(steps, n=5, method="inclusive")  # linear, as a round's torch.quantile
+            m.update(step_ms=median(steps), step_ms_p20=q[0], step_ms_p80=q[3])
         elif good:
-            m.update(step_ms=_median([r["step_ms"] for r in good]), step_ms_p20=min(r["step_ms"] for r in good),
+            m.update(step_ms=median([r["step_ms"] for r in good]), step_ms_p20=min(r["step_ms"] for r in good),
                      step_ms_p80=max(r["step_ms"] for r in good))
         peaks = [r["peak_bytes"] for r in rs if r.get("peak_bytes")]
         if peaks:
@@ -89,7 +77,7 @@ def merged(rows: Iterable[dict]) -> List[dict]:
         for f in ("copy_gbps", "matmul_tflops"):
             vals = [r[f] for r in rs if r.get(f)]
             if vals:
-                m[f] = _median(vals)
+                m[f] = median(vals)
         out.append(m)
     return out
 
@@ -178,7 +166,7 @@ def ratios(rows: List[dict]) -> List[dict]:
                                       a["n_task_vectors"], a["storage"])
             if len(paired) >= 2:
                 d["two_pass_rounds"] = paired
-                d["(atlas-floor)/two_pass"] = _median(paired)
+                d["(atlas-floor)/two_pass"] = median(paired)
         out.append(d)
     return out
 

@@ -157,15 +157,14 @@ def linear(x, wblock: Block, bblock: Optional[Block] = None):
 # the fused linear (CPU kernels only; csrc/cpu/atlas_fused_linear.cpp)
 # ------------------------------------------------------------------------------------------------
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# When linear takes the fused op on CPU: FUSED_LINEAR_CPU None ("auto", the default) or True
-# wherever it applies, False never; the environment variable ATLAS_KERNELS_EXT_FUSED_LINEAR=1 / =0
-# (read once, at import) sets True / False. Since the op composes one whole block into a reused
-# scratch and multiplies with one ATen GEMM, it runs the same GEMMs as compose + matmul with fewer
-# memory passes (no W allocated and kept for backward, no G allocated): measured faster for
-# float16 and int8 slabs (bench/results/2026-12-01-cpu-ext-scratch.txt). The first, tile-fused
-# design (single-threaded tile GEMMs) was slower with float16 slabs, hence the switch.
+# Whether linear takes the fused op on CPU (wherever it applies): True by default; the environment
+# variable ATLAS_KERNELS_EXT_FUSED_LINEAR=0 (read once, at import) sets False. Since the op composes
+# one whole block into a reused scratch and multiplies with one ATen GEMM, it runs the same GEMMs as
+# compose + matmul with fewer memory passes (no W allocated and kept for backward, no G allocated):
+# measured faster for float16 and int8 slabs (bench/results/2026-12-01-cpu-ext-scratch.txt). The
+# first, tile-fused design (single-threaded tile GEMMs) was slower with float16 slabs, hence the switch.
 HAS_FUSED_CPU = torch._C._dispatch_has_kernel_for_dispatch_key("atlas_kernels_ext::fused_linear", "CPU")
-FUSED_LINEAR_CPU = {"1": True, "0": False}.get(os.environ.get("ATLAS_KERNELS_EXT_FUSED_LINEAR", ""))
+FUSED_LINEAR_CPU = os.environ.get("ATLAS_KERNELS_EXT_FUSED_LINEAR", "") != "0"
 
 
 def fused_linear_applies(x, wblock: Block) -> bool:
@@ -177,8 +176,7 @@ def fused_linear_applies(x, wblock: Block) -> bool:
     w0, w_tau = wblock.theta0, wblock.tau
     if not HAS_FUSED_CPU or w_tau is None:
         return False
-    wanted = FUSED_LINEAR_CPU is not False
-    return (wanted and wblock.lora is None and x.device.type == "cpu"
+    return (FUSED_LINEAR_CPU and wblock.lora is None and x.device.type == "cpu"
             and w0.device.type == "cpu" and w0.dim() == 2 and w_tau.dim() == 3 and x.dim() >= 1
             and x.shape[-1] == w0.shape[1] and compute_dtype(x) in _FUSED_DTYPES and w0.dtype in _FUSED_DTYPES)
 
