@@ -101,6 +101,14 @@ def _read(f, path: str, verify: bool):
     blocks = _meta_json(meta, "blocks", list, path)
     shapes = _meta_json(meta, "shapes", dict, path)
     crcs = _meta_json(meta, "crc32", dict, path, default="{}")
+    if not all(isinstance(b, str) for b in blocks):
+        raise ValueError(f"{path!r}: metadata 'blocks' must list block names (strings)")
+    twice = sorted({b for b in blocks if blocks.count(b) > 1})
+    if twice:
+        raise ValueError(f"{path!r}: metadata 'blocks' lists block(s) {twice[:3]} more than once: the file is "
+                         f"corrupted or was edited (loading it would count those blocks twice)")
+    if not isinstance(names, list) or not all(isinstance(x, str) for x in names):
+        raise ValueError(f"{path!r}: metadata 'names' must be a list of strings")
     keys = set(f.keys())
     listed = {p + b for b in blocks for p in _KINDS}
     unlisted = sorted(keys - listed)

@@ -48,6 +48,15 @@ def _check_scales(name: str, st: str, slab: torch.Tensor, sc: Optional[torch.Ten
                              f"got {got}")
         if not all_finite(sc):
             raise ValueError(f"block {name!r}: scales hold NaN or inf")
+        # A scale maps a row's largest magnitude to QMAX, so it is > 0 (1.0 for an all-zero row). A
+        # negative scale would flip that row of the task vector's sign, and a zero one erase it:
+        # both without any other sign, so they are refused.
+        bad = (sc <= 0).nonzero()
+        if bad.numel():
+            i, r = (int(v) for v in bad[0])
+            raise ValueError(f"block {name!r}: {st} scales must be positive (each row's largest magnitude / "
+                             f"{QMAX[st]:g}), got {float(sc[i, r]):.6g} for task vector {i}, row {r} "
+                             f"({bad.shape[0]} such scale(s)); a negative scale would flip that row's sign")
     elif sc is not None:
         raise ValueError(f"block {name!r}: scales are only for int8/float8_e4m3fn storage, not {st}")
 
@@ -128,9 +137,15 @@ def validate(slabs: Mapping, names: Optional[Sequence[str]], scales: Optional[Ma
         raise ValueError(f"scales given for blocks without slabs: {sorted(extra)[:5]}")
     if names is None:
         names = [f"task_vector_{i}" for i in range(n)]
+    if isinstance(names, str):
+        raise TypeError(f"names must be a list of N strings, got the single string {names!r}")
     names = [str(x) for x in names]
     if len(names) != n:
         raise ValueError(f"names: expected {n} names (one per task vector), got {len(names)}")
+    dup = sorted({x for x in names if names.count(x) > 1})
+    if dup:
+        raise ValueError(f"names: task-vector names must be distinct (coefficient files and reports find a task "
+                         f"vector by its name), got {dup[:3]} more than once in {names[:8]}")
     slabs = {k: v.contiguous() for k, v in slabs.items()}
     lora = {k: (a.contiguous(), b.contiguous()) for k, (a, b) in lora.items()}
     devices = {**{k: v.device for k, v in slabs.items()}, **{k: ab[0].device for k, ab in lora.items()}}
