@@ -32,10 +32,21 @@ def _heavy(named_args, kwargs) -> bool:
     return _arg(named_args, kwargs, "K", 1) > 1 or bool(_arg(named_args, kwargs, "HAS_SCALE", False))
 
 
+def _light(cfg) -> bool:
+    """Whether ``cfg`` is one of the *_LIGHT configs, recognised by its values alone: Triton's
+    autotune disk cache (``TRITON_CACHE_AUTOTUNING=1``) rebuilds configs with ``Config(**json)`` from
+    their ``__dict__``, so a Config must carry no attribute of ours (one did: ``TypeError: unexpected
+    keyword argument``, issue 22)."""
+    kw = cfg.kwargs
+    tile = kw.get("BLOCK_O", kw.get("BLOCK_I"))
+    light = FUSED_LIGHT if "BLOCK_O" in kw else FUSED_DX_LIGHT
+    return (tile, kw.get("BLOCK_K"), cfg.num_warps) in light
+
+
 def _prune_fused(configs, named_args, **kwargs):
     if not _heavy(named_args, kwargs):
         return configs
-    kept = [c for c in configs if not getattr(c, "atlas_light", False)]
+    kept = [c for c in configs if not _light(c)]
     return kept or configs
 
 
@@ -49,13 +60,7 @@ def _prune_lcg(configs, named_args, **kwargs):
 
 
 def _fused_configs(safe, light, tile_name):
-    out = []
-    for group, is_light in ((safe, False), (light, True)):
-        for t, bk, w in group:
-            cfg = triton.Config({tile_name: t, "BLOCK_K": bk}, num_warps=w, num_stages=3)
-            cfg.atlas_light = is_light  # read by _prune_fused
-            out.append(cfg)
-    return out
+    return [triton.Config({tile_name: t, "BLOCK_K": bk}, num_warps=w, num_stages=3) for t, bk, w in safe + light]
 
 
 def _block_m(m: int) -> int:
