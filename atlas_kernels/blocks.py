@@ -54,6 +54,13 @@ class Block(NamedTuple):
     lora: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
     index: Optional[torch.Tensor] = None
 
+    def encoding(self) -> Tuple[int, int, int]:
+        """``(k, code, key)`` of the block's partition (:meth:`Partition.encoding`); no partition
+        means ``Partition(K)`` with K the coefficients' column count."""
+        if self.partition is not None:
+            return self.partition.encoding()
+        return (self.coef.shape[1] if self.coef.dim() == 2 else 1), 0, 0
+
     @property
     def adapted(self) -> bool:
         """Whether the block has task vectors (dense or LoRA) and coefficients."""

@@ -3,43 +3,37 @@
 Every adapted block ``b`` of a module is stored as:
 
 - ``<b>``: the frozen pre-trained value ``theta0`` (a persistent buffer, so state-dict keys stay
-  where users expect them; reading the attribute ``module.<b>`` gives the composed value, and
-  ``module._theta0("<b>")`` the frozen one);
+  where users expect them: ``c_fc.weight``, ``ln_1.weight``); reading the attribute ``module.<b>``
+  gives the composed value, and ``module._theta0("<b>")`` the frozen one;
 - ``<b>_tau``: the ``[N, *shape]`` slab (a non-persistent buffer: task vectors are not copied into
-  model checkpoints; ``<b>_scale`` beside it for int8/fp8 storage);
+  model checkpoints; ``<b>_scale`` beside it for int8/fp8 storage, ``<b>_index`` for a ragged block,
+  ``<b>_lora_a`` / ``<b>_lora_b`` for LoRA factors);
 - ``<b>_coef``: the trainable coefficients, an ``nn.Parameter`` of shape ``(N,)`` or ``(N, K)``.
 
 A block a task-vector set does not name is kept as a frozen buffer at ``theta0`` and has no
 coefficients.
 
-- :class:`AtlasLinear` replaces ``nn.Linear`` (its matmul and coefficient gradient are fused ops).
-- :class:`AtlasMultiheadAttention` replaces ``nn.MultiheadAttention`` (in-projection and
-  out-projection through the same fused linear op, attention through
-  ``F.scaled_dot_product_attention``).
+- :class:`AtlasLinear` replaces ``nn.Linear``; :class:`AtlasMultiheadAttention` replaces
+  ``nn.MultiheadAttention`` (in-projection and out-projection through the same linear path,
+  attention through ``F.scaled_dot_product_attention``).
 - :class:`AtlasParameter` is the generic path for every other block (LayerNorm weights and biases,
   the patch-embedding convolution, class and positional embeddings, the final projection, and any
-  parameter of any module): a ``torch.nn.utils.parametrize`` parametrization whose value is the
-  composed block, so the owning module's own ``forward`` runs unchanged.
-- :class:`~atlas_kernels.grouping.SmallBlockGroup` (its own file, :mod:`atlas_kernels.grouping`)
-  composes the small dense :class:`AtlasParameter` blocks of a patched module together, in one
-  ``compose_packed`` launch per forward of that module (Triton backend, or the compiled extension).
+  parameter of any module): the owner keeps its own class's ``forward``, its class is swapped for
+  one subclass per original class (``AtlasLayerNorm`` for every LayerNorm: no class per block, so
+  ``torch.compile`` traces them all with one set of guards) whose block attributes read the
+  composed value.
 
-Which path a block takes, and why every read of it sees the composed value:
+Where a composed value comes from (every read sees ``theta0 + sum_i lam_i tau_i``):
 
-- ``nn.Linear`` (plain forward) and ``nn.MultiheadAttention`` (packed in-projection) are swapped
-  for :class:`AtlasLinear` / :class:`AtlasMultiheadAttention`, whose own ``forward`` runs the fused
-  ops (no composed weight, or no weight-sized gradient, in memory). Code that reads their
-  parameters *without* calling them (open_clip's ``AttentionPool2d`` in the RN50/RN101 towers
-  hands ``q_proj.weight`` ... ``c_proj.bias`` to ``F.multi_head_attention_forward``; custom heads)
-  gets the composed value too: each block is a class attribute that composes on read
-  (differentiable in the coefficients), while the state-dict key keeps holding ``theta0``.
-- Everything else (and a tied parameter, which has several owners) is a parametrization: the
-  owner's attribute is ``theta0 + sum_i lam_i tau_i`` wherever it is read, by construction. A
-  tied tensor gets one shared :class:`AtlasParameter` on every owner: one set of coefficients, one
-  value for every user.
+- in an eager forward of the patched root, the root's :class:`~atlas_kernels.plan.Plan` composes
+  every grouped block at once before the forward body runs (:class:`~atlas_kernels.ops.group.GroupCompose`),
+  and each module reads its view (``plan.value``);
+- otherwise (under ``torch.compile``, a submodule called on its own, a block outside any group, a
+  read after ``optimizer.step()``) the module composes the block itself through its backend's
+  per-block op.
 
 Modules only hold state and call :mod:`atlas_kernels.ops`; patching lives in
-:mod:`atlas_kernels.patching`.
+:mod:`atlas_kernels.patching`, the plan in :mod:`atlas_kernels.plan`.
 """
 from __future__ import annotations
 
@@ -48,177 +42,167 @@ from typing import Dict, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.utils import parametrize
 
 from . import ops
 from .blocks import Block, BlockSpec
-from .partitions import Partition
+from .ops.backend import compute_dtype
 
-__all__ = ["AtlasModule", "AtlasLinear", "AtlasMultiheadAttention", "AtlasParameter", "BlockSpec",
-           "SMALL_BLOCK_NUMEL"]
-
-# AtlasParameter blocks of at most this many elements are composed together by a SmallBlockGroup
-# (one compose_packed launch per forward instead of one compose launch each). 1 << 17 (131,072)
-# takes every LayerNorm weight/bias, class and positional embedding of a ViT-B/L (the largest,
-# ViT-L/14's positional embedding, is 257 x 1024 = 263k: not grouped; ViT-B/32's 50 x 768 is), and
-# leaves the large blocks (patch-embedding convolution, final projection) to their own launch,
-# where one launch per block is cheap next to the bytes they move. The group keeps a packed copy of
-# its blocks' task vectors, so this bound also bounds the duplicated memory per block.
-SMALL_BLOCK_NUMEL = 1 << 17
-
-# Backends with a packed (one call for many small blocks) compose: SmallBlockGroup uses them.
-PACKED_BACKENDS = ops.PACKED_BACKENDS
-
-
-def _block_compose(theta0, owner, prefix, partition, dtype, backend):
-    """Compose one block registered by :meth:`BlockSpec.register` (differentiable in its coef)."""
-    return ops.compose(Block.read(owner, prefix, theta0, partition), dtype, backend=backend)
-
+__all__ = ["AtlasModule", "AtlasLinear", "AtlasMultiheadAttention", "AtlasParameter", "BlockSpec"]
 
 # Tensors a dtype conversion of the model must not touch: coefficients stay float32 (AdamW on
 # fp16 coefficients turns them into NaN, bf16 rounds small updates away), and the task vectors
 # keep their storage dtype with its float32 scales (an fp16 copy of a bf16 slab can overflow).
-_KEEP_DTYPE = ("coef", "tau", "scale", "lora_a", "lora_b", "index", "tau_flat", "scale_flat")
+_KEEP_DTYPE = ("coef", "tau", "scale", "lora_a", "lora_b", "index")
 
 
-def _apply_keeping(module: nn.Module, names, fn, recurse: bool):
-    """``nn.Module._apply`` in which the tensors ``names`` follow device moves but keep their
-    dtype (``model.half()``, ``.to(torch.bfloat16)``); everything else (theta0) converts."""
-    keep = set()
-    for n in names:
-        t = module._parameters.get(n)
-        if t is None:
-            t = module._buffers.get(n)
-        if t is not None:
-            keep.add(id(t))
-
-    def fn_keep(t):
-        out = fn(t)
-        if id(t) in keep and out.dtype != t.dtype:
-            out = t.to(device=out.device)
-        return out
-
-    return nn.Module._apply(module, fn_keep, recurse)
-
-
-def _check_frozen(theta0: torch.Tensor, block) -> None:
+def _check_frozen(theta0: torch.Tensor, coef: torch.Tensor) -> None:
     if theta0.requires_grad and torch.is_grad_enabled():
         raise RuntimeError(
-            f"the frozen pre-trained value (theta0, shape {tuple(theta0.shape)}) of a parametrized block with "
-            f"coefficients {tuple(block.coef.shape)} requires grad (after model.requires_grad_(True)?); "
-            f"atlas_kernels trains only the coefficients, and theta0 would get no gradient. Freeze it again with "
-            f"model.requires_grad_(False), then enable the coefficients: "
+            f"the frozen pre-trained value (theta0, shape {tuple(theta0.shape)}) of a block with coefficients "
+            f"{tuple(coef.shape)} requires grad; atlas_kernels trains only the coefficients, and theta0 would get "
+            f"no gradient. Freeze it again with model.requires_grad_(False), then enable the coefficients: "
             f"for p in atlas_kernels.coefficients(model).values(): p.requires_grad_(True)")
 
 
-@torch.no_grad()
-def _block_merged(theta0, owner, prefix, partition, what):
-    coef = getattr(owner, prefix + "coef")
-    if not torch.isfinite(coef).all():
-        raise ValueError(f"coefficients of block {what!r} hold NaN or inf; refusing to merge them")
-    block = Block.read(owner, prefix, theta0, partition)
-    if block.lora is not None:
-        return ops.lora_compose(block, theta0.dtype)
-    from .ops import torch_backend
+def _composed_property(name: str) -> property:
+    """``module.<name>``: the block's composed value, in theta0's dtype (see :meth:`_BlockHolder._atlas_read`)."""
+    def fget(self):
+        return self._atlas_read(name)
 
-    return torch_backend.compose_values(theta0, block.tau, block.coef, partition, theta0.dtype, block.scale)
+    return property(fget, doc=f"the composed value of block {name!r}: theta0 + sum_i lam_i tau_i")
 
 
-class _BlockHolder(nn.Module):
-    """Storage and composition of named blocks; shared by :class:`AtlasModule` and
-    :class:`AtlasParameter`."""
+# Every name the mixin adds to a generic owner's class starts with "_atlas_" (and _apply, which it
+# extends): a user's module may have methods called `merged` or `composed`, which must not be shadowed.
 
-    def __init__(self, backend: str = "auto"):
-        super().__init__()
-        self.backend = ops.check_backend(backend)
-        self._partitions: Dict[str, Partition] = {}
+
+class _BlockHolder:
+    """Storage and composition of named blocks: mixed into :class:`AtlasModule` and the generic
+    owners (:class:`AtlasParameter`). Per-instance state lives in ``__dict__`` (plain attributes, not
+    module state): ``_atlas_parts`` (adapted block -> partition), ``_atlas_backend`` (the backend
+    object of its own ops), ``_atlas_plan`` and ``_atlas_slots`` (set by the plan: where the
+    grouped values are), ``_atlas_own`` (linear weights that run the backend's own linear op),
+    ``_atlas_alias`` (tied blocks read from another owner)."""
+
+    def _atlas_setup(self, backend: str) -> None:
+        d = self.__dict__
+        d["_atlas_parts"] = {}
+        d["_atlas_backend_name"] = ops.check_backend(backend)
+        d["_atlas_backend"] = ops.get("torch")  # until the plan resolves it
+        d["_atlas_plan"] = None
+        d["_atlas_slots"] = {}
+        d["_atlas_own"] = frozenset()
+        d["_atlas_fused_max_m"] = None
+        d["_atlas_alias"] = {}
 
     def _apply(self, fn, recurse=True):
-        names = [n + "_" + s for n in self._partitions for s in _KEEP_DTYPE]
-        return _apply_keeping(self, names, fn, recurse)
+        """``nn.Module._apply`` (``.to()``, ``.half()``, ``.cuda()``) in which coefficients, slabs and
+        scales follow device moves but keep their dtype; theta0 converts. The plan is redone."""
+        keep = set()
+        for n in self._atlas_parts:
+            for s in _KEEP_DTYPE:
+                t = self._parameters.get(n + "_" + s)
+                if t is None:
+                    t = self._buffers.get(n + "_" + s)
+                if t is not None:
+                    keep.add(id(t))
 
-    def _add_block(self, name: str, theta0: Optional[torch.Tensor], spec: Optional[BlockSpec]):
+        def fn_keep(t):
+            out = fn(t)
+            if id(t) in keep and out.dtype != t.dtype:
+                out = t.to(device=out.device)
+            return out
+
+        out = super()._apply(fn_keep, recurse)
+        plan = self.__dict__.get("_atlas_plan")
+        if plan is not None:
+            plan.stale = True
+        return out
+
+    def _atlas_add_block(self, name: str, theta0: Optional[torch.Tensor], spec: Optional[BlockSpec]):
         if theta0 is None:
             self.register_buffer(name, None)
             return
-        self.register_buffer(name, theta0.detach())
+        self.register_buffer(name, theta0.detach().contiguous())
         if spec is None:
             return
         spec.register(self, name + "_")
-        self._partitions[name] = spec.partition
+        self._atlas_parts[name] = spec.partition
 
-    def _read_block(self, name: str, dtype: torch.dtype) -> Optional[torch.Tensor]:
-        """What a read of the attribute ``name`` from outside the module gives (see
-        :class:`_ComposedAttribute`): the composed value here; linearised modules override it."""
-        return self.composed(name, dtype)
-
-    def _theta0(self, name: str) -> Optional[torch.Tensor]:
-        """The frozen ``theta0`` buffer of block ``name`` (the attribute ``name`` itself reads the
-        composed value on :class:`AtlasModule`; see :class:`_ComposedAttribute`)."""
+    def _atlas_theta0(self, name: str) -> Optional[torch.Tensor]:
+        """The frozen ``theta0`` buffer of block ``name`` (the attribute reads the composed value)."""
         return self._buffers[name]
 
-    def _block(self, name: str) -> Block:
+    def _atlas_block(self, name: str) -> Block:
         """Block ``name`` as the ops take it: ``theta0`` with its slab (or LoRA factors) and the
         coefficients of the task vectors the slab holds (only ``theta0`` when not adapted)."""
-        return Block.read(self, name + "_", self._theta0(name), self._partitions.get(name))
+        return Block.read(self, name + "_", self._buffers[name], self._atlas_parts.get(name))
 
-    def composed(self, name: str, dtype: torch.dtype) -> Optional[torch.Tensor]:
-        """The block's current value in ``dtype`` (differentiable in its coefficients; ``theta0``
-        cast for a frozen block, None for an absent one: :func:`atlas_kernels.ops.compose`)."""
-        return ops.compose(self._block(name), dtype, backend=self.backend)
+    def _atlas_value(self, name: str, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """Block ``name``'s value in ``dtype`` for a computation: the plan's grouped view when it has
+        a valid one, else composed here (differentiable in the coefficients either way); ``theta0``
+        cast for a frozen block, None for an absent one."""
+        alias = self._atlas_alias.get(name)
+        if alias is not None:
+            owner, other = alias
+            return owner._atlas_value(other, dtype)
+        theta0 = self._buffers[name]
+        if theta0 is None:
+            return None
+        if name not in self._atlas_parts:
+            return theta0 if theta0.dtype == dtype else theta0.to(dtype)
+        plan = self._atlas_plan
+        if plan is not None:
+            v = plan.value(self, name, dtype)
+            if v is not None:
+                return v
+        _check_frozen(theta0, self._parameters[name + "_coef"])
+        return ops.compose(self._atlas_block(name), dtype, self._atlas_backend)
 
-    def _linear(self, x: torch.Tensor, wname: str, bname: str) -> torch.Tensor:
-        """``x W^T + c`` for blocks ``wname``/``bname`` through the backend's fused linear op (or the
-        factored LoRA op)."""
-        return ops.linear(x, self._block(wname), self._block(bname), backend=self.backend)
+    def _atlas_read(self, name: str) -> Optional[torch.Tensor]:
+        """What a read of the attribute ``name`` gives: the composed value in theta0's dtype (code
+        outside the module's own forward reads parameters directly: open_clip's
+        ``AttentionPool2d`` hands ``q_proj.weight`` to ``F.multi_head_attention_forward``; reading
+        theta0 there would be a silent wrong answer). Linearised modules override it."""
+        alias = self._atlas_alias.get(name)
+        if alias is not None:
+            theta0 = alias[0]._buffers[alias[1]]
+        elif name in self._buffers:
+            theta0 = self._buffers[name]
+        else:  # not registered yet (register_buffer asks hasattr first)
+            raise AttributeError(name)
+        return None if theta0 is None else self._atlas_value(name, theta0.dtype)
 
-    def adapted_blocks(self) -> Dict[str, nn.Parameter]:
+    def _atlas_adapted(self) -> Dict[str, nn.Parameter]:
         """Local block name -> its coefficients, for the adapted blocks of this module."""
-        return {name: getattr(self, name + "_coef") for name in self._partitions}
+        return {name: self._parameters[name + "_coef"] for name in self._atlas_parts}
 
-    def merged(self, name: str) -> torch.Tensor:
-        """``theta0 + sum_i lam_i tau_i`` computed in float32, in theta0's dtype."""
-        theta0 = self._theta0(name)
-        if name not in self._partitions:
+    @torch.no_grad()
+    def _atlas_merged(self, name: str) -> torch.Tensor:
+        """``theta0 + sum_i lam_i tau_i`` computed in float32 (float64 for float64 blocks), in theta0's
+        dtype; refuses non-finite coefficients."""
+        theta0 = self._buffers[name]
+        if name not in self._atlas_parts:
             return theta0.detach().clone()
-        return _block_merged(theta0, self, name + "_", self._partitions[name], name)
+        coef = self._parameters[name + "_coef"]
+        if not torch.isfinite(coef).all():
+            raise ValueError(f"coefficients of block {name!r} hold NaN or inf; refusing to merge them")
+        block = self._atlas_block(name)
+        if block.lora is not None:
+            return ops.lora_compose(block, theta0.dtype)
+        from .ops.torch_backend import compose_values
+
+        return compose_values(theta0, block.tau, block.coef, block.partition, theta0.dtype, block.scale)
 
 
-class _ComposedAttribute:
-    """``module.<name>`` on an :class:`AtlasModule` reads the block's composed value
-    ``theta0 + sum_i lam_i tau_i`` (in theta0's dtype, differentiable in the coefficients), exactly
-    what the original module's attribute would hold with the merged weights.
-
-    Why: code outside the module's own ``forward`` reads parameters directly. open_clip's
-    ``AttentionPool2d`` (the RN50/RN101 towers) passes ``q_proj.weight``, ``k_proj.bias``,
-    ``c_proj.weight``... straight to ``F.multi_head_attention_forward`` and never calls the
-    projections; custom heads do the same. Reading the frozen ``theta0`` there would be a silent
-    wrong answer. The module's own ``forward`` does not read the attribute: it hands ``theta0``
-    (``_buffers[name]``) and the slab to the fused op. The state-dict key stays ``<name>`` (the
-    buffer holds ``theta0``); a direct read composes afresh each time (one compose op per read).
-    """
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def __get__(self, obj, objtype=None):
-        if obj is None:
-            return self
-        buffers = obj.__dict__.get("_buffers")
-        if buffers is None or self.name not in buffers:
-            raise AttributeError(self.name)
-        theta0 = buffers[self.name]
-        return None if theta0 is None else obj._read_block(self.name, theta0.dtype)
-
-
-class AtlasModule(_BlockHolder):
+class AtlasModule(_BlockHolder, nn.Module):
     """Base of the swapped-in modules. ``_atlas_original`` is the original module, stripped of the
     tensors that moved here, kept (hidden from ``.modules()``) so that ``unpatch`` can hand it back
     with merged parameters and every other attribute, hook and subclass intact.
 
-    Each block in ``block_names`` reads as its composed value (see :class:`_ComposedAttribute`):
-    ``atlas_linear.weight`` is ``theta0 + sum_i lam_i tau_i``, wherever it is read; the frozen value
-    is ``atlas_linear._theta0("weight")``.
+    Each block in ``block_names`` reads as its composed value: ``atlas_linear.weight`` is
+    ``theta0 + sum_i lam_i tau_i``, wherever it is read; the frozen value is
+    ``atlas_linear._theta0("weight")``.
     """
 
     block_names: tuple = ()
@@ -226,22 +210,67 @@ class AtlasModule(_BlockHolder):
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         for name in cls.__dict__.get("block_names", ()):
-            setattr(cls, name, _ComposedAttribute(name))
+            setattr(cls, name, _composed_property(name))
+
+    def __init__(self, backend: str = "auto"):
+        nn.Module.__init__(self)
+        self._atlas_setup(backend)
+
+    # Our own classes: the friendly names of the mixin's methods.
+    _add_block = _BlockHolder._atlas_add_block
+    _theta0 = _BlockHolder._atlas_theta0
+    _block = _BlockHolder._atlas_block
+    _read_block = _BlockHolder._atlas_read
+    adapted_blocks = _BlockHolder._atlas_adapted
+    merged = _BlockHolder._atlas_merged
+
+    def composed(self, name: str, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """The block's current value in ``dtype`` (differentiable in its coefficients; ``theta0``
+        cast for a frozen block, None for an absent one)."""
+        return self._atlas_value(name, dtype)
+
+    @property
+    def backend(self) -> str:
+        """The backend this module was patched with (``"auto"``, ``"torch"``, ...); the one that runs
+        is ``self._atlas_backend.name`` (resolved by the plan)."""
+        return self._atlas_backend_name
 
     def _keep_original(self, module: nn.Module):
         object.__setattr__(self, "_atlas_original", module)
 
+    def _linear(self, x: torch.Tensor, wname: str, bname: str) -> torch.Tensor:
+        """``x W^T + c`` for blocks ``wname``/``bname``: ``F.linear`` on their values (grouped views in
+        an eager forward), or the backend's own linear op for a weight that takes it (LoRA factors;
+        the fused linear, see :class:`~atlas_kernels.patch_config.PatchConfig` ``fused_linear``)."""
+        if wname in self._atlas_own:
+            dtype = compute_dtype(x)
+            block = self._atlas_block(wname)
+            _check_frozen(block.theta0, block.coef)
+            bias = self._atlas_value(bname, dtype)
+            if block.lora is not None:
+                return ops.lora_linear(x, block, bias)
+            y = self._atlas_backend.linear(x, block, **self._atlas_linear_kw)
+            return y if bias is None else y + bias
+        dtype = compute_dtype(x)
+        return F.linear(x, self._atlas_value(wname, dtype), self._atlas_value(bname, dtype))
+
+    @property
+    def _atlas_linear_kw(self) -> dict:
+        m = self._atlas_fused_max_m
+        return {} if m is None or self._atlas_backend.name != "triton" else {"fused_max_m": m}
+
     def extra_repr(self) -> str:
-        adapted = ", ".join(self._partitions) or "none"
-        return f"adapted=[{adapted}], backend={self.backend!r}"
+        adapted = ", ".join(self._atlas_parts) or "none"
+        return f"adapted=[{adapted}], backend={self._atlas_backend.name!r}"
 
 
 class AtlasLinear(AtlasModule):
     """Drop-in for ``nn.Linear``: ``y = x W^T + c`` with ``W``, ``c`` composed from task vectors.
 
-    Forward and backward are :func:`atlas_kernels.ops.linear`: with the Triton backend the composed
-    weight is built tile by tile inside the matmul (small batches) and ``dlam_i = <dy^T x, tau_i>``
-    is reduced tile by tile, so no weight-sized gradient exists.
+    In an eager forward of the patched root, ``W`` and ``c`` are views of the plan's grouped
+    compose and ``F.linear`` (cuBLAS) runs as in the plain model; the plain model's own weight
+    gradient ``G = dy^T x`` flows back into the grouped coefficient-gradient pass. A weight that runs
+    its backend's own op (``fused_linear``) never exists in memory on the fused paths.
     """
 
     block_names = ("weight", "bias")
@@ -314,11 +343,11 @@ class AtlasMultiheadAttention(AtlasModule):
         if query is key and key is value:
             q, k, v = self._linear(q_in, "in_proj_weight", "in_proj_bias").chunk(3, dim=-1)
         else:
-            dtype = ops.compute_dtype(q_in)
+            dtype = compute_dtype(q_in)
             # Different inputs: compose the packed in-projection once, then one matmul per slice.
             w = self.composed("in_proj_weight", dtype)
             b = self.composed("in_proj_bias", dtype)
-            q, k, v = (F.linear(t.to(dtype), w[i * e:(i + 1) * e], None if b is None else b[i * e:(i + 1) * e])
+            q, k, v = (F.linear(t, w[i * e:(i + 1) * e], None if b is None else b[i * e:(i + 1) * e])
                        for i, t in enumerate((q_in, k_in, v_in)))
         h, d = self.num_heads, self.head_dim
         q = q.reshape(bsz, tgt_len, h, d).transpose(1, 2)
@@ -367,50 +396,81 @@ def _merge_masks(attn_mask, key_padding_mask, bsz, h, tgt, src, dtype):
     return mask
 
 
-class AtlasParameter(nn.Module):
-    """Generic composed block, registered with ``torch.nn.utils.parametrize``: the owning module
-    reads ``theta0 + sum_i lam_i tau_i`` wherever it reads the parameter.
+class AtlasParameter(_BlockHolder):
+    """The generic path: every adapted parameter of a module that is neither a linear layer nor a
+    packed multi-head attention (LayerNorm, convolution, embeddings, raw parameters such as
+    ``class_embedding``, ``positional_embedding``, ``proj``, tied weights).
 
-    ``parametrize`` keeps ``theta0`` as ``parametrizations.<name>.original`` (frozen); this module
-    holds the slab (``tau``), optional ``scale`` and the coefficients (``coef``).
+    :meth:`adopt` moves the parameter's tensor into a ``theta0`` buffer of the same name (the state-dict
+    key stays ``ln_1.weight``), registers the slab and coefficients beside it (``ln_1.weight_coef``),
+    and swaps the owner's class for ``Atlas<Class>``: the original class with this mixin in front and a
+    property per adapted name that reads the composed value. One such class per (original class,
+    adapted names): every LayerNorm of a tower shares ``AtlasLayerNorm``. The owner's own ``forward``
+    runs unchanged. :meth:`release` undoes it (``unpatch``).
     """
 
-    def __init__(self, spec: BlockSpec, backend: str = "auto"):
-        super().__init__()
-        self.backend = ops.check_backend(backend)
-        spec.register(self, "")
-        self.partition = spec.partition
-
     @classmethod
-    def from_module(cls, owner: nn.Module, specs: Dict[str, BlockSpec], backend: str = "auto",
-                    shared: Optional[Dict[int, "AtlasParameter"]] = None) -> nn.Module:
-        """Parametrize the blocks ``specs`` names on ``owner``, in place. ``shared`` (``id(spec)`` ->
-        parametrization, filled as it goes) gives every owner of a tied tensor the same one."""
-        shared = {} if shared is None else shared
+    def adopt(cls, owner: nn.Module, specs: Dict[str, BlockSpec], backend: str = "auto",
+              aliases: Optional[Dict[str, tuple]] = None) -> nn.Module:
+        """Adapt the blocks ``specs`` names on ``owner`` in place; ``aliases`` (local name ->
+        ``(primary owner, name)``) names tied blocks whose value another owner holds."""
+        aliases = aliases or {}
+        names = tuple(sorted(set(specs) | set(aliases)))
+        orig = type(owner)
+        if isinstance(owner, _BlockHolder):  # a second call (more names): widen its class
+            orig = owner.__dict__["_atlas_orig_class"]
+            names = tuple(sorted(set(names) | set(type(owner)._atlas_names)))
+        else:
+            owner.__dict__["_atlas_orig_class"] = orig
+            owner.__dict__["_atlas_orig_params"] = {}
+            _BlockHolder._atlas_setup(owner, backend)
+        for name in specs:
+            p = owner._parameters.pop(name)
+            owner.__dict__["_atlas_orig_params"][name] = p
+        for name, (primary, pname) in aliases.items():
+            p = owner._parameters.pop(name, None)
+            owner.__dict__["_atlas_orig_params"][name] = p
+            owner._atlas_alias[name] = (primary, pname)
+            # the same tensor under both keys, as in the plain model's state dict
+            owner._buffers[name] = primary._buffers[pname]
+        owner.__class__ = _generic_class(orig, names, cls)
         for name, spec in specs.items():
-            atlas_p = shared.get(id(spec)) or shared.setdefault(id(spec), cls(spec, backend))
-            parametrize.register_parametrization(owner, name, atlas_p, unsafe=True)
+            owner._atlas_add_block(name, owner.__dict__["_atlas_orig_params"][name], spec)
         return owner
 
-    def _apply(self, fn, recurse=True):
-        return _apply_keeping(self, _KEEP_DTYPE, fn, recurse)
-
-    def forward(self, theta0: torch.Tensor) -> torch.Tensor:
-        _check_frozen(theta0, self)
-        # Grouped (see SmallBlockGroup): this block's view of the group's one packed composition
-        # for the current forward of the patched module. Not while torch.compile traces: the
-        # group's cache is Python state mutated by hooks, which tracing would bake in or guard on,
-        # so compiled code always composes block by block (the custom ops of the Triton backend).
-        if not torch.compiler.is_compiling():
-            group = self.__dict__.get("_atlas_group")
-            if group is not None and ops.resolve(self.backend, theta0.device) in PACKED_BACKENDS:
-                value = group.value(self.__dict__["_atlas_slot"], theta0)
-                if value is not None:
-                    return value
-        return _block_compose(theta0, self, "", self.partition, theta0.dtype, self.backend)
-
-    def merged_from(self, theta0: torch.Tensor, what: str = "") -> torch.Tensor:
-        return _block_merged(theta0, self, "", self.partition, what)
+    @staticmethod
+    def release(owner: nn.Module) -> Dict[str, Optional[nn.Parameter]]:
+        """Undo :meth:`adopt`: the owner's original class back, and its blocks' buffers, slabs and
+        coefficients removed. Returns the original parameters by name (to receive merged values)."""
+        names = type(owner)._atlas_names
+        for name in names:
+            owner._buffers.pop(name, None)
+            for s in _KEEP_DTYPE:
+                owner._buffers.pop(f"{name}_{s}", None)
+                owner._parameters.pop(f"{name}_{s}", None)
+        owner.__class__ = owner.__dict__.pop("_atlas_orig_class")
+        for k in ("_atlas_parts", "_atlas_backend_name", "_atlas_backend", "_atlas_plan", "_atlas_slots", "_atlas_own",
+                  "_atlas_fused_max_m", "_atlas_alias"):
+            owner.__dict__.pop(k, None)
+        return owner.__dict__.pop("_atlas_orig_params")
 
     def extra_repr(self) -> str:
-        return f"coef={tuple(self.coef.shape)}, backend={self.backend!r}"
+        base = super().extra_repr()
+        adapted = ", ".join(self._atlas_parts) or "tied"
+        return (base + ", " if base else "") + f"atlas=[{adapted}]"
+
+
+_CLASSES: Dict[tuple, type] = {}
+
+
+def _generic_class(orig: type, names: tuple, mixin: type) -> type:
+    """``Atlas<orig>``: ``mixin`` in front of ``orig``, a composed-value property per name. Cached
+    per ``(orig, names, mixin)``, so that every module of one kind shares one class."""
+    key = (orig, names, mixin)
+    cls = _CLASSES.get(key)
+    if cls is None:
+        body = {name: _composed_property(name) for name in names}
+        body.update(_atlas_names=names, __module__=orig.__module__, __qualname__="Atlas" + orig.__qualname__)
+        cls = type("Atlas" + orig.__name__, (mixin, orig), body)
+        _CLASSES[key] = cls
+    return cls

@@ -79,6 +79,19 @@ class Partition:
         if self.mode not in MODES:
             raise ValueError(f"partition_mode must be one of {MODES}, got {self.mode!r}")
 
+    @property
+    def code(self) -> int:
+        """The kernels' mode code: 0 for ``k == 1`` (every element in part 0), 1 contiguous, 2 hash."""
+        if self.k == 1:
+            return 0
+        return 1 if self.mode == "contiguous" else 2
+
+    def encoding(self) -> tuple:
+        """``(k, code, key)``: the one encoding every kernel takes (Triton and the compiled
+        extension); ``key`` is 0 unless the split is hashed."""
+        code = self.code
+        return self.k, code, self.key if code == 2 else 0
+
     @classmethod
     def for_block(cls, name: str, k: int, mode: str = "contiguous", seed: int = 0) -> "Partition":
         return cls(k=k, mode=mode, key=partition_key(name, seed) if mode == "hash" else 0)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch.nn as nn
 
@@ -32,8 +32,8 @@ class PatchConfig:
 
     ``names``: the task vectors' names, in coefficient order (coefficient ``i`` belongs to task
     vector ``i``); ``blocks``: the adapted parameter names (after ``blocks=`` and tied names are
-    resolved); the rest as :func:`~atlas_kernels.patch` takes them. Read it with
-    ``PatchConfig.of(module)``.
+    resolved); ``resolved_backend``: the backend that runs (``backend="auto"`` decided); the rest
+    as :func:`~atlas_kernels.patch` takes them. Read it with ``PatchConfig.of(module)``.
     """
 
     names: Tuple[str, ...]
@@ -42,9 +42,14 @@ class PatchConfig:
     partition_mode: str = "contiguous"
     seed: int = 0
     backend: str = "auto"
-    group_small_blocks: bool = True
+    grouped: bool = True
+    fused_linear: object = "auto"
+    fused_max_m: Optional[int] = None
     batchnorm: str = "frozen"
     linearised: bool = False
+    # The backend(s) that run, as the plan resolved ``backend`` for the module's devices ("triton",
+    # "torch", "ext"; "+"-joined across devices); set by the plan, redone after ``.to()``.
+    resolved_backend: str = ""
 
     def __post_init__(self):
         object.__setattr__(self, "names", tuple(str(n) for n in self.names))

@@ -7,7 +7,7 @@
 - ``nn.MultiheadAttention`` (packed in-projection) -> :class:`~atlas_kernels.modules.AtlasMultiheadAttention`;
 - every other adapted parameter (LayerNorm, convolution, embeddings, raw parameters such as
   ``class_embedding``, ``positional_embedding``, ``proj``) -> an
-  :class:`~atlas_kernels.modules.AtlasParameter` parametrization on its owner.
+  adopted in place by :class:`~atlas_kernels.modules.AtlasParameter` (its class becomes ``Atlas<Class>``).
 
 Every parameter of the patched module stops requiring gradients; the coefficients are the only
 trainable parameters. ``unpatch`` merges ``theta0 + sum_i lam_i tau_i`` (float32) back into plain
@@ -21,15 +21,15 @@ else ``AtlasParameter``) through its ``from_module``; freeze, group or linearise
 """
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from typing import Callable, Dict, Iterable, Optional, Union
 
 import torch
 import torch.nn as nn
-from torch.nn.utils import parametrize
 
 from . import ops
-from ._adapted import atlas_parametrizations, coefficients, join
+from ._adapted import coefficients, join
 from ._checks import all_finite
 from ._patch_guards import (
     _buffers_named,
@@ -42,9 +42,7 @@ from ._patch_guards import (
     _unfreeze_batchnorm,
 )
 from .coefficient_files import load_coefficients, save_coefficients
-from .grouping import group_small_blocks_of, ungroup_small_blocks
 from .modules import (
-    PACKED_BACKENDS,
     AtlasLinear,
     AtlasModule,
     AtlasMultiheadAttention,
@@ -53,6 +51,7 @@ from .modules import (
 )
 from .partitions import MODES, Partition
 from .patch_config import CONFIG_ATTR, RESTORE_ATTR, PatchConfig, is_patched, unwrap
+from .plan import Plan, plan_of
 from .state_dicts import attach_guard, detach_guard
 from .task_vectors import TaskVectors
 
@@ -65,8 +64,9 @@ BlockFilter = Union[None, str, Iterable[str], Callable[[str, torch.Tensor], bool
 # ----------------------------------------------------------------------------- patch
 def patch(module: nn.Module, task_vectors: TaskVectors, *, partitions: int = 1, partition_mode: str = "contiguous",
           seed: int = 0, backend: str = "auto", blocks: BlockFilter = None,
-          group_small_blocks: bool = True, batchnorm: str = "frozen", verify=False,
-          linearised: bool = False) -> nn.Module:
+          grouped: bool = True, fused_linear="auto", fused_max_m: Optional[int] = None,
+          batchnorm: str = "frozen", verify=False, linearised: bool = False,
+          group_small_blocks: Optional[bool] = None) -> nn.Module:
     """Swap atlas modules into ``module`` (in place) and return it.
 
     Args:
@@ -79,18 +79,26 @@ def patch(module: nn.Module, task_vectors: TaskVectors, *, partitions: int = 1, 
             groups for a matrix) or ``"hash"`` (seeded pseudo-random elementwise split, computed
             inside the kernels: no masks in memory). See :mod:`atlas_kernels.partitions`.
         seed: the hash partition's seed.
-        backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"torch"``, ``"triton"``, ``"cuda"``.
+        backend: ``"auto"`` (decided here, per device, by the rule in ``docs/PERFORMANCE.md``:
+            Triton on CUDA; the compiled extension on the CPU when it is built, else torch),
+            ``"torch"``, ``"triton"`` or ``"ext"`` (the compiled extension from ``csrc/``; ``"cuda"``
+            is its deprecated old name). A backend that cannot run here (Triton on the CPU, the
+            extension not built) is refused. The backend that runs is recorded in
+            ``PatchConfig.of(module).resolved_backend``.
         blocks: narrow the adapted set: ``None``/``"all"``; ``"weights"`` (blocks of 2 or more
-            dimensions: matrices and convolutions); a list of block names; or a predicate
-            ``f(name, parameter) -> bool``.
-        group_small_blocks: compose the small dense generic blocks (LayerNorms, embeddings, ...: at
-            most :data:`~atlas_kernels.modules.SMALL_BLOCK_NUMEL` elements, not LoRA, not ragged)
-            together, in one launch per forward of ``module``, whenever the backend resolves to
-            ``"triton"`` or ``"cuda"`` (see :class:`~atlas_kernels.grouping.SmallBlockGroup`). The group is
-            registered as ``module._atlas_small_blocks`` (on its first member when ``module`` is a
-            container such as ``nn.Sequential``; no parameters, nothing in the state dict).
-            False: one launch per block. Never built where ``"auto"`` resolves to the torch
-            backend (a module on the CPU).
+            dimensions: matrices, convolutions and embedding tables); a list of block names; or a
+            predicate ``f(name, parameter) -> bool``.
+        grouped: compose every dense block of the tower in one pass before each eager forward and
+            reduce every coefficient gradient in one pass in backward (on the Triton backend: one
+            launch, and two; see :mod:`atlas_kernels.plan`). False: each module composes its own
+            blocks (one launch per block, the path ``torch.compile`` always takes).
+        fused_linear: ``"auto"`` (default: the backend's measured rule; the compiled extension on the
+            CPU takes its fused linear for large weights), True (every dense linear weight runs its
+            backend's own linear op: on Triton the tile-fused GEMMs at ``M <= fused_max_m`` rows,
+            where neither the composed weight nor its gradient is ever in memory), False (never).
+        fused_max_m: the row count up to which the Triton fused GEMMs run (default
+            :data:`atlas_kernels.ops.triton_backend.FUSED_MAX_M`).
+        group_small_blocks: the old name of ``grouped`` (deprecated).
         batchnorm: BatchNorm running statistics are buffers, which task vectors do not adapt.
             ``"frozen"`` (default): every BatchNorm layer with running statistics normalizes with
             theta0's statistics, in train mode too, and never updates them (``.train()`` leaves
@@ -110,19 +118,29 @@ def patch(module: nn.Module, task_vectors: TaskVectors, *, partitions: int = 1, 
             once for a new model family, or in a test.
         linearised: the linearised model around theta0 (task vectors in the tangent space):
             ``forward(x)`` returns ``f(x; theta0) + J f(x; theta0) . D(lam)``, primal and tangent
-            in one pass (see :mod:`atlas_kernels.linearised`). No small-block grouping; such a module
-            cannot be merged by ``unpatch`` (use :func:`atlas_kernels.export_linearised`).
+            in one pass (see :mod:`atlas_kernels.linearised`). No grouping; such a module cannot be
+            merged by ``unpatch`` (use :func:`atlas_kernels.export_linearised`).
 
     Tied parameters (one tensor reachable under two names) are adapted once: every owner reads
-    the same composed value through one shared :class:`~atlas_kernels.modules.AtlasParameter`
-    (one set of coefficients, listed under the first name). Task vectors may name either name, or
-    both when they agree.
+    the same composed value (one set of coefficients, held by the first owner and listed under
+    the first name). Task vectors may name either name, or both when they agree.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
     if not isinstance(task_vectors, TaskVectors):
         raise TypeError(f"task_vectors must be an atlas_kernels.TaskVectors, got {type(task_vectors).__name__}")
-    ops.check_backend(backend)
+    backend = ops.check_backend(backend)
+    if group_small_blocks is not None:
+        warnings.warn("patch(group_small_blocks=...) is deprecated: every dense block is grouped now; use grouped=",
+                      DeprecationWarning, stacklevel=2)
+        grouped = bool(group_small_blocks)
+    if not isinstance(grouped, bool):
+        raise TypeError(f"grouped must be True or False, got {grouped!r}")
+    if fused_linear not in (True, False, "auto"):
+        raise ValueError(f"fused_linear must be True, False or 'auto', got {fused_linear!r}")
+    if fused_max_m is not None and (not isinstance(fused_max_m, int) or isinstance(fused_max_m, bool)
+                                    or fused_max_m < 0):
+        raise ValueError(f"fused_max_m must be an integer >= 0 or None, got {fused_max_m!r}")
     if not isinstance(linearised, bool):
         raise TypeError(f"linearised must be True or False, got {linearised!r}")
     if not isinstance(partitions, int) or isinstance(partitions, bool) or partitions < 1:
@@ -134,6 +152,7 @@ def patch(module: nn.Module, task_vectors: TaskVectors, *, partitions: int = 1, 
                            "call atlas_kernels.unpatch(module) first")
 
     _check_backend_device(module, backend)
+    _check_backend_available(module, backend)
     if batchnorm not in ("frozen", "train"):
         raise ValueError(f"batchnorm must be 'frozen' or 'train', got {batchnorm!r}")
     reference = None
@@ -154,7 +173,8 @@ def patch(module: nn.Module, task_vectors: TaskVectors, *, partitions: int = 1, 
     specs = {name: task_vectors.block_spec(tv_name[name], Partition.for_block(name, partitions, partition_mode, seed))
              for name in chosen}
     requires_grad = {name: p.requires_grad for name, p in params.items()}
-    _swap(module, *_specs_by_owner(module, specs, aliases), backend)
+    _swap(module, *_specs_by_owner(module, specs, aliases), backend,
+          {id(spec): tuple(name.rpartition(".")[::2]) for name, spec in specs.items()})
 
     coef_ids = {id(c) for c in coefficients(module, _check=False).values()}
     for p in module.parameters():
@@ -164,18 +184,14 @@ def patch(module: nn.Module, task_vectors: TaskVectors, *, partitions: int = 1, 
         from .linearised.modules import linearise
 
         linearise(module)
-    else:
-        # Group only where the backend that "auto" resolves to has a packed op (triton; the compiled
-        # extension): the torch backend never uses a group, so none is built for it. A module moved
-        # to another device after patching composes block by block there: correct, more launches.
-        device = next((p.device for p in module.parameters()), torch.device("cpu"))
-        if group_small_blocks and ops.resolve(backend, device) in PACKED_BACKENDS:
-            group_small_blocks_of(module)
     attach_guard(module)  # load_state_dict checks every key and shape before copying anything
     frozen_bn = _freeze_batchnorm(module) if batchnorm == "frozen" else []
     setattr(module, CONFIG_ATTR, PatchConfig(
         names=task_vectors.names, blocks=chosen, partitions=partitions, partition_mode=partition_mode, seed=seed,
-        backend=backend, group_small_blocks=group_small_blocks, batchnorm=batchnorm, linearised=linearised))
+        backend=backend, grouped=grouped, fused_linear=fused_linear, fused_max_m=fused_max_m, batchnorm=batchnorm,
+        linearised=linearised))
+    Plan(module, backend=backend, grouped=grouped, fused_linear=fused_linear, fused_max_m=fused_max_m,
+         linearised=linearised).build().attach()
     setattr(module, RESTORE_ATTR, {"requires_grad": requires_grad, "frozen_bn": frozen_bn})
     if reference is not None:
         from . import _verify
@@ -236,10 +252,12 @@ def _swap_class(owner: nn.Module, parent: Optional[nn.Module], tied: bool):
     return AtlasParameter
 
 
-def _swap(root: nn.Module, by_owner: Dict[str, Dict[str, BlockSpec]], tied_owners, backend: str) -> None:
-    """Swap or parametrize every owner of ``by_owner``, shallowest first, so that an attention
-    module takes its out-projection's blocks along."""
-    shared: Dict[int, AtlasParameter] = {}  # one AtlasParameter per tied tensor, for all its owners
+def _swap(root: nn.Module, by_owner: Dict[str, Dict[str, BlockSpec]], tied_owners, backend: str,
+          primary: Dict[int, tuple]) -> None:
+    """Swap or adopt every owner of ``by_owner``, shallowest first, so that an attention module takes
+    its out-projection's blocks along. ``primary``: ``id(spec)`` -> ``(owner path, local name)`` of
+    the block's canonical name; a tied block's other owners read it from there."""
+    generic = []
     for owner_path in sorted(by_owner, key=lambda p: p.count(".") if p else -1):
         owned = by_owner[owner_path]
         owner = root.get_submodule(owner_path) if owner_path else root
@@ -249,12 +267,22 @@ def _swap(root: nn.Module, by_owner: Dict[str, Dict[str, BlockSpec]], tied_owner
         parent = (root.get_submodule(parent_path) if parent_path else root) if owner_path else None
         cls = _swap_class(owner, parent, owner_path in tied_owners)
         if cls is AtlasParameter:
-            AtlasParameter.from_module(owner, owned, backend, shared=shared)
+            generic.append((owner_path, owner, owned))
             continue
         if cls is AtlasMultiheadAttention:  # its out-projection's blocks go with it
             out_proj = by_owner.get(join(owner_path, "out_proj"), {})
             owned = {**owned, **{f"out_proj.{k}": spec for k, spec in out_proj.items()}}
         _replace(root, owner_path, cls.from_module(owner, owned, backend))
+    holders = {}  # id(spec) -> (owner, local name) holding the block
+    for owner_path, owner, owned in generic:
+        mine = {local: spec for local, spec in owned.items() if primary[id(spec)] == (owner_path, local)}
+        if mine:
+            AtlasParameter.adopt(owner, mine, backend)
+            holders.update({id(spec): (owner, local) for local, spec in mine.items()})
+    for owner_path, owner, owned in generic:
+        tied = {local: holders[id(spec)] for local, spec in owned.items() if primary[id(spec)] != (owner_path, local)}
+        if tied:
+            AtlasParameter.adopt(owner, {}, backend, aliases=tied)
 
 
 def _promote_out_proj(root: nn.Module, by_owner) -> None:
@@ -273,6 +301,18 @@ def _replace(root: nn.Module, path: str, new: nn.Module) -> None:
         raise ValueError("cannot swap the root module itself; patch its parent, or wrap it")
     parent, _, last = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, last, new)
+
+
+def _check_backend_available(module: nn.Module, backend: str) -> None:
+    """An explicit backend that cannot run the module's tensors here is refused now, saying why (the
+    extension not built, Triton on the CPU), not at the first forward."""
+    if backend == "auto":
+        return
+    devices = {p.device for p in module.parameters()} or {torch.device("cpu")}
+    for dev in sorted(devices, key=str):
+        why = ops.unavailable(backend, dev)
+        if why is not None:
+            raise ValueError(f"backend={backend!r} cannot run this module's {dev} tensors: {why}")
 
 
 def _contains_atlas(module: nn.Module) -> bool:
@@ -319,7 +359,9 @@ def unpatch(module: nn.Module) -> nn.Module:
     for name, c in coefficients(module).items():
         if not all_finite(c):
             raise ValueError(f"coefficients of block {name!r} hold NaN or inf; refusing to merge them")
-    ungroup_small_blocks(module)
+    plan = plan_of(module)
+    if plan is not None:
+        plan.detach()
     atlas = [(p, m) for p, m in module.named_modules() if isinstance(m, AtlasModule)]
     # Deepest first: an MHA's out_proj hands its merged weights to the original out_proj object,
     # which the original MHA still holds.
@@ -335,20 +377,25 @@ def unpatch(module: nn.Module) -> nn.Module:
         if isinstance(orig, nn.MultiheadAttention):
             orig.out_proj = m.out_proj._atlas_original if isinstance(m.out_proj, AtlasModule) else m.out_proj
         _replace(module, path, orig)
-    merged = {}
-    for path, m in list(module.named_modules()):
-        for local, chain, atlas_p in atlas_parametrizations(m):
-            _own_class(m)
-            if id(atlas_p) in merged:  # a tied block, merged already through its first owner
-                parametrize.remove_parametrizations(m, local, leave_parametrized=False)
-                setattr(m, local, merged[id(atlas_p)])
-                continue
-            value = atlas_p.merged_from(chain.original, join(path, local))
-            parametrize.remove_parametrizations(m, local, leave_parametrized=False)
-            param = getattr(m, local)
+    generic = [(p, m) for p, m in module.named_modules() if isinstance(m, AtlasParameter)]
+    merged = {}  # id(theta0) of a block -> (merged value, requires_grad); tied owners share one entry
+    for path, m in generic:
+        for name in m._atlas_parts:
+            merged[id(m._buffers[name])] = (m._atlas_merged(name), requires_grad.get(join(path, name), True))
+    per_owner = []
+    for path, m in generic:
+        blocks = {name: merged[id(m._buffers[name])] for name in m._atlas_parts}
+        blocks.update({name: merged[id(owner._buffers[other])] for name, (owner, other) in m._atlas_alias.items()})
+        per_owner.append((m, blocks))
+    for m, blocks in per_owner:
+        originals = AtlasParameter.release(m)
+        for name, (value, rg) in blocks.items():
+            param = originals.get(name)  # the original Parameter object (shared by tied owners)
+            if param is None:
+                param = nn.Parameter(value)
             param.data = value
-            merged[id(atlas_p)] = param
-            param.requires_grad_(requires_grad.get(join(path, local), True))
+            param.requires_grad_(rg)
+            m.register_parameter(name, param)
     for name, p in module.named_parameters():
         if name in requires_grad:
             p.requires_grad_(requires_grad[name])
@@ -357,18 +404,6 @@ def unpatch(module: nn.Module) -> nn.Module:
     delattr(module, CONFIG_ATTR)
     delattr(module, RESTORE_ATTR)
     return wrapper
-
-
-def _own_class(m: nn.Module) -> None:
-    """Give ``m`` a private copy of its parametrized class before parametrizations are removed:
-    ``copy.deepcopy`` of a parametrized module shares that generated class, and
-    ``remove_parametrizations`` deletes the parameter's property from the class, which would break
-    every copy of the patched model that is not being unpatched."""
-    cls = type(m)
-    if not parametrize.is_parametrized(m):
-        return
-    body = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
-    m.__class__ = type(cls.__name__, cls.__bases__, body)
 
 
 def load_linearised(path, module: nn.Module, *, backend: str = "auto") -> nn.Module:

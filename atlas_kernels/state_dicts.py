@@ -2,13 +2,12 @@
 ``load_state_dict`` copies anything, and :func:`load_plain_state_dict` for loading a plain
 (unpatched) state dict into the frozen ``theta0`` of a patched module.
 
-A patched module's state dict is not a plain one: an :class:`~atlas_kernels.AtlasLinear` keeps
-``weight``/``bias`` (theta0) and adds ``weight_coef``; a block adapted through a parametrization
-moves theta0 to ``<owner>.parametrizations.<name>.original`` and adds ``...<name>.0.coef``.
-PyTorch's own ``load_state_dict`` copies every matching key module by module and only then
-reports the missing and unexpected ones, so a failed strict load would still overwrite theta0 of
-the linear and attention blocks. The guard (a load-state-dict pre-hook on the patched root, which
-runs before any of its submodules is touched) raises first.
+A patched module's state dict is a plain one plus the coefficients: every adapted block keeps its
+key (``c_fc.weight``, ``ln_1.weight``: theta0) and adds ``<block>_coef``. PyTorch's own
+``load_state_dict`` copies every matching key module by module and only then reports the missing
+and unexpected ones, so a failed strict load would still overwrite theta0. The guard (a
+load-state-dict pre-hook on the patched root, which runs before any of its submodules is touched)
+raises first.
 """
 from __future__ import annotations
 
@@ -21,19 +20,13 @@ from .patch_config import is_patched, unwrap
 
 __all__ = ["load_plain_state_dict", "attach_guard", "detach_guard"]
 
-_PARAM = ".parametrizations."
-
-
 def _plain_key(key: str) -> str:
-    """``a.parametrizations.w.original`` -> ``a.w``; other keys unchanged."""
-    if key.endswith(".original") and (_PARAM in "." + key):
-        head, _, rest = ("." + key).rpartition(_PARAM)
-        return (head + "." + rest[: -len(".original")]).lstrip(".")
+    """The plain model's key for a patched state-dict key (the same: theta0 keeps its key)."""
     return key
 
 
 def _is_coef_key(key: str) -> bool:
-    return key.endswith("_coef") or (key.endswith(".coef") and _PARAM in "." + key)
+    return key.endswith("_coef")
 
 
 def _guard_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
@@ -57,9 +50,9 @@ def _guard_hook(module, state_dict, prefix, local_metadata, strict, missing_keys
     plain = {prefix + _plain_key(k[len(prefix):]) for k in expected if not _is_coef_key(k)}
     hint = ""
     if given and set(given) <= plain | set(expected) and not any(_is_coef_key(k) for k in given):
-        theta = [k for k in expected if k.endswith(".original")][:2] or list(expected)[:2]
-        hint = (f" This looks like a plain (unpatched) state dict: the patched module keeps theta0 under keys "
-                f"such as {theta} and its coefficients as '<block>_coef' / '...<block>.0.coef'. Unpatch first "
+        theta = [k for k in expected if not _is_coef_key(k)][:2]
+        hint = (f" This looks like a plain (unpatched) state dict: the patched module keeps theta0 under the same "
+                f"keys (such as {theta}) and adds its coefficients as '<block>_coef'. Unpatch first "
                 f"(atlas_kernels.unpatch(module)) and load it into the plain module, or load it into theta0 with "
                 f"atlas_kernels.load_plain_state_dict(module, state_dict).")
     raise RuntimeError("load_state_dict into a module patched by atlas_kernels: " + "; ".join(problems)

@@ -16,7 +16,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from atlas_kernels.kernels import _coef_grad, _compose, _linear  # noqa: E402
+from atlas_kernels.kernels import _coef_grad, _compose, _group, _linear  # noqa: E402
 
 TARGET = GPUTarget("cuda", int(os.environ.get("ATLAS_SM", "90")), 32)
 INTS_64 = {"key"}
@@ -74,21 +74,22 @@ def main() -> int:
               dict(K=k, MODE=mode, HAS_SCALE=scaled, UPCAST=False, PREC=prec, BLOCK_M=32, BLOCK_O=64, BLOCK_I=128))
         count += 6
         print("ok", name, flush=True)
-    for st, out in itertools.product(storages, computes):
+    for st, th, out in itertools.product(storages, computes, computes):
         scaled = st in ("i8", "fp8e4nv")
-        build(_compose._compose_packed_kernel,
-              dict(theta0_ptr="*" + out, tau_ptr="*" + st, coef_ptr="*fp32", scale_ptr="*fp32", out_ptr="*" + out,
-                   table_ptr="*i64", tile_map_ptr="*i32"),
-              dict(HAS_SCALE=scaled, BLOCK=1024))
-        build(_compose._coef_grad_packed_partial_kernel,
-              dict(grad_ptr="*" + out, tau_ptr="*" + st, scale_ptr="*fp32", partial_ptr="*fp32", table_ptr="*i64",
-                   tile_map_ptr="*i32"),
-              dict(KMAX=4, HAS_SCALE=scaled, BLOCK=1024))
+        build(_group._group_compose_kernel,
+              dict(table_ptr="*i64", tile_map_ptr="*i32", theta_any_ptr="*" + th, tau_any_ptr="*" + st,
+                   outa_ptr="*" + out, outb_ptr="*" + th),
+              dict(HAS_SCALE=scaled, BLOCK=4096), num_warps=8)
+        build(_group._group_partial_kernel,
+              dict(table_ptr="*i64", tile_map_ptr="*i32", theta_any_ptr="*" + th, tau_any_ptr="*" + st,
+                   ga_ptr="*" + out, gb_ptr="*" + th, partial_ptr="*fp32"),
+              dict(KMAX=4, HAS_SCALE=scaled, BLOCK=4096), num_warps=8)
         count += 2
-        print("ok packed", st, out, flush=True)
-    build(_compose._coef_grad_packed_reduce_kernel,
-          dict(partial_ptr="*fp32", out_ptr="*fp32", table_ptr="*i64"), dict(KMAX=4, RBLOCK=128))
-    count += 1
+        print("ok group", st, th, out, flush=True)
+    for kmax, cols in ((1, 32), (4, 128)):
+        build(_group._group_reduce_kernel, dict(table_ptr="*i64", partial_ptr="*fp32", out_ptr="*fp32"),
+              dict(KMAX=kmax, COLS=cols, TILES=32))
+        count += 1
     print(f"compiled {count} kernel specializations for {TARGET}")
     return 0
 

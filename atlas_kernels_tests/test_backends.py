@@ -1,6 +1,6 @@
-"""One parametrised set of op tests run against every available backend (torch, triton, cuda).
+"""One parametrised set of op tests run against every available backend (torch, triton, ext).
 
-``"cuda"`` is the compiled extension (csrc/): its CPU kernels run here, its CUDA kernels on a GPU.
+``"ext"`` is the compiled extension (csrc/): its CPU kernels run here, its CUDA kernels on a GPU.
 Without the built extension its cases skip with a reason (build: ``python setup.py build_ext
 --inplace`` with ``ATLAS_KERNELS_BUILD_EXT=1``). References are float64 (atlas_kernels.reference);
 tolerance ``|out - ref64| <= 2 * |ref_low - ref64| + rtol * ref_abs`` (ref_abs: the same sum over
@@ -30,7 +30,7 @@ ACC_RTOL = 1e-6
 
 def _ext_error():
     try:
-        ops._module("cuda")
+        ops.get("ext")
         return None
     except RuntimeError as exc:
         return str(exc)
@@ -42,23 +42,36 @@ needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 
 def _backend_param(name):
-    if name == "cuda":
+    if name == "ext":
         return pytest.param(name, marks=needs_ext)
     return name
 
 
-BACKENDS = [_backend_param(b) for b in ("torch", "triton", "cuda")]
-PACKED_BACKENDS = [_backend_param(b) for b in ("triton", "cuda")]
-# the extension's linear on CPU takes its fused op by default; "cuda:compose" turns that off, so the
-# compose + matmul path (the one CUDA tensors take) is tested on CPU too
-LINEAR_BACKENDS = BACKENDS + [pytest.param("cuda:compose", marks=needs_ext)]
+BACKENDS = [_backend_param(b) for b in ("torch", "triton", "ext")]
+# the extension's linear on CPU takes its fused op; "ext:compose" is its compose + matmul path (the
+# one CUDA tensors take), and "triton:fused" the tile-fused GEMMs (small M)
+LINEAR_BACKENDS = BACKENDS + [pytest.param("ext:compose", marks=needs_ext), "triton:fused"]
 
 
-def _linear_backend(backend, monkeypatch):
-    if backend == "cuda:compose":
-        monkeypatch.setattr(ops._module("cuda"), "FUSED_LINEAR_CPU", False)
-        return "cuda"
-    return backend
+def _linear_backend(backend):
+    """The backend object a linear test runs."""
+    if backend == "ext:compose":
+        ext = ops.get("ext")
+
+        class Compose(type(ext)):
+            def fused_applies(self, x_dtype, wblock, device):
+                return False
+
+        return Compose()
+    if backend == "triton:fused":
+        tri = ops.get("triton")
+
+        class Fused(type(tri)):
+            def linear(self, x, wblock, fused_max_m=None):
+                return super().linear(x, wblock, fused_max_m=1 << 20)
+
+        return Fused()
+    return ops.get(backend)
 
 
 @pytest.fixture(autouse=True)
@@ -152,8 +165,8 @@ def test_ext_cpu_coef_grad_independent_of_threads(storage):
 @pytest.mark.parametrize("backend", LINEAR_BACKENDS)
 @pytest.mark.parametrize("storage", ["bfloat16", "int8"])
 @pytest.mark.parametrize("cdtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_linear(backend, storage, cdtype, monkeypatch):
-    backend = _linear_backend(backend, monkeypatch)
+def test_linear(backend, storage, cdtype):
+    backend = _linear_backend(backend)
     n, o, i = 3, 77, 123
     pw, pb = Partition.for_block("w", 3, "hash", 7), Partition(2)
     w0, b0 = torch.randn(o, i, device=DEV) * 0.1, torch.randn(o, device=DEV)
@@ -183,40 +196,74 @@ def test_linear(backend, storage, cdtype, monkeypatch):
           4 * EPS[cdtype], "dcoef_b")
 
 
-def _packed_case(storage, device=DEV):
-    from atlas_kernels.kernels import make_packed_layout
+def _holder(theta0, tau, scale, coef, index=None):
+    """A module holding one block under the names the modules use (``b``, ``b_tau``, ...)."""
+    m = torch.nn.Module()
+    for name, t in (("b", theta0), ("b_tau", tau), ("b_scale", scale), ("b_index", index)):
+        m.register_buffer(name, t)
+    m.register_parameter("b_coef", torch.nn.Parameter(coef))
+    return m
 
-    shapes = [(7,), (5, 3), (2, 3, 40), (1,), (33, 64)]
+
+def _group_case(storage, device=DEV):
+    """Blocks of every kind for one group: 1-D to 3-D, K = 1 to 5, hashed and contiguous, a ragged
+    block, and both output classes."""
+    shapes = [(7,), (5, 3), (2, 3, 40), (1,), (33, 64), (9, 4)]
     parts = [Partition(1), Partition(2), Partition.for_block("c", 3, "hash", 2), Partition(1),
-             Partition.for_block("e", 5, "hash", 9)]
-    lay = make_packed_layout(shapes, parts, block=256, device=device)
+             Partition.for_block("e", 5, "hash", 9), Partition(1)]
     n = 3
-    slabs = [make_slab(n, s, storage, device) for s in shapes]
-    tau_flat = torch.cat([t.reshape(n, -1) for t, _ in slabs], 1)
-    scale_flat = None if slabs[0][1] is None else torch.cat([s.reshape(n, -1) for _, s in slabs], 1)
-    theta0 = [torch.randn(s, device=device) for s in shapes]
-    return lay, shapes, parts, slabs, tau_flat, scale_flat, theta0, n
+    held = [None, None, None, None, None, torch.tensor([0, 2])]
+    cases = []
+    for j, (s, p, idx) in enumerate(zip(shapes, parts, held)):
+        tau, scale = make_slab(n if idx is None else len(idx), s, storage, device)
+        coef = torch.randn(n, p.k, device=device) if p.k > 1 else torch.randn(n, device=device)
+        owner = _holder(torch.randn(s, device=device), tau, scale, coef, None if idx is None else idx.to(device))
+        cases.append((owner, p, j % 2, idx))
+    return cases, n
 
 
-@pytest.mark.parametrize("backend", PACKED_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("storage", STORAGES)
-def test_compose_packed(backend, storage):
-    lay, shapes, parts, slabs, tau_flat, scale_flat, theta0, n = _packed_case(storage)
-    coef_flat = torch.randn(n, lay.total_cols, device=DEV, requires_grad=True)
-    flat = ops._module(backend).compose_packed(torch.cat([t.reshape(-1) for t in theta0]), tau_flat, coef_flat,
-                                               lay, torch.float32, scale_flat)
-    g = torch.randn(flat.shape, device=DEV)
-    (dc,) = torch.autograd.grad(flat, coef_flat, g)
-    col = 0
-    for j, (view, gv) in enumerate(zip(lay.views(flat), lay.views(g))):
-        t64 = R.dequantize(*slabs[j])
-        k = parts[j].k
-        c = coef_flat.detach()[:, col:col + k]
-        check(view, R.compose(theta0[j], t64, c, parts[j]), None,
-              R.compose(theta0[j].abs(), t64.abs(), c.abs(), parts[j]), name=f"block {j}")
-        check(dc[:, col:col + k], R.coef_grad(gv, t64, k, parts[j]), None,
-              R.coef_grad(gv.abs(), t64.abs(), k, parts[j]), name=f"dcoef block {j}")
-        col += k
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_grouped_compose_and_grad(backend, storage, out_dtype):
+    """Every block of a group composed in one pass (class 0 in out_dtype, class 1 in theta0's
+    dtype) and every coefficient gradient in one backward, against float64; unused outputs get a
+    zero gradient; ragged rows not held get 0."""
+    from atlas_kernels.grouping import BlockGroup, Entry
+    from atlas_kernels.ops.group import GroupCompose
+
+    cases, n = _group_case(storage)
+    group = BlockGroup(ops.get(backend), [Entry(o, "b", sel, p) for o, p, sel, _ in cases])
+    coefs = group.coefs
+    outs = GroupCompose.apply(group, (out_dtype, torch.float32), *coefs)
+    assert len(outs) == len(cases)
+    grads_in = []
+    for e, out in zip(group.entries, outs):
+        o = e.owner
+        t64 = R.dequantize(o.b_tau, o.b_scale)
+        c = o.b_coef.detach()
+        c = c if e.index is None else c.index_select(0, e.index)
+        dt = out_dtype if e.sel == 0 else torch.float32
+        assert out.dtype == dt and out.shape == o.b.shape
+        check(out, R.compose(o.b, t64, c, e.partition),
+              R.compose(o.b, t64, c, e.partition, dtype=torch.float32).to(dt),
+              R.compose(o.b.abs(), t64.abs(), c.abs(), e.partition), EPS[dt], "grouped compose")
+        grads_in.append(None if e.theta0.dim() == 1 and e.theta0.numel() == 1 else torch.randn(out.shape, device=DEV))
+    used = [(o, g) for o, g in zip(outs, grads_in) if g is not None]
+    dcoef = torch.autograd.grad([o for o, _ in used], coefs, [g.to(o.dtype) for o, g in used], allow_unused=True)
+    for e, g, dc in zip(group.entries, grads_in, dcoef):
+        o = e.owner
+        k = e.partition.k
+        if g is None:
+            assert dc is None or not dc.any()
+            continue
+        t64 = R.dequantize(o.b_tau, o.b_scale)
+        ref = R.coef_grad(g.to(out_dtype if e.sel == 0 else torch.float32), t64, k, e.partition)
+        ref_abs = R.coef_grad(g.abs(), t64.abs(), k, e.partition)
+        if e.index is not None:
+            ref = torch.zeros(n, k, dtype=ref.dtype).index_copy_(0, e.index.cpu(), ref.cpu())
+            ref_abs = torch.zeros(n, k, dtype=ref.dtype).index_copy_(0, e.index.cpu(), ref_abs.cpu())
+        check(dc, ref.reshape(dc.shape), None, ref_abs.reshape(dc.shape), ACC_RTOL, "grouped dcoef")
 
 
 @needs_ext
@@ -243,17 +290,32 @@ def test_ext_errors_name_the_parameter():
         ext.compose(torch.randn(5), torch.randn(2, 5), torch.randn(3, 1), None, 0, 0, torch.float32)
 
 
-def test_cuda_backend_without_extension_says_how_to_build(monkeypatch):
+def test_ext_backend_without_extension_says_how_to_build(monkeypatch, tiny_vit):
     import sys
 
     import atlas_kernels
+    import atlas_kernels as ak
 
     monkeypatch.setitem(sys.modules, "atlas_kernels._C", None)  # `from .. import _C` now fails
     monkeypatch.delattr(atlas_kernels, "_C", raising=False)
-    monkeypatch.delitem(sys.modules, "atlas_kernels.ops.cuda_backend", raising=False)
-    monkeypatch.setattr(ops, "_loaded", {"torch": ops.torch_backend})
+    monkeypatch.delitem(sys.modules, "atlas_kernels.ops.ext_backend", raising=False)
+    monkeypatch.setattr(ops, "_loaded", {})
     with pytest.raises(RuntimeError, match="ATLAS_KERNELS_BUILD_EXT=1"):
-        ops.compose(Block(torch.randn(3), torch.randn(1, 3), torch.randn(1), None), torch.float32, backend="cuda")
+        ops.compose(Block(torch.randn(3), torch.randn(1, 3), torch.randn(1), None), torch.float32, backend="ext")
+    # patch refuses it up front, and "auto" falls back to torch on the CPU
+    g = torch.Generator().manual_seed(0)
+    tvs = random_task_vectors(tiny_vit.cpu(), 1, g, device="cpu")
+    import copy
+
+    with pytest.raises(ValueError, match="backend='ext' cannot run.*ATLAS_KERNELS_BUILD_EXT=1"):
+        ak.patch(copy.deepcopy(tiny_vit).cpu(), tvs, backend="ext")
+    m = ak.patch(copy.deepcopy(tiny_vit).cpu(), tvs)
+    assert ak.PatchConfig.of(m).resolved_backend == "torch"
+
+
+def test_cuda_is_a_deprecated_alias_of_ext():
+    with pytest.warns(DeprecationWarning, match="use backend='ext'"):
+        assert ops.check_backend("cuda") == "ext"
 
 
 @needs_ext
@@ -266,14 +328,14 @@ def test_ext_gpu_vit_shapes(storage):
         tau, scale = make_slab(n, shape, storage, "cuda")
         part = Partition.for_block("w", k, mode, 1)
         coef = _coef(n, k, "cuda").requires_grad_()
-        out = ops.compose(Block(theta0, tau, coef, part, scale), torch.bfloat16, backend="cuda")
+        out = ops.compose(Block(theta0, tau, coef, part, scale), torch.bfloat16, backend="ext")
         t64 = R.dequantize(tau, scale)
         check(out, R.compose(theta0, t64, coef.detach(), part),
               R.compose(theta0, t64, coef.detach(), part, dtype=torch.float32).to(torch.bfloat16),
               R.compose(theta0.abs(), t64.abs(), coef.detach().abs(), part), EPS[torch.bfloat16], "compose")
         g = torch.randn(shape, device="cuda")
         d1 = torch.autograd.grad(out.float(), coef, g)[0]
-        again = ops.compose(Block(theta0, tau, coef, part, scale), torch.bfloat16, backend="cuda")
+        again = ops.compose(Block(theta0, tau, coef, part, scale), torch.bfloat16, backend="ext")
         d2 = torch.autograd.grad(again.float(), coef, g)[0]
         assert torch.equal(d1, d2)
         check(d1, R.coef_grad(g, t64, k, part).reshape(coef.shape), None,
@@ -283,33 +345,33 @@ def test_ext_gpu_vit_shapes(storage):
 def _ext_on_dev():
     if EXT_MISSING is not None:
         pytest.skip(f"compiled extension not built: {EXT_MISSING}")
-    if not ops._module("cuda").has_device_kernels(DEV):
+    if not ops.get("ext").has_device_kernels(DEV):
         pytest.skip(f"the extension was built without {DEV} kernels")
 
 
-def _patched_tiny(tiny_vit, n, partitions, mode, backend):
+def _patched_tiny(tiny_vit, n, partitions, mode, backend, **kw):
     import copy
 
     import atlas_kernels as ak
 
     g = torch.Generator().manual_seed(0)
     tvs = random_task_vectors(tiny_vit, n, g, device=DEV)
-    m = ak.patch(copy.deepcopy(tiny_vit), tvs, partitions=partitions, partition_mode=mode, seed=3, backend=backend)
+    m = ak.patch(copy.deepcopy(tiny_vit), tvs, partitions=partitions, partition_mode=mode, seed=3, backend=backend,
+                 **kw)
     coefs = randomize_coefficients(m, g)
     return m, coefs, tvs, torch.randn(2, 3, 32, 32, generator=g).to(DEV)
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused-linear", "compose-matmul"])
-def test_tiny_vit_cuda_backend_matches_float64_reference(tiny_vit, fused, monkeypatch):
-    """A whole patched tower on the extension (small blocks grouped: the packed ops) against float64,
-    with the fused linear (CPU's default) and with compose + matmul."""
-
-    import atlas_kernels as ak
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-linear", "grouped"])
+def test_tiny_vit_ext_backend_matches_float64_reference(tiny_vit, fused):
+    """A whole patched tower on the extension against float64, with every linear weight on the fused
+    linear (CPU) and with every block in the grouped compose."""
+    from atlas_kernels.plan import plan_of
 
     _ext_on_dev()
-    monkeypatch.setattr(ops._module("cuda"), "FUSED_LINEAR_CPU", fused)
-    m, coefs, tvs, x = _patched_tiny(tiny_vit, 3, 2, "hash", "cuda")
-    assert any(isinstance(mod, ak.grouping.SmallBlockGroup) for mod in m.modules())
+    m, coefs, tvs, x = _patched_tiny(tiny_vit, 3, 2, "hash", "ext", fused_linear=fused)
+    plan = plan_of(m)
+    assert plan.groups and (bool(plan.own) == (fused and DEV == "cpu")), plan.summary()
     out = m(x)
     ref, c64 = float64_reference(tiny_vit, tvs, coefs, x, 2, "hash", 3)
     rel = ((out.double() - ref).norm() / ref.norm()).item()
@@ -323,14 +385,13 @@ def test_tiny_vit_cuda_backend_matches_float64_reference(tiny_vit, fused, monkey
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["compose-matmul", "fused-linear"])
-def test_patched_tower_cuda_backend_compiles_fullgraph(tiny_vit, fused, monkeypatch):
-    """torch.compile(fullgraph=True) of a tower patched with backend="cuda" traces the extension's
+def test_patched_tower_ext_backend_compiles_fullgraph(tiny_vit, fused):
+    """torch.compile(fullgraph=True) of a tower patched with backend="ext" traces the extension's
     ops (C++ Meta kernels, autograd registered from Python) and matches eager; on CPU both with the
-    fused linear (the default) and with compose + matmul."""
+    fused linear and with compose + matmul."""
     _ext_on_dev()
     if fused:
         if DEV != "cpu":
             pytest.skip("the fused linear has CPU kernels only")
-    monkeypatch.setattr(ops._module("cuda"), "FUSED_LINEAR_CPU", fused)
-    m, coefs, _, x = _patched_tiny(tiny_vit, 2, 2, "hash", "cuda")
+    m, coefs, _, x = _patched_tiny(tiny_vit, 2, 2, "hash", "ext", fused_linear=fused)
     assert_compiles_like_eager(m, coefs, x)

@@ -301,63 +301,86 @@ def test_linear_coef_grad_strided():
 
 
 # ------------------------------------------------------------------------------------------------
-# packed small blocks
+# every block of a group: compose_group / coef_grad_group, from a table of the blocks' addresses
 # ------------------------------------------------------------------------------------------------
-PACKED_SHAPES = [(7,), (33,), (5, 13), (50, 3), (0,), (130,), (2, 3, 4)]
+GROUP_SHAPES = [(7,), (33,), (5, 13), (50, 3), (0,), (130,), (2, 3, 4)]
 
 
-def _packed_parts():
+def _group_parts():
     return [Partition(1), make_part(3, "hash", "a"), Partition(2, "contiguous"), make_part(4, "hash", "b"),
             Partition(1), Partition(3, "contiguous"), Partition(1)]
 
 
+def _group_segments(n, storage, ragged=True):
+    """One segment per shape: both output classes, a ragged block (slabs 0 and 2 of N held)."""
+    segs, out_off = [], [0, 0]
+    coef_off = 0
+    for j, (shape, p) in enumerate(zip(GROUP_SHAPES, _group_parts())):
+        held = torch.tensor([0, 2], device=DEV) if (ragged and n > 2 and j == 3) else torch.arange(n, device=DEV)
+        tau, scale = make_tau(len(held), shape, storage)
+        if storage == torch.int8:
+            r = shape[0] if len(shape) >= 2 else 1
+            scale = torch.rand(len(held), r, device=DEV) * 0.02 + 1e-3
+        coef = torch.randn(n, p.k, device=DEV) if p.k > 1 else torch.randn(n, device=DEV)
+        k, code, key = p.encoding()
+        sel = j % 2
+        theta0 = torch.randn(shape, device=DEV)
+        segs.append(dict(theta0=theta0, tau=tau, scale=scale, coef=coef, index=held, k=k, mode=code, key=key,
+                         sel=sel, out_off=out_off[sel], coef_off=coef_off, part=p))
+        out_off[sel] += theta0.numel()
+        coef_off += coef.numel()
+    return segs, out_off, coef_off
+
+
 @pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16, torch.int8], ids=["fp32", "bf16", "int8"])
 @pytest.mark.parametrize("n", [1, 3])
-def test_compose_packed(storage, n):
-    parts = _packed_parts()
-    lay = kernels.make_packed_layout(PACKED_SHAPES, parts, block=64, device=DEV)
-    P = lay.total_numel
-    theta0 = torch.randn(P, device=DEV)
-    tau, scale = make_tau(n, (P,), storage)
-    scale = torch.rand(n, lay.total_rows, device=DEV) * 0.02 if storage == torch.int8 else None
-    coef = torch.randn(n, lay.total_cols, device=DEV)
-    out = kernels.compose_packed(theta0, tau, coef, lay, scale_flat=scale, out_dtype=torch.bfloat16,
-                           out=nan_like((P,), torch.bfloat16))
-    grad = torch.randn(P, device=DEV)
-    g1 = kernels.coef_grad_packed(grad, tau, lay, scale_flat=scale)
-    g2 = kernels.coef_grad_packed(grad, tau, lay, scale_flat=scale)
-    row = 0
-    for j, (s, p) in enumerate(zip(PACKED_SHAPES, parts)):
-        o, numel = lay.offsets[j], int(torch.Size(s).numel())
-        r = s[0] if len(s) >= 2 else 1
-        col = int(lay.table[j, 2])
+def test_group_kernels(storage, n):
+    from atlas_kernels.kernels import coef_grad_group, compose_group, group_table
+
+    segs, sizes, coef_total = _group_segments(n, storage)
+    launch = group_table(segs, DEV, block=64)
+    scaled = storage == torch.int8
+    outs = [nan_like((sizes[0],), torch.bfloat16), nan_like((sizes[1],), torch.float32)]
+    compose_group(launch, outs, scaled)
+    grads = [torch.randn(sizes[0], device=DEV).bfloat16(), torch.randn(sizes[1], device=DEV)]
+    g1 = coef_grad_group(launch, grads, scaled)
+    g2 = coef_grad_group(launch, grads, scaled)
+    assert g1.shape == (coef_total,)
+    for j, s in enumerate(segs):
+        p, shape, held = s["part"], s["theta0"].shape, s["index"]
+        numel = s["theta0"].numel()
+        out = outs[s["sel"]][s["out_off"]:s["out_off"] + numel].view(shape)
+        c = s["coef"].reshape(n, p.k).index_select(0, held)
         if numel:
-            t = tau[:, o:o + numel].reshape(n, *s)
-            sc = None if scale is None else scale[:, row:row + r]
-            c = coef[:, col:col + p.k]
-            th = theta0[o:o + numel].view(s)
-            ref64 = R.compose(th, t, c, p, scale=sc)
-            ref_low = R.compose(th, t, c, p, scale=sc, dtype=torch.float32).to(torch.bfloat16)
-            ref_abs = R.compose(th.abs(), R.dequantize(t, sc).abs(), c.abs(), p)
-            assert_close(lay.views(out)[j], ref64, ref_low, ref_abs, name=f"compose_packed block {j} {s}")
-            gref = R.coef_grad(grad[o:o + numel].view(s), t, p.k, p, scale=sc)
-            gabs = R.coef_grad(grad[o:o + numel].view(s).abs(), R.dequantize(t, sc).abs(), p.k, p)
-            assert_close(g1[:, col:col + p.k], gref, None, gabs, name=f"coef_grad_packed block {j} {s}")
-        else:
-            assert torch.all(g1[:, col:col + p.k] == 0)
-        row += r
-    assert torch.equal(g1, g2), "coef_grad_packed is not bitwise reproducible"
+            ref64 = R.compose(s["theta0"], s["tau"], c, p, scale=s["scale"])
+            ref_low = R.compose(s["theta0"], s["tau"], c, p, scale=s["scale"], dtype=torch.float32).to(out.dtype)
+            ref_abs = R.compose(s["theta0"].abs(), R.dequantize(s["tau"], s["scale"]).abs(), c.abs(), p)
+            assert_close(out, ref64, ref_low, ref_abs, name=f"compose_group block {j} {tuple(shape)}")
+        g = grads[s["sel"]][s["out_off"]:s["out_off"] + numel].view(shape).float()
+        got = g1[s["coef_off"]:s["coef_off"] + s["coef"].numel()].view(n, p.k)
+        gref = torch.zeros(n, p.k, dtype=torch.float64, device=DEV)
+        gabs = torch.zeros_like(gref)
+        if numel:
+            gref[held] = R.coef_grad(g, s["tau"], p.k, p, scale=s["scale"])
+            gabs[held] = R.coef_grad(g.abs(), R.dequantize(s["tau"], s["scale"]).abs(), p.k, p)
+        assert_close(got, gref, None, gabs, name=f"coef_grad_group block {j} {tuple(shape)}")
+    assert torch.equal(g1, g2), "coef_grad_group is not bitwise reproducible"
 
 
-def test_packed_layout_table():
-    lay = kernels.make_packed_layout([(5,), (3, 4)], [Partition(1), Partition(2)], coef_cols=[4, 0], total_cols=6,
-                                     block=64)
-    assert lay.table.dtype == torch.int64 and lay.tile_map.dtype == torch.int32
-    assert lay.table[:, :4].tolist() == [[0, 5, 4, 1], [5, 12, 0, 2]]
-    assert lay.total_cols == 6 and lay.total_rows == 4 and lay.tile_map.tolist() == [0, 1]
-    tau = torch.randn(2, 17, device=DEV)
-    g = kernels.coef_grad_packed(torch.randn(17, device=DEV), tau, lay.to(DEV))
-    assert torch.all(g[:, 2:4] == 0) and torch.all(g[:, 5] == 0)  # unused columns are zero
+def test_group_table_layout():
+    from atlas_kernels.kernels import group_table
+    from atlas_kernels.kernels._group import GROUP_COLUMNS
+
+    segs, _, coef_total = _group_segments(3, torch.float32)
+    launch = group_table(segs, DEV, block=64)
+    t = launch.table.cpu()
+    col = {name: i for i, name in enumerate(GROUP_COLUMNS)}
+    assert launch.table.dtype == torch.int64 and launch.tile_map.dtype == torch.int32
+    assert t[:, col["numel"]].tolist() == [s["theta0"].numel() for s in segs]
+    assert t[:, col["ntiles"]].tolist() == [-(-s["theta0"].numel() // 64) for s in segs]
+    assert t[3, col["held"]] == 2 and t[0, col["held"]] == 3  # the ragged block holds 2 of N = 3
+    assert launch.tile_map.numel() == int(t[:, col["ntiles"]].sum()) and launch.coef_total == coef_total
+    assert t[:, col["theta0"]].tolist() == [s["theta0"].data_ptr() for s in segs]  # the blocks' own tensors
 
 
 # ------------------------------------------------------------------------------------------------

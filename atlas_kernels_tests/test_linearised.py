@@ -161,19 +161,17 @@ def test_tiny_vit_budget_ragged_blocks(vit_cpu):
 @pytest.mark.parametrize("fused", [True, False])
 def test_triton_backend_under_interpreter(vit_cpu, monkeypatch, fused):
     pytest.importorskip("triton")
-    from atlas_kernels import ops
 
     from ._util import DEV
 
-    # M = 2 images x 17 tokens = 34 rows: the fused GEMM at the default threshold, compose + matmul at 0
-    monkeypatch.setattr(ops._module("triton"), "FUSED_MAX_M", 64 if fused else 0)
+    # M = 2 images x 17 tokens = 34 rows: the fused GEMM at threshold 64, compose + matmul at 0
 
     x = torch.randn(2, 3, 32, 32, device=DEV)
     model = copy.deepcopy(vit_cpu).to(DEV)
     tvs = _dense_tvs(model, 2, dtype=torch.float32).to(DEV)
     tvs64 = ak.TaskVectors({k: tvs[k].cpu().double() for k in tvs.blocks})
     patched = ak.patch(copy.deepcopy(model).train(), tvs, partitions=2, partition_mode="hash", seed=4,
-                       backend="triton", linearised=True)
+                       backend="triton", linearised=True, fused_max_m=64 if fused else 0)
     coefs = ak.coefficients(patched)
     _random_coefs(coefs)
     out = patched(x)

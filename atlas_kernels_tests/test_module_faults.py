@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 import atlas_kernels as ak
+from atlas_kernels.plan import plan_of
 from atlas_kernels_tests._util import make_tiny_vit
 
 
@@ -37,8 +38,8 @@ def test_dtype_conversion_keeps_coefficients_and_scales_fp32(storage, to):
     for n, b in m.named_buffers():
         if n in taus:
             assert b.dtype == taus[n][0] and torch.equal(b, taus[n][1]), n
-    theta = [p for n, p in m.named_parameters() if n.endswith("original")]
-    assert theta and all(p.dtype == to for p in theta)  # theta0 follows the dtype
+    theta = [b for n, b in m.named_buffers() if not n.endswith(("_tau", "_scale", "_index", "_lora_a", "_lora_b"))]
+    assert theta and all(b.dtype == to for b in theta)  # theta0 follows the dtype
     y = m(torch.randn(2, 3, 32, 32).to(to))
     assert y.dtype == to and torch.isfinite(y).all()
     # the optimizer steps float32 coefficients
@@ -50,9 +51,17 @@ def test_dtype_conversion_keeps_coefficients_and_scales_fp32(storage, to):
 
 def test_requires_grad_true_does_not_leave_theta0_silently_gradientless():
     m, _ = _patched()
+    # theta0 is a buffer of every patched module: requires_grad_(True) makes trainable exactly what
+    # parameters() lists (the coefficients), and a theta0 made to require grad by hand is refused.
     m.requires_grad_(True)
+    assert {id(p) for p in m.parameters()} == {id(c) for c in ak.coefficients(m).values()}
+    m(torch.randn(1, 3, 32, 32)).sum().backward()
+    theta0 = m.conv1._buffers["weight"]
+    theta0.requires_grad_(True)
     with pytest.raises(RuntimeError, match=r"theta0.*requires grad.*requires_grad_\(False\)"):
-        m(torch.randn(1, 3, 32, 32))
+        plan_of(m).values = None  # outside a grouped forward: the block composes on its own
+        m.conv1.weight
+    theta0.requires_grad_(False)
     m.requires_grad_(False)
     with torch.no_grad():  # no gradients wanted: fine
         m.requires_grad_(True)
@@ -69,7 +78,7 @@ def test_failed_strict_load_state_dict_overwrites_nothing():
     new = {k: v + 1.0 for k, v in plain.items()}
     before = {k: v.clone() for k, v in m.state_dict().items()}
     with pytest.raises(RuntimeError, match=r"(?s)Nothing was loaded.*plain \(unpatched\) state dict.*"
-                                           r"parametrizations.*unpatch.*load_plain_state_dict"):
+                                           r"same keys.*_coef.*unpatch.*load_plain_state_dict"):
         m.load_state_dict(new)
     for k, v in m.state_dict().items():
         assert torch.equal(v, before[k]), f"{k} was overwritten by a failed load"
@@ -78,14 +87,13 @@ def test_failed_strict_load_state_dict_overwrites_nothing():
     bad["transformer.resblocks.0.mlp.c_fc.weight"] = torch.zeros(3, 3)
     with pytest.raises(RuntimeError, match="another shape"):
         m.load_state_dict(bad, strict=False)
-    assert torch.equal(m.state_dict()["conv1.parametrizations.weight.original"],
-                       before["conv1.parametrizations.weight.original"])
+    assert torch.equal(m.state_dict()["conv1.weight"], before["conv1.weight"])
     # the helper loads a plain state dict into theta0 and keeps the coefficients
     with torch.no_grad():
         for c in ak.coefficients(m).values():
             c.fill_(0.25)
     ak.load_plain_state_dict(m, new)
-    assert torch.equal(m.state_dict()["conv1.parametrizations.weight.original"], new["conv1.weight"])
+    assert torch.equal(m.state_dict()["conv1.weight"], new["conv1.weight"])
     assert torch.equal(m.state_dict()["transformer.resblocks.0.mlp.c_fc.weight"],
                        new["transformer.resblocks.0.mlp.c_fc.weight"])
     assert all(bool((c == 0.25).all()) for c in ak.coefficients(m).values())

@@ -53,15 +53,17 @@ def test_coefficients_of_a_parent_name_the_patched_submodule():
         ak.coefficients(clip)
 
 
-def test_no_small_block_group_on_cpu_auto():
-    """backend="auto" on CPU groups small blocks only where it resolves to a backend with a packed
-    compose (the built extension); the torch backend (a fresh install) gets no group."""
+def test_auto_on_cpu_is_decided_at_patch_and_recorded():
+    """backend="auto" on CPU resolves, once, to the built extension or else torch (a fresh install),
+    records it, and groups the blocks that do not run their own op."""
     from atlas_kernels import ops
+    from atlas_kernels.plan import plan_of
 
     m = _model()
     ak.patch(m, _tvs(m), backend="auto")
-    grouped = any(type(x).__name__ == "SmallBlockGroup" for x in m.modules())
-    assert grouped == (ops.resolve("auto", torch.device("cpu")) in ops.PACKED_BACKENDS)
+    want = "ext" if ops.unavailable("ext", torch.device("cpu")) is None else "torch"
+    assert ak.PatchConfig.of(m).resolved_backend == want
+    assert plan_of(m).groups and {g.backend.name for g in plan_of(m).groups} == {want}
 
 
 def test_save_coefficients_warns_on_a_pt_name(tmp_path):

@@ -26,11 +26,11 @@ def _tiny(seed=0):
 def test_patch_config_records_the_call_and_is_frozen():
     m, tvs = _tiny()
     ak.patch(m, tvs, partitions=2, partition_mode="hash", seed=5, backend="torch", batchnorm="train",
-             group_small_blocks=False)
+             grouped=False, fused_linear=False, fused_max_m=8)
     cfg = ak.PatchConfig.of(m)
     assert cfg == ak.PatchConfig(names=("a", "b"), blocks=("0.weight", "1.bias"), partitions=2,
-                                 partition_mode="hash", seed=5, backend="torch", group_small_blocks=False,
-                                 batchnorm="train", linearised=False)
+                                 partition_mode="hash", seed=5, backend="torch", grouped=False, fused_linear=False,
+                                 fused_max_m=8, batchnorm="train", linearised=False, resolved_backend="torch")
     assert cfg.n == 2
     assert ak.PatchConfig.of(nn.DataParallel(m)) is cfg  # read through wrappers, as coefficients() is
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -88,11 +88,14 @@ def test_from_module_constructors():
 
     ln1, ln2 = nn.LayerNorm(3), nn.LayerNorm(3)
     tied = ak.TaskVectors({"b": torch.randn(2, 3)}).block_spec("b", Partition(1))
-    shared = {}
-    assert AtlasParameter.from_module(ln1, {"bias": tied}, backend="torch", shared=shared) is ln1
-    AtlasParameter.from_module(ln2, {"bias": tied}, backend="torch", shared=shared)
-    p1, p2 = ln1.parametrizations.bias[0], ln2.parametrizations.bias[0]
-    assert isinstance(p1, AtlasParameter) and p1 is p2  # one parametrization for both owners of the spec
+    assert AtlasParameter.adopt(ln1, {"bias": tied}, backend="torch") is ln1
+    AtlasParameter.adopt(ln2, {}, backend="torch", aliases={"bias": (ln1, "bias")})
+    assert isinstance(ln1, AtlasParameter) and isinstance(ln2, nn.LayerNorm)
+    assert type(ln1) is type(ln2).__mro__[0] or type(ln1).__name__ == "AtlasLayerNorm"
+    assert set(ln1._atlas_adapted()) == {"bias"} and not ln2._atlas_adapted()  # one set of coefficients
+    with torch.no_grad():
+        ln1.bias_coef.fill_(0.5)
+    torch.testing.assert_close(ln2.bias, ln1.bias)  # both owners read the one composed value
 
 
 def test_unpatch_through_a_wrapper_unpatches_the_module_inside_whole():

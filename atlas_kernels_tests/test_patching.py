@@ -182,13 +182,14 @@ def test_bad_patch_input(vit):
         ak.coefficients(copy.deepcopy(vit))
 
 
-def test_cuda_backend_reports_it_is_not_built():
-    if ak.ops._available("cuda"):
+def test_ext_backend_not_built_is_refused_at_patch():
+    if ak.ops.unavailable("ext", torch.device("cpu")) is None:
         pytest.skip("the compiled extension is built here (test_backends.py covers the unbuilt case too)")
     lin = nn.Sequential(nn.Linear(4, 3))
-    m = ak.patch(lin, ak.TaskVectors({"0.weight": torch.randn(1, 3, 4)}), backend="cuda")
-    with pytest.raises(RuntimeError, match="backend='cuda' needs the optional compiled extension"):
-        m(torch.randn(2, 4))
+    with pytest.raises(ValueError, match="backend='ext' cannot run.*needs the optional compiled extension"):
+        ak.patch(lin, ak.TaskVectors({"0.weight": torch.randn(1, 3, 4)}), backend="ext")
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="backend='ext' cannot run"):
+        ak.patch(lin, ak.TaskVectors({"0.weight": torch.randn(1, 3, 4)}), backend="cuda")
 
 
 def test_training_moves_coefficients_only(vit):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from atlas_kernels import reference
+from atlas_kernels import ops, reference
 from atlas_kernels.blocks import Block
 from atlas_kernels.ops import torch_backend
 from atlas_kernels.partitions import Partition, mix32, partition_key
@@ -92,7 +92,7 @@ def test_torch_compose_and_grad_match_reference(shape, n, k, mode, storage, monk
     theta0, tau, scale, coef, part = _case(shape, n, k, mode, storage)
     ref = reference.compose(theta0, tau, coef, part, scale)
     c = coef.clone().requires_grad_(True)
-    out = torch_backend.compose(Block(theta0, tau, c, part, scale), torch.float32)
+    out = torch_backend.BACKEND.compose(Block(theta0, tau, c, part, scale), torch.float32)
     assert out.dtype == torch.float32
     assert_close(out, ref, rtol=1e-5, atol=1e-5, what="compose")
     g = torch.randn(shape)
@@ -111,7 +111,7 @@ def test_torch_linear_matches_reference(k, mode):
     bc = torch.randn(shape, requires_grad=True)
     wp, bp = Partition.for_block("w", k, mode, 3), Partition.for_block("b", k, mode, 3)
     x = torch.randn(2, m, i, requires_grad=True)
-    y = torch_backend.linear(x, Block(w0, w_tau, wc, wp), Block(b0, b_tau, bc, bp))
+    y = ops.linear(x, Block(w0, w_tau, wc, wp), Block(b0, b_tau, bc, bp), backend="torch")
     ref = reference.linear(x.double(), w0, w_tau, wc.detach(), b0, b_tau, bc.detach(), wp, bp)
     assert_close(y, ref, rtol=1e-4, atol=1e-4, what="y")
     dy = torch.randn_like(y)
@@ -128,7 +128,7 @@ def test_torch_compose_under_autocast_keeps_coefficients_in_fp32():
     theta0, tau, _, coef, part = _case((64, 64), 4, 1, "contiguous", "float32")
     coef = coef + 1.0001  # a value that bf16 would round
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = torch_backend.compose(Block(theta0, tau, coef, part), torch.bfloat16)
+        out = torch_backend.BACKEND.compose(Block(theta0, tau, coef, part), torch.bfloat16)
     ref = reference.compose(theta0, tau, coef, part)
     assert out.dtype == torch.bfloat16
     assert_close(out, ref, rtol=2 ** -8, atol=1e-2, what="bf16 compose")

@@ -223,8 +223,13 @@ def test_tied_weights_are_one_block():
     slabs["head.weight"] = slabs["wte.weight"].clone()  # both names of the tied tensor, agreeing
     ak.patch(model.double(), ak.TaskVectors({k: v for k, v in slabs.items()}))
     assert list(ak.coefficients(model)) == ["wte.weight", "ln.weight", "ln.bias"]
-    assert model.head.parametrizations.weight[0] is model.wte.parametrizations.weight[0]
+    assert model.head._atlas_alias["weight"] == (model.wte, "weight")  # read from the one holder
+    x = torch.randint(0, 10, (2, 3))
+    out = model(x)
+    assert model.head.weight is model.wte.weight or torch.equal(model.head.weight, model.wte.weight)
+    assert "head.weight" in model.state_dict() and "wte.weight" in model.state_dict()
     ak.unpatch(model)
+    torch.testing.assert_close(model(x), out)
     assert model.head.weight is model.wte.weight
     slabs["head.weight"] = slabs["head.weight"] + 1e-3
     with pytest.raises(ValueError, match=r"'wte.weight' and 'head.weight' are one tied tensor.*task vector 0"):

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import atlas_kernels as ak
-from atlas_kernels.ops import triton_backend
 
 from ._util import (
     DEV,
@@ -26,16 +25,20 @@ from ._util import (
 open_clip = pytest.importorskip("open_clip")
 
 
-@pytest.mark.parametrize("partitions,mode,fused_max_m", [(1, "contiguous", 64), (2, "hash", 0)])
-def test_tiny_vit_triton_matches_float64_reference(tiny_vit, partitions, mode, fused_max_m, monkeypatch):
+@pytest.mark.parametrize("partitions,mode,kw", [
+    (1, "contiguous", {"fused_linear": True, "fused_max_m": 64}),
+    (2, "hash", {"fused_linear": True, "fused_max_m": 0}),
+    (2, "hash", {}),
+], ids=["fused", "own-compose", "grouped"])
+def test_tiny_vit_triton_matches_float64_reference(tiny_vit, partitions, mode, kw):
     # fused_max_m=64: every linear (M = 2 images x 17 tokens = 34 rows) takes the fused path;
-    # 0: every linear composes its weight once and uses matmuls.
-    monkeypatch.setattr(triton_backend, "FUSED_MAX_M", fused_max_m)
+    # 0: every linear composes its own weight and uses matmuls; default: every block grouped.
     vit = tiny_vit
     n = 3
     g = torch.Generator().manual_seed(0)
     tvs = random_task_vectors(vit, n, g)
-    patched = ak.patch(copy.deepcopy(vit), tvs, partitions=partitions, partition_mode=mode, seed=3, backend="triton")
+    patched = ak.patch(copy.deepcopy(vit), tvs, partitions=partitions, partition_mode=mode, seed=3, backend="triton",
+                       **kw)
     coefs = randomize_coefficients(patched, g)
     x = torch.randn(2, 3, 32, 32, generator=g).to(DEV)
     out = patched(x)

@@ -1,7 +1,8 @@
 """Shared pieces of the Triton kernels: the launcher prologue, the partition index, scratch
 buffers, launch constants.
 
-The partition index must agree bit for bit with :meth:`atlas_kernels.partitions.Partition.index`:
+The partition index must agree bit for bit with :meth:`atlas_kernels.partitions.Partition.index`
+(the mode code is :attr:`Partition.code <atlas_kernels.partitions.Partition.code>`):
 
 - mode code 0 (``k == 1``): every element is in part 0;
 - mode code 1 (``"contiguous"``): ``part(e) = (e * K) // numel`` in int64;
@@ -23,7 +24,7 @@ import triton.language as tl
 
 from .._env import is_interpreter
 from ..blocks import coef_matrix
-from ..partitions import MODES, Partition
+from ..partitions import Partition
 from ..storage import scale_rows  # noqa: F401  (the scale layout's one definition; used by the launchers)
 
 INTERPRET = is_interpreter()
@@ -33,14 +34,6 @@ MODE_NONE, MODE_CONTIGUOUS, MODE_HASH = 0, 1, 2
 # Tests set this to True: scratch buffers (split-K partials, per-program partial sums) are then
 # filled with NaN before a kernel runs, so any element a kernel forgets to write poisons the result.
 POISON_SCRATCH = False
-
-
-def mode_code(k: int, mode: str) -> int:
-    if mode not in MODES:
-        raise ValueError(f"partition mode must be one of {MODES}, got {mode!r}")
-    if k == 1:
-        return MODE_NONE
-    return MODE_CONTIGUOUS if mode == "contiguous" else MODE_HASH
 
 
 def as_partition(partition, k: int) -> Partition:
@@ -107,11 +100,9 @@ def launch_block(tau: torch.Tensor, shape, partition: Optional[Partition], *, co
     if coef is not None:
         coef2 = coef2d(coef, n, tau.device)
         k = coef2.shape[1]
-    p = as_partition(partition, k)
-    code = mode_code(k, p.mode)
+    _, code, key = as_partition(partition, k).encoding()
     check_hash_numel(numel, code)
-    return LaunchBlock(n, numel, k, code, p.key if code == MODE_HASH else 0, coef2,
-                       check_scale(scale, n, shape, tau.device))
+    return LaunchBlock(n, numel, k, code, key, coef2, check_scale(scale, n, shape, tau.device))
 
 
 def next_pow2(x: int) -> int:

@@ -12,39 +12,27 @@
 from __future__ import annotations
 
 import json
-import re
 
 import torch
 import torch.nn as nn
 
-from .._adapted import atlas_parametrizations, coefficients, join
+from .._adapted import coefficients, join
 from .._checks import all_finite
 from .._io import atomic_save_safetensors
-from ..modules import AtlasModule
+from ..modules import _BlockHolder
 from ..patch_config import PatchConfig
 from .modules import block_delta
 
 __all__ = ["export_linearised", "read_linearised", "FORMAT"]
 
 FORMAT = "atlas_kernels.linearised"
-_PARAM = re.compile(r"(^|\.)parametrizations\.([^.]+)\.original$")
-
-
-def _plain_name(key: str) -> str:
-    """``conv1.parametrizations.weight.original`` -> ``conv1.weight``."""
-    return _PARAM.sub(lambda m: m.group(1) + m.group(2), key)
-
-
 @torch.no_grad()
 def _deltas(module: nn.Module):
     out = {}
     for path, m in module.named_modules():
-        if isinstance(m, AtlasModule):
-            for local in m._partitions:
-                theta0 = m._theta0(local)
-                out[join(path, local)] = (m, local, theta0.dtype)
-        for local, chain, p in atlas_parametrizations(m):
-            out[join(path, local)] = (p, "", chain.original.dtype)
+        if isinstance(m, _BlockHolder):
+            for local in m._atlas_parts:
+                out[join(path, local)] = (m, local, m._buffers[local].dtype)
     deltas = {}
     for name, (owner, local, dtype) in out.items():
         acc = torch.float64 if dtype == torch.float64 else torch.float32
@@ -68,7 +56,7 @@ def export_linearised(module: nn.Module, path) -> None:
     for key, value in module.state_dict(keep_vars=True).items():
         if id(value) in coef_ids:
             continue
-        tensors["theta0." + _plain_name(key)] = value.detach().cpu().contiguous()
+        tensors["theta0." + key] = value.detach().cpu().contiguous()
     deltas = _deltas(module)
     for name, d in deltas.items():
         tensors["delta." + name] = d

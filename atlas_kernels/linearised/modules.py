@@ -62,31 +62,40 @@ def _add(a, b):
     return b if a is None else (a if b is None else a + b)
 
 
-def block_delta(owner, name: str, dtype, backend: str):
+def block_delta(owner, name: str, dtype, backend):
     """``D = sum_i lam_i tau_i`` of the block ``name`` of ``owner`` (None when it is not adapted)."""
-    parts = getattr(owner, "_partitions", None)
-    if parts is not None:
-        if name not in parts:
-            return None
-        block = owner._block(name)
-    else:  # an AtlasParameter: its theta0 is the parametrization's input, the slab gives the shape
-        block = Block.read(owner, "", None, owner.partition)
+    if name not in owner._atlas_parts:
+        return None
+    block = owner._atlas_block(name)
     if block.lora is not None:
         with torch.autocast(block.lora[0].device.type, enabled=False):
             return lora_delta(*block.lora, block.coef, block.partition).to(dtype)
     return LO.delta(block, dtype, backend)
 
 
-class LinearisedAtlasParameter(AtlasParameter):
-    """A generic block of a linearised model: inside a forward of the patched module its value is
-    ``theta0`` carrying the tangent ``D``; read outside one (``repr``, a user's ``module.weight``) it
-    is the expansion point ``theta0`` itself. (Linear and attention modules called outside a forward
-    of the patched root raise instead of computing a primal without its tangent.)"""
+def _linearised_read(self, name: str):
+    """What ``module.<block>`` reads on a linearised module (the owner's own forward, and code
+    outside it such as open_clip's AttentionPool2d reading ``q_proj.weight``): inside a forward of
+    the patched root, ``theta0`` carrying the tangent ``D`` (so the reader's ops linearise it);
+    outside one, the expansion point ``theta0`` itself. (Linear and attention modules called outside
+    a forward of the patched root raise instead of computing a primal without its tangent.)"""
+    alias = self._atlas_alias.get(name)
+    if alias is not None:
+        return alias[0]._atlas_read(alias[1])
+    if name not in self._buffers:
+        raise AttributeError(name)
+    theta0 = self._buffers[name]
+    if theta0 is None or not in_scope():
+        return theta0
+    d = block_delta(self, name, theta0.dtype, self._atlas_backend)
+    return theta0 if d is None else fwAD.make_dual(theta0, d)
 
-    def forward(self, theta0: torch.Tensor) -> torch.Tensor:
-        if not in_scope():
-            return theta0
-        return fwAD.make_dual(theta0, block_delta(self, "", theta0.dtype, self.backend))
+
+class LinearisedAtlasParameter(AtlasParameter):
+    """The generic path of a linearised model: a block reads ``theta0`` carrying the tangent ``D``
+    inside a forward of the patched root, ``theta0`` outside one (:func:`_linearised_read`)."""
+
+    _atlas_read = _linearised_read
 
 
 def _pair_linear(self, x0, xt, wname: str, bname: str):
@@ -95,38 +104,25 @@ def _pair_linear(self, x0, xt, wname: str, bname: str):
     x0 = x0.to(dtype)
     w0 = self._theta0(wname)  # the frozen theta0 (the attribute reads a composed value)
     b0 = self._theta0(bname) if bname else None
+    backend = self._atlas_backend
     y0 = LO.frozen_linear(x0, w0, b0)
     yt = None if xt is None else F.linear(xt.to(dtype), w0.to(dtype))
     w = self._block(wname)
     b = self._block(bname) if bname else Block(None)
     b_adapted = b.theta0 is not None and b.adapted
     if w.tau is not None and b.lora is None:  # dense weight (and a dense or frozen bias): one fused op
-        return y0, _add(yt, LO.tangent_linear(x0, w, b, backend=self.backend))
+        return y0, _add(yt, LO.tangent_linear(x0, w, b, backend=backend, fused_max_m=self._atlas_fused_max_m))
     if w.adapted:  # LoRA weight: factored or composed by autograd (never densified per vector)
-        yt = _add(yt, F.linear(x0, block_delta(self, wname, dtype, self.backend)))
+        yt = _add(yt, F.linear(x0, block_delta(self, wname, dtype, backend)))
     if b_adapted:
-        yt = _add(yt, block_delta(self, bname, dtype, self.backend))
+        yt = _add(yt, block_delta(self, bname, dtype, backend))
     return y0, yt
-
-
-def _linearised_read(self, name: str, dtype):
-    """What ``module.<block>`` reads on a linearised Atlas module (code outside the module's own
-    forward, such as open_clip's AttentionPool2d reading ``q_proj.weight``): inside a forward of the
-    patched root, ``theta0`` carrying the tangent ``D`` (so the reader's ops linearise it); outside
-    one, the expansion point ``theta0``, as for :class:`LinearisedAtlasParameter`."""
-    theta0 = self._theta0(name)
-    if theta0 is None:
-        return None
-    theta0 = theta0.to(dtype)
-    if not in_scope():
-        return theta0
-    d = block_delta(self, name, dtype, self.backend)
-    return theta0 if d is None else fwAD.make_dual(theta0, d)
 
 
 class LinearisedAtlasLinear(AtlasLinear):
     """``AtlasLinear`` of a linearised model: ``(x0, x_t) -> (x0 W0^T + c0, x_t W0^T + x0 D_W^T + D_c)``."""
 
+    _atlas_read = _linearised_read
     _read_block = _linearised_read
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -140,6 +136,7 @@ class LinearisedAtlasMultiheadAttention(AtlasMultiheadAttention):
     """``AtlasMultiheadAttention`` of a linearised model (primal and tangent of the projections and of
     attention, see :func:`~atlas_kernels.linearised.ops.attention_tangent`)."""
 
+    _atlas_read = _linearised_read
     _read_block = _linearised_read
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
@@ -192,8 +189,8 @@ class LinearisedAtlasMultiheadAttention(AtlasMultiheadAttention):
         w0 = self._theta0("in_proj_weight").to(dtype)
         b0 = self._theta0("in_proj_bias")
         b0 = None if b0 is None else b0.to(dtype)
-        d_w = block_delta(self, "in_proj_weight", dtype, self.backend)
-        d_b = block_delta(self, "in_proj_bias", dtype, self.backend) if b0 is not None else None
+        d_w = block_delta(self, "in_proj_weight", dtype, self._atlas_backend)
+        d_b = block_delta(self, "in_proj_bias", dtype, self._atlas_backend) if b0 is not None else None
         prim, tans = [], []
         for i, (p, t) in enumerate(ins):
             sl = slice(i * e, (i + 1) * e)
@@ -208,8 +205,7 @@ class LinearisedAtlasMultiheadAttention(AtlasMultiheadAttention):
         return (*prim, *tans)
 
 
-_CLASSES = {AtlasLinear: LinearisedAtlasLinear, AtlasMultiheadAttention: LinearisedAtlasMultiheadAttention,
-            AtlasParameter: LinearisedAtlasParameter}
+_CLASSES = {AtlasLinear: LinearisedAtlasLinear, AtlasMultiheadAttention: LinearisedAtlasMultiheadAttention}
 
 
 class _DualScope:
@@ -273,10 +269,15 @@ def _combine(out):
 def linearise(module: nn.Module) -> None:
     """Turn the Atlas modules of a freshly patched ``module`` into their linearised subclasses (same
     state, the forward above) and install the dual-level hooks on ``module``."""
+    from ..modules import _generic_class
+
     for m in module.modules():
         cls = _CLASSES.get(type(m))
         if cls is not None:
             m.__class__ = cls
+        elif isinstance(m, AtlasParameter) and not isinstance(m, LinearisedAtlasParameter):
+            m.__class__ = _generic_class(m.__dict__["_atlas_orig_class"], type(m)._atlas_names,
+                                         LinearisedAtlasParameter)
     scope = _DualScope()
     module.register_forward_pre_hook(scope.begin)
     module.register_forward_hook(scope.end, always_call=True)

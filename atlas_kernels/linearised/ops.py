@@ -30,11 +30,14 @@ def _kernels():
     return kernels
 
 
-def _backend_name(backend: str, t: torch.Tensor, dtype: torch.dtype) -> str:
-    name = ops.resolve(backend, t.device)
-    if name != "torch" and torch.float64 in (t.dtype, dtype):
-        return "torch"  # the kernels accumulate in fp32; float64 reference work takes torch
-    return "torch" if name == "cuda" else name  # the extension has no tangent op: torch for now
+def _backend_name(backend, t: torch.Tensor, dtype: torch.dtype) -> str:
+    """The tangent ops' kernels: ``"triton"`` or ``"torch"`` (the extension has no tangent op yet,
+    and float64 reference work takes torch). ``backend``: the module's backend object, or a name
+    (``"auto"`` decided for ``t``'s device)."""
+    name = backend.name if isinstance(backend, ops.Backend) else ops.choose(backend, t.device)
+    if name != "triton" or torch.float64 in (t.dtype, dtype):
+        return "torch"
+    return name
 
 
 def _zeros(shape, dtype, device):
@@ -163,7 +166,9 @@ def tangent_linear(x0, wblock: Block, bblock: Optional[Block] = None, backend="t
     lead = x0.shape[:-1]
     x2 = x0.reshape(-1, x0.shape[-1])
     if fused_max_m is None:
-        fused_max_m = ops._module("triton").FUSED_MAX_M if name == "triton" else 0
+        from ..ops.triton_backend import FUSED_MAX_M
+
+        fused_max_m = FUSED_MAX_M if name == "triton" else 0
     y = TangentLinearFunction.apply(x2, wblock.coef, b.coef, torch.Size(w_shape), w_tau, wblock.scale,
                                     wblock.partition, b.tau, b.scale, b.partition, name, fused_max_m)
     return y.reshape(*lead, w_shape[0])

@@ -1,153 +1,165 @@
-"""Differentiable ops (autograd wiring) and the dispatch between backends.
+"""Differentiable ops, and the backends that run them: chosen once, when a module is patched.
 
-A block travels as one :class:`~atlas_kernels.blocks.Block` (theta0, slab or LoRA factors,
-coefficients, partition, scale), flattened to tensors only at the ``torch.library`` boundary. Every
-op has the same signature in every backend module:
+A backend is one object (:class:`~atlas_kernels.ops.backend.Backend`) with the same methods in
+every implementation:
 
-- ``compose(block, out_dtype)``: a composed block, differentiable in ``block.coef``;
-- ``linear(x, wblock, bblock=None)``: ``y = x W^T + c`` with composed ``W`` and ``c``,
-  differentiable in ``x`` and the coefficients;
-- ``compose_packed(theta0_flat, tau_flat, coef_flat, layout, out_dtype, scale_flat=None)`` (the
-  backends in :data:`PACKED_BACKENDS`): many small blocks in one call, laid out by
-  :func:`packed_layout`.
+- ``compose(block, out_dtype)``: a block's composed value, differentiable in ``block.coef``;
+- ``linear(x, wblock)``: ``y = x W^T`` with composed ``W`` (no bias: a bias is a block of its own,
+  composed and added by the caller), differentiable in ``x`` and the coefficients;
+- ``compose_group(group, dtypes)`` / ``coef_grad_group(group, grads)``: every block of a
+  :class:`~atlas_kernels.grouping.BlockGroup` in one pass (no autograd; :class:`.group.GroupCompose`
+  is their one autograd wiring);
+- ``own_linear(wblock, device, config)``: whether a linear layer runs ``linear`` itself rather
+  than reading its weight from the group.
 
-Here, :func:`compose` and :func:`linear` route LoRA blocks to :mod:`.lora` (cuBLAS matmuls on the
-factors, any backend) and dense ones to the backend.
+Backends: ``"torch"`` (:mod:`.torch_backend`, plain PyTorch), ``"triton"`` (:mod:`.triton_backend`,
+the kernels of :mod:`atlas_kernels.kernels`), ``"ext"`` (:mod:`.ext_backend`, the optional compiled
+extension from ``csrc/``, with CPU kernels and, when built with CUDA, CUDA kernels). ``"cuda"`` is the
+old name of ``"ext"`` (deprecated). ``"auto"`` is resolved by :func:`choose` when a module is patched;
+the rule and the measurements behind it are in ``docs/PERFORMANCE.md``.
 
-``backend`` is ``"torch"`` (:mod:`.torch_backend`), ``"triton"`` (:mod:`.triton_backend`), ``"cuda"``
-(:mod:`.cuda_backend`: the optional compiled extension from ``csrc/``, CPU or CUDA kernels as the
-tensors are) or ``"auto"``: per device type the backend measured fastest there (:data:`AUTO_CHOICE`),
-among those available in this installation.
+Nothing here runs per call: :func:`get` imports a backend when a plan is made, and the per-call path
+holds the object. LoRA blocks take :mod:`.lora` (cuBLAS matmuls on the factors) on every backend.
 """
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import Optional
 
 import torch
 
 from ..blocks import Block
-from . import torch_backend
+from .backend import Backend, compute_dtype  # noqa: F401  (the backend protocol; the one dtype rule)
 from .lora import lora_compose, lora_linear  # noqa: F401  (backend-agnostic: cuBLAS matmuls)
 
-BACKENDS = ("auto", "torch", "triton", "cuda")
-# Backends with a packed (one call for many small blocks) compose.
-PACKED_BACKENDS = ("triton", "cuda")
-_loaded = {"torch": torch_backend}
+BACKENDS = ("auto", "torch", "triton", "ext")
+# Old names still accepted (with a DeprecationWarning): "cuda" meant the compiled extension, whose
+# kernels run on the CPU too.
+ALIASES = {"cuda": "ext"}
+_MODULES = {"torch": ".torch_backend", "triton": ".triton_backend", "ext": ".ext_backend"}
+_loaded = {}
 
 
 def check_backend(backend: str) -> str:
+    """``backend`` as a name in :data:`BACKENDS` (an old alias mapped, with a DeprecationWarning);
+    ValueError for anything else."""
+    if backend in ALIASES:
+        new = ALIASES[backend]
+        warnings.warn(f"backend={backend!r} is deprecated: it is the compiled extension, whose kernels run on the CPU "
+                      f"too; use backend={new!r}", DeprecationWarning, stacklevel=3)
+        return new
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     return backend
 
 
-def _module(name: str):
-    mod = _loaded.get(name)
-    if mod is None:
-        if name == "triton":
-            mod = importlib.import_module(".triton_backend", __name__)
-        elif name == "cuda":
+def get(name: str) -> Backend:
+    """The backend object ``name`` (imported on first use). ``"ext"`` without the built extension
+    raises a RuntimeError that says how to build it."""
+    b = _loaded.get(name)
+    if b is not None:
+        return b
+    if name not in _MODULES:
+        raise ValueError(f"no backend {name!r}: one of {tuple(_MODULES)}")
+    try:
+        mod = importlib.import_module(_MODULES[name], __name__)
+    except ImportError as exc:
+        if name != "ext":
+            raise
+        raise RuntimeError(
+            "backend='ext' needs the optional compiled extension from csrc/, which is not built in this "
+            "installation. Build it with `ATLAS_KERNELS_BUILD_EXT=1 pip install -e . --no-build-isolation` (CPU "
+            "kernels; CUDA kernels too when CUDA_HOME is set), or in a source tree `ATLAS_KERNELS_BUILD_EXT=1 "
+            "python setup.py build_ext --inplace`; see csrc/README.md. Or use backend='triton' or 'torch'"
+        ) from exc
+    _loaded[name] = mod.BACKEND
+    return mod.BACKEND
+
+
+def unavailable(name: str, device: torch.device) -> Optional[str]:
+    """Why backend ``name`` cannot run tensors on ``device`` here, or None when it can."""
+    if name == "torch":
+        return None
+    if name == "triton":
+        if device.type == "cuda":
             try:
-                mod = importlib.import_module(".cuda_backend", __name__)
-            except ImportError as exc:
-                raise RuntimeError(
-                    "backend='cuda' needs the optional compiled extension from csrc/, which is not built "
-                    "in this installation. Build it with `ATLAS_KERNELS_BUILD_EXT=1 pip install -e . "
-                    "--no-build-isolation` (CPU kernels; CUDA kernels too when CUDA_HOME is set), or in a "
-                    "source tree `ATLAS_KERNELS_BUILD_EXT=1 python setup.py build_ext --inplace`; see "
-                    "csrc/README.md. Or use backend='triton' or 'torch'"
-                ) from exc
-        else:  # pragma: no cover - guarded by check_backend
-            raise ValueError(name)
-        _loaded[name] = mod
-    return mod
+                get("triton")
+            except Exception as exc:  # triton missing or broken on this machine
+                return f"triton cannot be imported ({type(exc).__name__}: {exc})"
+            return None
+        from .._env import is_interpreter
+
+        if device.type == "cpu" and is_interpreter():
+            return None  # Triton's CPU interpreter (tests, tiny sizes)
+        return (f"backend='triton' runs CUDA tensors; these are on {device.type} (set TRITON_INTERPRET=1 before "
+                f"importing atlas_kernels to run the kernels in Triton's interpreter, tiny sizes only, or use "
+                f"backend='torch')")
+    if name == "ext":
+        try:
+            ext = get("ext")
+        except RuntimeError as exc:
+            return str(exc)
+        if not ext.has_device_kernels(device.type):
+            return (f"the compiled extension has no kernels for {device.type} tensors; "
+                    + (ext.BUILD_HINT if device.type == "cuda" else "use backend='torch'"))
+        return None
+    return f"no backend {name!r}"
 
 
-# "auto", per device type: the backend measured fastest there, and where the measurement is.
-# Backends missing from an installation (the extension not built, no Triton) fall through in order.
+# "auto", per device type: the backends measured fastest there, in order of preference, among those
+# that can run (docs/PERFORMANCE.md, "Which backend auto picks", cites the measurements).
 AUTO_CHOICE = {
-    # bench/results/2026-12-01-cpu-ext-scratch.txt (ViT-B/32, N = 8, batch 8, fp32, float16/int8
-    # task vectors, 4 rounds on the project's CPU: step 1217 vs 1912 ms with float16 slabs, 1024
-    # vs 5933 ms with int8) and bench/results/2026-12-01-cpu-ext-micro.txt (compose and coefficient
-    # gradient of a 3072 x 768 block): the extension's CPU kernels beat the torch backend
-    "cpu": ("cuda", "torch"),
-    # no GPU measurement of the extension yet: Triton stays the choice on CUDA devices
-    "cuda": ("triton", "torch"),
+    "cuda": ("triton", "ext", "torch"),
+    "cpu": ("ext", "torch"),
 }
 
 
-def _available(name: str) -> bool:
-    try:
-        _module(name)
-        return True
-    except Exception:  # not built / not importable here
-        return False
-
-
-def resolve(backend: str, device: torch.device) -> str:
-    """The concrete backend for tensors on ``device``."""
+def choose(backend: str, device: torch.device) -> str:
+    """The backend that runs blocks on ``device``: ``backend`` itself, or for ``"auto"`` the first
+    of :data:`AUTO_CHOICE` that can run there (``"torch"`` always can)."""
+    backend = check_backend(backend)
     if backend != "auto":
         return backend
-    if device.type == "cpu":
-        for name in AUTO_CHOICE["cpu"]:
-            if name == "torch" or _available(name):
-                return name
-    if device.type == "cuda":
-        try:
-            _module("triton")
-            return "triton"
-        except Exception:  # pragma: no cover - triton missing or broken on this GPU machine
-            return "torch"
+    for name in AUTO_CHOICE.get(device.type, ("torch",)):
+        if unavailable(name, device) is None:
+            return name
     return "torch"
 
 
-def _pick(backend: str, t: torch.Tensor, dtype: torch.dtype):
-    name = resolve(backend, t.device)
-    if name in ("triton", "cuda") and torch.float64 in (dtype, t.dtype):
-        # The kernels accumulate in fp32 and store fp16/bf16/fp32; float64 (reference work, a
-        # model.double()) takes the torch backend, which accumulates in float64.
-        name = "torch"
-    return _module(name)
+def for_dtype(backend: Backend, dtype: torch.dtype) -> Backend:
+    """The one float64 rule: the kernels accumulate in fp32 and store fp16/bf16/fp32, so float64
+    blocks (reference work, a ``model.double()``) take the torch backend, which accumulates in
+    float64."""
+    return get("torch") if dtype == torch.float64 else backend
+
+
+def _resolve(backend) -> Backend:
+    return backend if isinstance(backend, Backend) else get(check_backend(backend) if backend != "auto" else "torch")
 
 
 def compose(block: Block, out_dtype, backend="torch"):
     """``block``'s composed value in ``out_dtype``, differentiable in its coefficients (a frozen
-    block: ``theta0`` cast; an absent one: None)."""
+    block: ``theta0`` cast; an absent one: None). ``backend``: a :class:`Backend` or its name."""
     if block.theta0 is None:
         return None
     if not block.adapted:
         return block.theta0.to(out_dtype)
     if block.lora is not None:
         return lora_compose(block, out_dtype)
-    return _pick(backend, block.theta0, out_dtype).compose(block, out_dtype)
+    return for_dtype(_resolve(backend), block.theta0.dtype).compose(block, out_dtype)
 
 
 def linear(x, wblock: Block, bblock: Optional[Block] = None, backend="torch"):
-    """``y = x W^T + c`` with ``W``, ``c`` composed from ``wblock``/``bblock`` (None: no bias)."""
+    """``y = x W^T + c`` with ``W``, ``c`` composed from ``wblock``/``bblock`` (None: no bias), in
+    :func:`compute_dtype` of ``x``."""
+    dtype = compute_dtype(x)
+    bias = None if bblock is None else compose(bblock, dtype, backend)
     if wblock.lora is not None:
-        bias = None if bblock is None else compose(bblock, compute_dtype(x), backend)
         return lora_linear(x, wblock, bias)
-    return _pick(backend, x, compute_dtype(x)).linear(x, wblock, bblock)
-
-
-def compose_packed(theta0_flat, tau_flat, coef_flat, layout, out_dtype, scale_flat=None, backend="auto"):
-    """All blocks of ``layout`` (see :func:`packed_layout`) composed in one call of a backend in
-    :data:`PACKED_BACKENDS`: a flat ``[P]`` tensor (split it with ``layout.views``), differentiable
-    in ``coef_flat [N, layout.total_cols]``."""
-    name = resolve(backend, tau_flat.device)
-    if name not in PACKED_BACKENDS:
-        raise ValueError(f"compose_packed needs a backend in {PACKED_BACKENDS}, got {backend!r} (resolved to "
-                         f"{name!r} for {tau_flat.device.type} tensors)")
-    return _module(name).compose_packed(theta0_flat, tau_flat, coef_flat, layout, out_dtype, scale_flat)
-
-
-def packed_layout(shapes, partitions=None, device=None):
-    """The :class:`~atlas_kernels.kernels.PackedLayout` of blocks of ``shapes`` packed back to back
-    (the table every packed backend reads)."""
-    from ..kernels import make_packed_layout
-
-    return make_packed_layout(shapes, partitions, device=device)
-
-
-compute_dtype = torch_backend.compute_dtype
+    if not wblock.adapted:
+        y = torch.nn.functional.linear(x.to(dtype), wblock.theta0.to(dtype))
+    else:
+        wide = torch.float64 if torch.float64 in (dtype, wblock.theta0.dtype) else dtype
+        y = for_dtype(_resolve(backend), wide).linear(x, wblock)
+    return y if bias is None else y + bias

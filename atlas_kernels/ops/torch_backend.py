@@ -14,11 +14,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..blocks import Block, coef_matrix
 from ..partitions import Partition
 from ..storage import scale_rows
+from .backend import Backend
 
 # Widen at most this many slab elements to fp32 at once: 64 MiB of fp32 temporaries on a GPU (few,
 # large launches), 2 MiB on a CPU (the chunk stays in cache; measured: docs/PERFORMANCE.md).
@@ -168,39 +168,62 @@ def dense(block: Block, what: str = "block") -> Block:
     return block
 
 
-def compose(block: Block, out_dtype):
-    """Differentiable composition of one dense block (see :class:`ComposeFunction`)."""
-    b = dense(block)
-    return ComposeFunction.apply(b.coef, b.theta0, b.tau, b.scale, b.partition, out_dtype)
+class TorchBackend(Backend):
+    """Plain PyTorch: one slab product per block to compose (:func:`compose_values`), one per block
+    to reduce the coefficient gradient (:func:`coef_grad_values`); float64 inputs accumulate in
+    float64 (the backend every float64 block takes)."""
+
+    name = "torch"
+
+    def compose(self, block: Block, out_dtype):
+        b = dense(block)
+        return ComposeFunction.apply(b.coef, b.theta0, b.tau, b.scale, b.partition, out_dtype)
+
+    def compose_values(self, theta0, tau, coef, partition, out_dtype, scale=None):
+        return compose_values(theta0, tau, coef, partition, out_dtype, scale)
+
+    def coef_grad_values(self, grad, tau, k, partition, scale=None):
+        return coef_grad_values(grad, tau, k, partition, scale)
+
+    def prepare_group(self, group):
+        # The common case (K = 1, unscaled fp32 slabs, fp32 theta0, every task vector held): views
+        # for one addmv (compose) and one mv (gradient) per block, made once.
+        for e in group.entries:
+            e.fast = None
+            if (e.partition.k == 1 and e.scale is None and e.index is None
+                    and e.tau.dtype == e.theta0.dtype == e.coef.dtype == torch.float32):
+                t2 = e.tau.view(e.tau.shape[0], -1)
+                e.fast = (e.theta0.view(-1), t2.t(), t2)
+
+    def compose_group(self, group, dtypes):
+        # The common case is one addmv per block on the views of prepare_group; the rest takes
+        # compose_values.
+        out = []
+        for e in group.entries:
+            fast = e.fast
+            if fast is not None and dtypes[e.sel] == fast[0].dtype:
+                out.append(torch.addmv(fast[0], fast[1], e.coef).view(e.shape))
+            else:
+                coef = e.coef if e.index is None else e.coef.index_select(0, e.index)
+                out.append(compose_values(e.theta0, e.tau, coef, e.partition, dtypes[e.sel], e.scale))
+        return out
+
+    def coef_grad_group(self, group, grads):
+        out = []
+        for e, g in zip(group.entries, grads):
+            fast = e.fast
+            if g is not None and fast is not None and g.dtype == fast[0].dtype:
+                out.append(torch.mv(fast[2], g.reshape(-1)))
+            else:
+                out.extend(Backend.coef_grad_group(self, _One(e), (g,)))
+        return out
 
 
-def linear(x, wblock: Block, bblock: Optional[Block] = None):
-    """``y = x W^T + c`` with composed ``W`` and ``c`` (``bblock`` None or ``Block(None)``: no bias).
+class _One:
+    """A one-entry stand-in for a group (the default per-entry loop on a single entry)."""
 
-    The weight gradient ``G = dy^T x`` that ``F.linear``'s backward builds (one block, transient) flows
-    into :class:`ComposeFunction`, which reduces it against the slab: ``dcoef_i = <G, tau_i>``.
-    """
-    return linear_with(compose, x, wblock, bblock)
+    def __init__(self, entry):
+        self.entries = (entry,)
 
 
-def linear_with(compose_fn, x, wblock: Block, bblock: Optional[Block]):
-    """``F.linear`` of ``x`` with ``W`` and ``c`` composed by ``compose_fn`` (a backend's
-    differentiable ``compose(block, dtype)``) in the compute dtype; frozen blocks are cast, not composed."""
-    dtype = compute_dtype(x)
-    w = dense(wblock, "the weight")
-    weight = w.theta0.to(dtype) if w.tau is None else compose_fn(w, dtype)
-    if bblock is None or bblock.theta0 is None:
-        bias = None
-    elif dense(bblock, "the bias").tau is None:
-        bias = bblock.theta0.to(dtype)
-    else:
-        bias = compose_fn(bblock, dtype)
-    return F.linear(x.to(dtype), weight, bias)
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a matmul on ``x`` runs in: the autocast dtype where autocast is on, else ``x``'s."""
-    dev = x.device.type
-    if dev in ("cuda", "cpu", "xpu") and torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    return x.dtype
+BACKEND = TorchBackend()

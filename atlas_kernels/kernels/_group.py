@@ -1,0 +1,240 @@
+"""Every block of a tower in two launches: the grouped compose and the grouped coefficient gradient.
+
+A *group* is a set of blocks that share a device, a theta0 dtype and a storage (with or without
+per-row scales). Its table holds one row per block (a *segment*) with the block's geometry, its
+partition encoding and the addresses of its own tensors: theta0, the ``[n_b, *shape]`` slab, the
+``[n_b, R]`` scales, the coefficients ``[N, K]`` and the ragged index. Nothing is packed or copied:
+the kernels read each block where the module keeps it (the address is cast to a typed pointer in
+the kernel, as Triton's grouped-GEMM tutorial does). Programs are tiles of ``BLOCK`` elements of one
+segment (``tile_map[pid]`` names it).
+
+- :func:`compose_group`: ``out[sel][out_off + e] = theta0[e] + sum_i coef[index[i], part(e)] * tau[i, e]``
+  (``* scale[i, row(e)]``), accumulated in fp32 and stored in the output's dtype. Two outputs, so
+  that blocks a matmul reads (``sel`` 0) can be composed in the compute dtype while the others
+  (``sel`` 1: LayerNorms, embeddings) keep theta0's dtype.
+- :func:`coef_grad_group`: ``dcoef[coef_off + r * K + k] = sum_{e in part k} grad[sel][out_off + e] *
+  tau[i, e]`` for the held row ``i`` of coefficient row ``r`` (0 for rows a ragged block does not
+  hold): per-tile partial sums, then one program per segment sums its tiles in tile order
+  (deterministic, no atomics).
+
+The table layout is :data:`GROUP_COLUMNS`; :func:`group_table` builds it.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, _cast_out, _part_index_rt, next_pow2, scratch
+
+__all__ = ["GROUP_COLUMNS", "GroupLaunch", "group_table", "compose_group", "coef_grad_group", "GROUP_BLOCK"]
+
+GROUP_COLUMNS = ("numel", "tile0", "ntiles", "k", "mode", "key", "held", "sel", "out_off", "coef_off",
+                 "n_rows", "row_len", "theta0", "tau", "scale", "coef", "index", "inverse")
+NCOL = len(GROUP_COLUMNS)
+# Elements per program: fixed per launch table (the tile map and the partial-sum rows depend on it,
+# so a fixed value also fixes the reduction order). 4096 fp16 elements are two 16-byte loads per
+# thread per task vector at 8 warps; the interpreter runs fewer, larger programs the same way.
+GROUP_BLOCK = 4096
+# Tiles summed per step of the per-segment reduction (a [REDUCE_TILES, N * K] slab of partials).
+REDUCE_TILES = 32
+
+
+class GroupLaunch:
+    """The device-side description of one group: ``table`` (int64 ``[S, NCOL]``), ``tile_map``
+    (int32 ``[T]``), and what the launches need besides (the largest held count ``nmax``, the
+    largest K rounded up to a power of two ``kmax``, the coefficient-gradient length ``coef_total``),
+    plus references to every tensor whose address the table holds (kept alive with it)."""
+
+    def __init__(self, table, tile_map, block, nmax, kmax, n_rows_max, coef_total, theta_any_ptr, tau_any_ptr, keep):
+        self.table, self.tile_map, self.block = table, tile_map, block
+        self.nmax, self.kmax, self.n_rows_max, self.coef_total = nmax, kmax, n_rows_max, coef_total
+        self.theta_any, self.tau_any = theta_any_ptr, tau_any_ptr
+        self._keep = keep
+
+
+def group_table(segments: Sequence[dict], device, block: int = GROUP_BLOCK) -> GroupLaunch:
+    """The launch table of ``segments``: dicts with the tensors ``theta0``, ``tau`` (``[held,
+    *shape]``, contiguous), ``scale`` (``[held, R]`` fp32 or None), ``coef`` (``[N, K]`` or ``[N]``
+    fp32, contiguous), ``index`` (int64 ``[held]``: the coefficient row of each held slab) and the
+    ints ``k``, ``mode``, ``key``, ``sel``, ``out_off``, ``coef_off``. Every tensor must stay alive
+    and in place while the table is used (the group keeps them)."""
+    rows, tile_map, keep = [], [], []
+    tile0 = 0
+    nmax, kmax, n_rows_max = 1, 1, 1
+    for j, s in enumerate(segments):
+        theta0, tau, scale, coef, index = s["theta0"], s["tau"], s["scale"], s["coef"], s["index"]
+        numel = theta0.numel()
+        held = tau.shape[0]
+        n_rows = coef.shape[0]
+        # inverse[r]: the held position of coefficient row r, or -1 (ragged blocks hold a subset)
+        inverse = torch.full((n_rows,), -1, dtype=torch.int32)
+        inverse[index.cpu()] = torch.arange(held, dtype=torch.int32)
+        inverse = inverse.to(device)
+        rows_r = theta0.shape[0] if theta0.dim() >= 2 else 1
+        ntiles = triton.cdiv(numel, block)
+        rows.append([numel, tile0, ntiles, s["k"], s["mode"], s["key"], held, s["sel"], s["out_off"], s["coef_off"],
+                     n_rows, max(numel // rows_r, 1), theta0.data_ptr(), tau.data_ptr(),
+                     0 if scale is None else scale.data_ptr(), coef.data_ptr(), index.data_ptr(), inverse.data_ptr()])
+        keep += [theta0, tau, scale, coef, index, inverse]
+        tile_map += [j] * ntiles
+        tile0 += ntiles
+        nmax, kmax, n_rows_max = max(nmax, held), max(kmax, s["k"]), max(n_rows_max, n_rows)
+    table = torch.tensor(rows, dtype=torch.int64).reshape(-1, NCOL).to(device)
+    tmap = torch.tensor(tile_map, dtype=torch.int32).to(device)
+    coef_total = max((s["coef_off"] + s["coef"].numel() for s in segments), default=0)
+    return GroupLaunch(table, tmap, block, nmax, next_pow2(kmax), n_rows_max, coef_total,
+                       segments[0]["theta0"], segments[0]["tau"], keep)
+
+
+@triton.jit
+def _segment(table_ptr, tile_map_ptr, theta_any_ptr, tau_any_ptr, BLOCK: tl.constexpr):
+    """This program's segment and tile: its table row, the flat element offsets ``local`` of the
+    tile inside the block, the tail mask, and the typed pointers to the block's own tensors."""
+    pid = tl.program_id(0)
+    seg = tl.load(tile_map_ptr + pid).to(tl.int64)
+    row = table_ptr + seg * 18  # NCOL
+    numel = tl.load(row + 0)
+    local = (pid - tl.load(row + 1)) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    mask = local < numel
+    theta = tl.load(row + 12).to(tl.pointer_type(theta_any_ptr.dtype.element_ty))
+    tau = tl.load(row + 13).to(tl.pointer_type(tau_any_ptr.dtype.element_ty))
+    return row, numel, local, mask, theta, tau
+
+
+@triton.jit
+def _held_slab(tau, scale, i, numel, local, mask, srow, n_srows, HAS_SCALE: tl.constexpr):
+    """Held slab ``i`` of the block at ``local``, dequantized, in fp32."""
+    t = tl.load(tau + i * numel + local, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        t = t * tl.load(scale + i * n_srows + srow, mask=mask, other=0.0)
+    return t
+
+
+@triton.jit
+def _group_compose_kernel(
+    table_ptr, tile_map_ptr, theta_any_ptr, tau_any_ptr, outa_ptr, outb_ptr,
+    HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row, numel, local, mask, theta, tau = _segment(table_ptr, tile_map_ptr, theta_any_ptr, tau_any_ptr, BLOCK)
+    k = tl.load(row + 3)
+    part = _part_index_rt(local, numel, tl.load(row + 5), k, tl.load(row + 4))
+    held = tl.load(row + 6)
+    row_len = tl.load(row + 11)
+    coef = tl.load(row + 15).to(tl.pointer_type(tl.float32))
+    index = tl.load(row + 16).to(tl.pointer_type(tl.int64))
+    scale = coef  # a placeholder of the right type when unscaled
+    if HAS_SCALE:
+        scale = tl.load(row + 14).to(tl.pointer_type(tl.float32))
+    srow = local // row_len
+    n_srows = numel // row_len
+    acc = tl.load(theta + local, mask=mask, other=0.0).to(tl.float32)
+    for i in range(held):
+        t = _held_slab(tau, scale, i, numel, local, mask, srow, n_srows, HAS_SCALE)
+        c = tl.load(coef + tl.load(index + i) * k + part, mask=mask, other=0.0)
+        acc += c * t
+    off = tl.load(row + 8) + local
+    if tl.load(row + 7) == 0:
+        tl.store(outa_ptr + off, _cast_out(acc, outa_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(outb_ptr + off, _cast_out(acc, outb_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _group_partial_kernel(
+    table_ptr, tile_map_ptr, theta_any_ptr, tau_any_ptr, ga_ptr, gb_ptr, partial_ptr, NMAX,
+    KMAX: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    row, numel, local, mask, theta, tau = _segment(table_ptr, tile_map_ptr, theta_any_ptr, tau_any_ptr, BLOCK)
+    part = _part_index_rt(local, numel, tl.load(row + 5), tl.load(row + 3), tl.load(row + 4))
+    held = tl.load(row + 6)
+    row_len = tl.load(row + 11)
+    scale = tl.load(row + 15).to(tl.pointer_type(tl.float32))
+    if HAS_SCALE:
+        scale = tl.load(row + 14).to(tl.pointer_type(tl.float32))
+    srow = local // row_len
+    n_srows = numel // row_len
+    off = tl.load(row + 8) + local
+    if tl.load(row + 7) == 0:
+        g = tl.load(ga_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    else:
+        g = tl.load(gb_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    kk = tl.arange(0, KMAX)
+    onehot = part[:, None] == kk[None, :]  # [BLOCK, KMAX]
+    out = partial_ptr + pid.to(tl.int64) * NMAX * KMAX + kk
+    for i in range(held):
+        prod = g * _held_slab(tau, scale, i, numel, local, mask, srow, n_srows, HAS_SCALE)
+        tl.store(out + i * KMAX, tl.sum(tl.where(onehot, prod[:, None], 0.0), 0))
+
+
+@triton.jit
+def _group_reduce_kernel(
+    table_ptr, partial_ptr, out_ptr, NMAX,
+    KMAX: tl.constexpr, COLS: tl.constexpr, TILES: tl.constexpr,
+):
+    """One program per segment: ``out[coef_off + r * K + k]`` for every coefficient row ``r`` of the
+    block, the sum over its tiles (in tile order) of the partials of its held row, or 0."""
+    seg = tl.program_id(0).to(tl.int64)
+    row = table_ptr + seg * 18
+    tile0 = tl.load(row + 1)
+    ntiles = tl.load(row + 2)
+    k = tl.load(row + 3)
+    n_rows = tl.load(row + 10)
+    inverse = tl.load(row + 17).to(tl.pointer_type(tl.int32))
+    c = tl.arange(0, COLS)
+    valid = c < n_rows * k
+    r = c // k
+    pos = tl.load(inverse + r, mask=valid, other=-1).to(tl.int64)
+    src = pos * KMAX + c % k
+    live = valid & (pos >= 0)
+    acc = tl.zeros([COLS], dtype=tl.float32)
+    t = tl.arange(0, TILES)
+    for t0 in range(0, ntiles, TILES):
+        tt = t0 + t
+        p = tl.load(partial_ptr + (tile0 + tt[:, None]) * NMAX * KMAX + src[None, :],
+                    mask=(tt[:, None] < ntiles) & live[None, :], other=0.0)
+        acc += tl.sum(p, 0)
+    tl.store(out_ptr + tl.load(row + 9) + c, acc, mask=valid)
+
+
+_WARPS = {} if INTERPRET else {"num_warps": 8}
+
+
+def compose_group(launch: GroupLaunch, outs: List[Optional[torch.Tensor]], has_scale: bool) -> None:
+    """Compose every segment of ``launch`` into ``outs[sel]`` (flat, contiguous; None for an output
+    class no segment uses), one launch."""
+    if launch.tile_map.numel() == 0:
+        return
+    a = outs[0] if outs[0] is not None else outs[1]
+    b = outs[1] if outs[1] is not None else outs[0]
+    _group_compose_kernel[(launch.tile_map.numel(),)](
+        launch.table, launch.tile_map, launch.theta_any, launch.tau_any, a, b,
+        HAS_SCALE=has_scale, BLOCK=launch.block, **_WARPS,
+    )
+
+
+def coef_grad_group(launch: GroupLaunch, grads: List[Optional[torch.Tensor]], has_scale: bool) -> torch.Tensor:
+    """float32 ``[coef_total]``: every segment's coefficient gradient against the flat gradients
+    ``grads[sel]`` (laid out as :func:`compose_group`'s outputs), two launches."""
+    dev = launch.table.device
+    out = scratch((launch.coef_total,), dev)
+    T = launch.tile_map.numel()
+    if T == 0:
+        return out.zero_()
+    a = grads[0] if grads[0] is not None else grads[1]
+    b = grads[1] if grads[1] is not None else grads[0]
+    partial = scratch((T, launch.nmax, launch.kmax), dev)
+    _group_partial_kernel[(T,)](
+        launch.table, launch.tile_map, launch.theta_any, launch.tau_any, a, b, partial, launch.nmax,
+        KMAX=launch.kmax, HAS_SCALE=has_scale, BLOCK=launch.block, **_WARPS,
+    )
+    cols = next_pow2(launch.n_rows_max * launch.kmax)
+    _group_reduce_kernel[(launch.table.shape[0],)](
+        launch.table, partial, out, launch.nmax,
+        KMAX=launch.kmax, COLS=cols, TILES=max(1, min(REDUCE_TILES, 4096 // cols)),
+        **({} if INTERPRET else {"num_warps": 4}),
+    )
+    return out
