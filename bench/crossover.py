@@ -1,4 +1,4 @@
-"""Where the fused small-M linear stops paying: the measurement behind ``FUSED_MAX_M``.
+"""Where the fused small-M linear stops paying: the measurement behind ``fused_max_m``'s default.
 
 For each linear-block shape and row count M, times one forward + backward of the Triton backend's
 composed linear layer both ways, in the same run:
@@ -7,10 +7,12 @@ composed linear layer both ways, in the same run:
 - ``compose``: W composed once (``compose``), then cuBLAS for ``y`` and ``dx``;
 
 (the coefficient gradient, ``linear_coef_grad``, is the same kernel in both). Prints, per shape,
-the largest M at which ``fused`` is still faster, and the value to set
-``atlas_kernels.ops.triton_backend.FUSED_MAX_M`` to (the smallest of those over the shapes).
+the largest M at which ``fused`` is still faster, and the value to give ``patch(...,
+fused_linear=True, fused_max_m=...)`` (the smallest of those over the shapes; the default is
+``atlas_kernels.ops.triton_backend.FUSED_MAX_M``). The run stops after ``--seconds`` (default 40:
+one stage of .ci/gpu.sh; a cold Triton cache spends most of it compiling and autotuning).
 
-    python -m bench.crossover                       # GPU: ViT-B/32 and ViT-L/14 block shapes, N = 21, bf16
+    python -m bench.crossover                       # GPU: ViT-B/32 MLP block shapes, N = 21, bf16
     python -m bench.crossover --n 8 --m 1,16,64,256 --shapes 3072x768
     python -m bench.crossover --smoke               # CPU interpreter, tiny shapes: checks it runs
 
@@ -39,9 +41,10 @@ def _parse_shapes(text):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.crossover", description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=21, help="task vectors (default 21)")
-    ap.add_argument("--shapes", default="2304x768,768x768,3072x768,768x3072,4096x1024,1024x4096",
-                    help="OUTxIN linear blocks (default: ViT-B/32 and ViT-L/14 MLP and attention)")
-    ap.add_argument("--m", default="1,2,4,8,16,32,48,64,96,128,192,256,512", help="row counts")
+    ap.add_argument("--shapes", default="3072x768,768x3072",
+                    help="OUTxIN linear blocks (default: the ViT-B/32 MLP; e.g. add 2304x768,4096x1024)")
+    ap.add_argument("--m", default="1,16,64,256", help="row counts")
+    ap.add_argument("--seconds", type=float, default=40.0, help="stop starting new rows after this long")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--storage", default="float16", help="task-vector storage dtype (default float16)")
     ap.add_argument("--reps", type=int, default=20)
@@ -57,6 +60,7 @@ def main(argv=None) -> int:
 
     from atlas_kernels.blocks import Block
     from atlas_kernels.ops import triton_backend as tb
+    from atlas_kernels.partitions import Partition
 
     from . import env
 
@@ -87,20 +91,24 @@ def main(argv=None) -> int:
 
     g = torch.Generator(device="cpu").manual_seed(0)
     best = {}
+    t_end = time.time() + args.seconds
     # rows are appended one by one, atomically (a killed run never leaves half a line)
     for o, i in shapes:
         w0 = (torch.randn(o, i, generator=g) * 0.02).to(dev, dtype)
         tau = (torch.randn(args.n, o, i, generator=g) * 1e-3).to(dev, sdtype)
-        b0 = torch.zeros(o, device=dev, dtype=dtype)
         coef = torch.full((args.n,), 0.1, device=dev, requires_grad=True)
+        block = Block(w0, tau, coef, Partition(1))
         last_fused_win = 0
         for m in ms:
+            if time.time() > t_end:
+                print(f"out of time (--seconds {args.seconds:g}): {o}x{i} from M={m} on not measured", flush=True)
+                break
             x = torch.randn(m, i, generator=g).to(dev, dtype).requires_grad_(True)
             dy = torch.randn(m, o, generator=g).to(dev, dtype)
             row = {}
             for path, thr in (("fused", 1 << 30), ("compose", 0)):
                 def step(thr=thr):
-                    y = tb.linear(x, Block(w0, tau, coef), Block(b0), fused_max_m=thr)
+                    y = tb.BACKEND.linear(x, block, fused_max_m=thr)
                     y.backward(dy)
                 row[path] = timed(step)
             win = row["fused"] < row["compose"]
@@ -116,7 +124,8 @@ def main(argv=None) -> int:
                   f"compose {row['compose']:8.3f} ms -> {'fused' if win else 'compose'}", flush=True)
         best[(o, i)] = last_fused_win
     print("largest M where fused wins, per shape:", {f"{o}x{i}": m for (o, i), m in best.items()})
-    print(f"suggested FUSED_MAX_M = {min(best.values())} (now {tb.FUSED_MAX_M}); rows: {out}")
+    if best:
+        print(f"suggested fused_max_m = {min(best.values())} (default {tb.FUSED_MAX_M}); rows: {out}")
     return 0
 
 
