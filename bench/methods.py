@@ -1,6 +1,7 @@
 """The methods' training steps, one builder per job: ``floor`` (the plain model, weight
 gradients), ``naive`` (the paper's Python sum per block), ``merge_once`` (one tensordot per block)
-and ``atlas`` (this library's patched tower). See :mod:`bench.workload` for what every method
+and ``atlas`` (this library's patched tower). Every ``step()`` returns its loss (the first one,
+before any update, goes into the row as ``loss0``). See :mod:`bench.workload` for what every method
 shares."""
 from __future__ import annotations
 
@@ -73,6 +74,7 @@ class StepBuilder:
                 feats = functional_call(visual, params, (self.x,))
             loss = self._loss(feats)
             self._backward_and_step(loss, opt)
+            return loss
 
         return step
 
@@ -99,6 +101,7 @@ class StepBuilder:
                 self.scaler.scale(loss).backward()
             else:
                 loss.backward()
+            return loss
 
         return step
 
@@ -174,6 +177,7 @@ class StepBuilder:
                 feats = visual(self.x)
             loss = self._loss(feats)
             self._backward_and_step(loss, opt)
+            return loss
 
         return step
 
