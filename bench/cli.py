@@ -16,6 +16,7 @@ from .grid import (
     BACKENDS,
     METHODS,
     MODELS,
+    PEER_METHODS,
     PRECISIONS,
     STORAGES,
     Axes,
@@ -146,7 +147,19 @@ def plan(args, dev: torch.device) -> List[Job]:
                 methods=[m for m in methods if m != "ceiling"] if methods is not None else None,
                 backends=backends)
     with_ceiling = methods is None or "ceiling" in methods
-    return build_jobs(main, variants, axes, with_ceiling, variants_first=not cpu or args.full)
+    jobs = build_jobs(main, variants, axes, with_ceiling, variants_first=not cpu or args.full)
+    return _drop_missing_peers(jobs, asked=set(methods or ()))
+
+
+def _drop_missing_peers(jobs: List[Job], asked: set) -> List[Job]:
+    """A peer's method (``fusionbench``) runs only where its package is installed; otherwise its jobs
+    are dropped with one line that says so (on stderr when it was not asked for by name)."""
+    from .peers import NOT_INSTALLED, fusionbench_version
+
+    if not any(j.method in PEER_METHODS for j in jobs) or fusionbench_version() is not None:
+        return jobs
+    print(NOT_INSTALLED, file=sys.stdout if "fusionbench" in asked else sys.stderr, flush=True)
+    return [j for j in jobs if j.method not in PEER_METHODS]
 
 
 def _extension_runs_on(device_type: str) -> bool:
