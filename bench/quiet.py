@@ -113,9 +113,9 @@ def machine_notes(by_round: Dict[tuple, Dict[int, dict]], history: Iterable[dict
         within = max(((r["step_ms_p80"] - r["step_ms_p20"]) / r["step_ms"]
                       for r in floors if r.get("step_ms_p20") is not None and r["step_ms"] > 0), default=0.0)
         if max(across, within) > FLOOR_SPREAD_MAX:
-            what = (f"its rounds' medians {min(meds):.0f} to {max(meds):.0f} ms ({across:.0%})"
-                    if across >= within else f"p20-p80 within a round {within:.0%} of the median")
-            notes.append(f"floor {_label(floors[0])}: steps spread by {what} (quiet: at most {FLOOR_SPREAD_MAX:.0%})")
+            what = (f"its rounds' medians ranged {min(meds):.0f} to {max(meds):.0f} ms ({across:.0%} of their median)"
+                    if across >= within else f"its steps' p20-p80 within a round spanned {within:.0%} of the median")
+            notes.append(f"floor {_label(floors[0])}: {what} (quiet: at most {FLOOR_SPREAD_MAX:.0%})")
     # 4. the ceiling across rounds and against its usual value; the floor against its usual value
     ceils = [r for rs in by_round.values() for r in rs.values() if r.get("method") == "ceiling" and r.get("copy_gbps")]
     for f, unit in (("copy_gbps", "GB/s"), ("matmul_tflops", "TFLOP/s")):
@@ -135,7 +135,7 @@ def machine_notes(by_round: Dict[tuple, Dict[int, dict]], history: Iterable[dict
             then = [h[f] for h in usual if h.get(f)]
             if now and then and median(now) < USUAL_FRACTION * median(then):
                 notes.append(f"ceiling {f.split('_')[0]} {median(now):.3g} {unit}, usual {median(then):.3g} "
-                             f"on this host (median of {len(then)} earlier quiet runs; "
+                             f"on this host (median of {len(then)} earlier quiet measurements; "
                              f"quiet: at least {USUAL_FRACTION} of it)")
     for key, rs in by_round.items():
         floors = [r for r in rs.values() if r.get("method") == "floor" and _ok(r)]
