@@ -117,7 +117,7 @@ def test_ratio_rules():
     assert "holds 1" in quiet.ratio_flag((0.9, 1.1))
     assert "spans 2.0x" in quiet.ratio_flag((0.4, 0.8))
     assert quiet.ratio_flag((0.45, 0.55)) is None and quiet.ratio_flag(None) is None
-    assert "23.0 two-passes wide" in quiet.two_pass_flag((-20.0, 3.0))
+    assert "23.00 two-passes wide" in quiet.two_pass_flag((-20.0, 3.0))
     assert quiet.two_pass_flag((0.9, 1.5)) is None
 
 

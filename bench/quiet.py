@@ -193,7 +193,7 @@ def two_pass_flag(iv: Optional[Interval]) -> Optional[str]:
         return None
     lo, hi = iv
     if hi - lo > TWO_PASS_WIDTH_MAX:
-        return (f"its interval [{lo:.2f}, {hi:.2f}] is {hi - lo:.1f} two-passes wide "
+        return (f"its interval [{lo:.2f}, {hi:.2f}] is {hi - lo:.2f} two-passes wide "
                 f"(supported: at most {TWO_PASS_WIDTH_MAX})")
     return None
 
