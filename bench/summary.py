@@ -14,7 +14,10 @@ from .grid import row_key
 METHOD_ORDER = {"ceiling": 0, "floor": 1, "naive": 2, "merge_once": 3, "fusionbench": 4, "atlas": 5}
 # the baselines atlas is compared with, per configuration (the floor: per model, batch, precision)
 BASELINES = ("naive", "merge_once", "fusionbench")
-LOSS0_RTOL = 1e-4  # methods that compose the same weights start from the same loss (float32 sums)
+# Methods that compose the same weights start from the same loss: compared in fp32 only (float32
+# sums in another order: 8e-8 relative measured for fusionbench on ViT-B/32); under bf16 / fp16
+# autocast the composition runs in another precision per method, so loss0 is shown, not compared.
+LOSS0_RTOL = 1e-4
 
 
 def history_rows(path) -> List[dict]:
@@ -212,8 +215,8 @@ def ratios(rows: List[dict]) -> List[dict]:
         d["loss0"] = {m: r["loss0"] for m, r in list(base.items()) + [("atlas", a)]
                       if ok(r) and r.get("loss0") is not None}
         ref = d["loss0"].get("atlas")
-        d["loss0_mismatch"] = sorted(m for m, v in d["loss0"].items()
-                                     if ref is not None and abs(v - ref) > LOSS0_RTOL * max(abs(ref), 1e-12))
+        d["loss0_mismatch"] = sorted(m for m, v in d["loss0"].items() if ref is not None and a["precision"] == "fp32"
+                                     and abs(v - ref) > LOSS0_RTOL * max(abs(ref), 1e-12))
         out.append(d)
     return out
 
