@@ -42,6 +42,13 @@ setup(
         # matplotlib draws the benchmark's plot and the training heatmap.
         "bench": ["pytest-benchmark", "matplotlib"],
         "train": ["matplotlib"],
+        # A peer's own code beside ours: `python -m bench` runs FusionBench's LayerWiseMergedModel (the
+        # AdaMerging layer-wise wrapper: the same composition, trained the paper's way) as the method
+        # `fusionbench` where this is installed, so that one comparison is against their code, not our
+        # re-implementation (bench/peers.py). Pinned: the version the bench was checked with. Not in the
+        # core install nor in [bench]: it pulls 33 packages, about 400 MB (pyarrow, pandas, lightning,
+        # hydra, datasets, tensorboard, ...; 25 s of pip install here), none of which this library uses.
+        "peers": ["fusion-bench==0.2.33"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

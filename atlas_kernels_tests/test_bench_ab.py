@@ -38,3 +38,18 @@ def test_refuses_the_flags_it_sets_for_each_side(flag, capsys):
     with pytest.raises(SystemExit):
         ab.main(["--base", "HEAD", "--", "--models", "ViT-tiny", flag])
     assert "bench.ab sets these" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("given, expected", [([], ["--rounds", "1"]), (["--rounds", "2"], ["--rounds", "2"])])
+def test_each_side_runs_one_round_unless_told(monkeypatch, tmp_path, given, expected):
+    """bench.ab's repeats are its rounds: a side runs ``--rounds 1`` (a CPU run's default is 3, of which
+    ``compare`` would keep only the last) unless the bench arguments say otherwise."""
+    seen = []
+
+    class Done:
+        returncode, stderr = 0, ""
+
+    monkeypatch.setattr(ab.subprocess, "run", lambda cmd, **kw: seen.append(cmd) or Done())
+    ab.run_side(ab.REPO_ROOT, None, ["--models", "ViT-tiny", *given], tmp_path / "x.jsonl", print)
+    (cmd,) = seen
+    assert [a for i, a in enumerate(cmd) if a == "--rounds" or (i and cmd[i - 1] == "--rounds")] == expected

@@ -62,6 +62,14 @@ def extract(rev: str, dest: Path) -> str:
     return sha
 
 
+def _has_rounds(root: Path) -> bool:
+    """Whether the bench under ``root`` knows ``--rounds`` (older commits did not)."""
+    try:
+        return '"--rounds"' in (root / "bench" / "cli.py").read_text()
+    except OSError:
+        return False
+
+
 def run_side(root: Path, commit: Optional[str], bench_args: List[str], out: Path, log) -> List[dict]:
     """One ``python -m bench`` of the code under ``root``; its rows (an empty list if it failed)."""
     env = os.environ.copy()
@@ -69,6 +77,9 @@ def run_side(root: Path, commit: Optional[str], bench_args: List[str], out: Path
     if commit:
         env["ATLAS_KERNELS_COMMIT"] = commit  # an extracted tree has no .git to ask
     cmd = [sys.executable, "-m", "bench", *bench_args, "--out", str(out), "--no-plot", "--no-resume"]
+    if not any(a.split("=")[0] == "--rounds" for a in bench_args) and _has_rounds(root):
+        # bench.ab's own repeats are the rounds: one per side and repeat (a CPU run now defaults to 3)
+        cmd += ["--rounds", "1"]
     proc = subprocess.run(cmd, cwd=str(root), env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         log(f"  exit {proc.returncode}: " + " | ".join(proc.stderr.strip().splitlines()[-3:])[-400:])

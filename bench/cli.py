@@ -16,6 +16,7 @@ from .grid import (
     BACKENDS,
     METHODS,
     MODELS,
+    PEER_METHODS,
     PRECISIONS,
     STORAGES,
     Axes,
@@ -26,7 +27,7 @@ from .grid import (
     gpu_headline,
     row_key,
 )
-from .summary import format_table, load_rows
+from .summary import format_table, history_rows, load_rows
 
 if TYPE_CHECKING:  # torch is imported lazily (inside the functions), so that --help answers fast
     import torch
@@ -37,6 +38,10 @@ ROW_FIELDS = (
     "peak_bytes", "oom", "run", "round",
 )
 CEILING_FIELDS = ("copy_gbps", "matmul_tflops")
+# A CPU run's default: a shared CPU's slow spells last minutes, so one pass over the jobs can put one
+# on any method; rounds in turn spread it over all of them, and give every ratio an interval
+# (bench/quiet.py). 3 rounds of 3 timed steps (9 pooled) instead of one of 5; `--rounds 1` for one.
+CPU_ROUNDS, CPU_ROUND_STEPS = 3, 3
 
 
 def _csv(cast=str):
@@ -69,7 +74,8 @@ def parse_args(argv=None):
                    help="allow the triton backend on CPU (TRITON_INTERPRET=1; tiny sizes only, very slow)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 2 on CPU, 3 on GPU)")
     p.add_argument("--steps", type=int, default=None,
-                   help="timed steps (default 5 on CPU; on GPU as many as fit in --target-s, 5 to 50)")
+                   help="timed steps per round (default on CPU: 5 with one round, 3 with several; on GPU as many "
+                   "as fit in --target-s, 5 to 50)")
     p.add_argument("--target-s", type=float, default=1.0, help="GPU: seconds of timed steps per job")
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
@@ -84,10 +90,11 @@ def parse_args(argv=None):
     p.add_argument("--max-minutes", type=float, default=None,
                    help="start no job that would end past this budget (run again to resume)")
     p.add_argument("--timeout", type=float, default=900, help="CPU: seconds per job subprocess")
-    p.add_argument("--rounds", type=int, default=1,
+    p.add_argument("--rounds", type=int, default=None,
                    help="run the whole job list this many times in turn (the ceiling too), so that a slow "
                    "spell of a shared machine falls on every method: the table pools each job's steps over "
-                   "the rounds and takes (atlas-floor)/2pass per round, then its median (default 1)")
+                   f"the rounds and takes (atlas-floor)/2pass per round, then its median (default {CPU_ROUNDS} "
+                   "on CPU, 1 on GPU and with --in-process)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--subprocess", dest="subprocess", action="store_true", default=None,
                       help="one process per job (default on CPU: honest peak RSS)")
@@ -140,7 +147,19 @@ def plan(args, dev: torch.device) -> List[Job]:
                 methods=[m for m in methods if m != "ceiling"] if methods is not None else None,
                 backends=backends)
     with_ceiling = methods is None or "ceiling" in methods
-    return build_jobs(main, variants, axes, with_ceiling, variants_first=not cpu or args.full)
+    jobs = build_jobs(main, variants, axes, with_ceiling, variants_first=not cpu or args.full)
+    return _drop_missing_peers(jobs, asked=set(methods or ()))
+
+
+def _drop_missing_peers(jobs: List[Job], asked: set) -> List[Job]:
+    """A peer's method (``fusionbench``) runs only where its package is installed; otherwise its jobs
+    are dropped with one line that says so (on stderr when it was not asked for by name)."""
+    from .peers import NOT_INSTALLED, fusionbench_version
+
+    if not any(j.method in PEER_METHODS for j in jobs) or fusionbench_version() is not None:
+        return jobs
+    print(NOT_INSTALLED, file=sys.stdout if "fusionbench" in asked else sys.stderr, flush=True)
+    return [j for j in jobs if j.method not in PEER_METHODS]
 
 
 def _extension_runs_on(device_type: str) -> bool:
@@ -239,23 +258,31 @@ def main(argv=None) -> int:
 
     from .workload import Session, Settings
 
-    settings = Settings(
-        warmup=args.warmup if args.warmup is not None else (2 if cpu else 3),
-        steps=args.steps, target_s=args.target_s, classes=args.classes, seed=args.seed,
-        profile=not args.no_profile, threads=args.threads,
-    )
     use_sub = args.subprocess if args.subprocess is not None else cpu
     if use_sub and not cpu:
         sys.exit("--subprocess is for CPU runs (GPU peaks come from max_memory_allocated)")
-    session = None if use_sub else Session(dev, settings, cache_models=not cpu)
-    if args.rounds < 1:
-        sys.exit(f"--rounds must be >= 1, got {args.rounds}")
+    rounds = args.rounds if args.rounds is not None else (CPU_ROUNDS if cpu and use_sub else 1)
+    if rounds < 1:
+        sys.exit(f"--rounds must be >= 1, got {rounds}")
+    steps = args.steps
+    if steps is None and cpu and rounds > 1:
+        steps = CPU_ROUND_STEPS
+    settings = Settings(
+        warmup=args.warmup if args.warmup is not None else (2 if cpu else 3),
+        steps=steps, target_s=args.target_s, classes=args.classes, seed=args.seed,
+        profile=not args.no_profile, threads=args.threads,
+    )
+    # the session's own copy: its profile switch is set per round below
+    session = None if use_sub else Session(dev, Settings(**settings.as_dict()), cache_models=not cpu)
+    if rounds > 1:
+        print(f"{rounds} rounds in turn" + (" (the CPU default; --rounds 1 for one)" if args.rounds is None else "")
+              + (f", {steps} timed steps each" if steps else ""), flush=True)
     info = env.run_info(dev)
     info["run"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())  # the rows of one invocation
     t_run = time.perf_counter()
     longest = 0.0
     stopped = False
-    todo = [(rnd, job) for rnd in range(1, args.rounds + 1) for job in todo]
+    todo = [(rnd, job) for rnd in range(1, rounds + 1) for job in todo]
     for i, (rnd, job) in enumerate(todo):
         elapsed = time.perf_counter() - t_run
         if args.max_minutes is not None and elapsed + longest > args.max_minutes * 60:
@@ -263,10 +290,16 @@ def main(argv=None) -> int:
                   flush=True)
             stopped = True
             break
-        print(f"[{i + 1}/{len(todo)}]" + (f" round {rnd}" if args.rounds > 1 else "") + f" {job.label()} ... ",
+        print(f"[{i + 1}/{len(todo)}]" + (f" round {rnd}" if rounds > 1 else "") + f" {job.label()} ... ",
               end="", flush=True)
         t0 = time.perf_counter()
-        res = run_subprocess(job, settings.as_dict(), args.timeout) if use_sub else session.run(job)
+        # launch / aten-op counts do not change between rounds: the profiled step runs in round 1 only
+        profile = settings.profile and rnd == 1
+        if use_sub:
+            res = run_subprocess(job, dict(settings.as_dict(), profile=profile), args.timeout)
+        else:
+            session.s.profile = profile
+            res = session.run(job)
         longest = max(longest, time.perf_counter() - t0)
         row = make_row(dict(info, round=rnd), job, res)
         atomic_append_line(out, json.dumps(row))
@@ -275,7 +308,7 @@ def main(argv=None) -> int:
     keys = {j.key() for j in jobs}
     rows = [r for r in load_rows(out) if row_key(r) in keys or r.get("method") == "ceiling"]
     print()
-    print(format_table(rows))
+    print(format_table(rows, history=history_rows(out)))
     if not args.no_plot:
         try:
             from .plot import plot

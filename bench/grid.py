@@ -6,8 +6,10 @@ A *job* is one configuration (model, N, batch, precision, storage, partitions) a
 key already appears in the output JSONL is skipped.
 
 Fields that do not apply to a method are ``None``: ``floor`` has no task vectors (no N, storage,
-partitions), ``ceiling`` has no model at all. ``naive`` and ``merge_once`` run only with floating
-storages (float32, float16, bfloat16): the paper's code cannot use int8 or float8 task vectors.
+partitions), ``ceiling`` has no model at all. ``naive``, ``merge_once`` and ``fusionbench`` run only
+with floating storages (float32, float16, bfloat16): the paper's code cannot use int8 or float8 task
+vectors; ``fusionbench`` (FusionBench's own wrapper, :mod:`bench.peers`) only with K = 1 (it has one
+coefficient per task vector and parameter) and only where fusion-bench is installed.
 """
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ import itertools
 from dataclasses import asdict, dataclass
 from typing import Iterable, List, Optional, Sequence
 
-METHODS = ("ceiling", "floor", "naive", "merge_once", "atlas")
+METHODS = ("ceiling", "floor", "naive", "merge_once", "fusionbench", "atlas")
+# methods whose code is a peer's own, run only where its package is installed (bench/peers.py)
+PEER_METHODS = ("fusionbench",)
 PRECISIONS = ("fp32", "bf16", "fp16")
 # "lora-r16": LoRA task vectors of rank 16 (fp16 factors) on the attention and MLP matrices.
 LORA_STORAGES = ("lora-r16",)
@@ -46,7 +50,7 @@ class Job:
 
     @property
     def needs_task_vectors(self) -> bool:
-        return self.method in ("naive", "merge_once", "atlas")
+        return self.method in ("naive", "merge_once", "fusionbench", "atlas")
 
     def label(self) -> str:
         if self.method == "ceiling":
@@ -109,6 +113,8 @@ class Sweep:
                 for m in self.methods:
                     if m in ("naive", "merge_once") and st in FLOAT_STORAGES:
                         out.append(Job(m, model, n, b, prec, st, k))
+                    elif m == "fusionbench" and st in FLOAT_STORAGES and k == 1:
+                        out.append(Job(m, model, n, b, prec, st, k))
                     elif m == "atlas":
                         for be in self.backends:
                             out.append(Job("atlas", model, n, b, prec, st, k, be))
@@ -148,7 +154,7 @@ class Axes:
 def cpu_default(backends: Sequence[str]) -> tuple:
     """(main sweep, variant sweeps) of the CPU default grid: ViT-B/32, N = 8, batch 8, fp32."""
     main = Sweep(["ViT-B-32"], [8], [8], ["fp32"], ["float32"], [1],
-                 ["floor", "naive", "merge_once", "atlas"], list(backends))
+                 ["floor", "naive", "merge_once", "fusionbench", "atlas"], list(backends))
     variants = [
         # the paper stores task vectors in fp16: the naive way with them, and ours with the same bytes
         Sweep(["ViT-B-32"], [8], [8], ["fp32"], ["float16"], [1], ["naive", "atlas"], list(backends)),
@@ -181,6 +187,8 @@ def gpu_full(backends: Sequence[str]) -> tuple:
         Sweep(["ViT-L-14"], [30], [32], ["bf16"], ["int8", "float16"], [1], ["floor", "naive", "atlas"], bk),
         # LoRA task vectors (rank 16, N = 21): against the floor
         Sweep([hm], [hn], [16, 32, 128], ["bf16"], ["lora-r16"], [1], ["floor", "atlas"], bk),
+        # a peer's own code at the headline point (where fusion-bench is installed)
+        Sweep([hm], [hn], hb, ["bf16"], ["float16"], [1], ["fusionbench"], bk),
     ]
     return main, variants
 
@@ -188,7 +196,7 @@ def gpu_full(backends: Sequence[str]) -> tuple:
 def gpu_headline(backends: Sequence[str]) -> tuple:
     """The GPU default without --full: the headline configurations only."""
     main = Sweep([HEADLINE["model"]], [HEADLINE["n"]], list(HEADLINE["batches"]), ["bf16"], ["float16"], [1],
-                 ["floor", "naive", "merge_once", "atlas"], list(backends))
+                 ["floor", "naive", "merge_once", "fusionbench", "atlas"], list(backends))
     return main, []
 
 

@@ -53,6 +53,58 @@ def max_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def cpu_wait_us() -> Optional[int]:
+    """Linux pressure stall information: microseconds, since boot, during which at least one runnable
+    task waited for a CPU (``some total=`` of ``/proc/pressure/cpu``); None where the kernel has no PSI.
+    Read before and after a stretch of time, the difference over the stretch's wall time is the
+    fraction of it during which something waited for a core. The benchmark's own threads (at most one
+    per core) do not make each other wait, so on a quiet machine it stays near 0; with one other busy
+    thread beside a 2-thread job on 2 cores it was 0.50 here (and the job ran 2.3x slower)."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            for line in f:
+                if line.startswith("some"):
+                    return int(line.rsplit("total=", 1)[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def cpu_model() -> Optional[str]:
+    """The CPU's model name (``/proc/cpuinfo``), which with the core count tells one host's rows from
+    another's when a run is compared with the usual values of this machine."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or None
+
+
+class MachineWatch:
+    """The machine's state over a stretch of CPU timing: the 1-minute load average before and after,
+    the fraction of the stretch during which some task waited for a core (:func:`cpu_wait_us`), the
+    core count and torch's threads. Rows carry these; ``bench.quiet`` reads them."""
+
+    def __init__(self):
+        self.load0 = os.getloadavg()[0]
+        self.wait0 = cpu_wait_us()
+        self.t0 = time.perf_counter()
+
+    def fields(self) -> dict:
+        wall = time.perf_counter() - self.t0
+        wait1 = cpu_wait_us()
+        out = {"threads": torch.get_num_threads(), "cores": os.cpu_count(), "cpu_model": cpu_model(),
+               "loadavg_1m": [round(self.load0, 2), round(os.getloadavg()[0], 2)]}
+        if self.wait0 is not None and wait1 is not None and wall > 0:
+            out["cpu_wait"] = round(min(1.0, (wait1 - self.wait0) / 1e6 / wall), 4)
+        return out
+
+
 def reset_peak_rss() -> bool:
     """Linux: set this process's peak RSS (VmHWM, which ru_maxrss reads) back to its current RSS
     (``echo 5 > /proc/self/clear_refs``), so that a later :func:`max_rss_bytes` is the peak of what
@@ -98,9 +150,12 @@ def time_step(step: Callable[[], None], dev: torch.device, settings: Settings) -
     # first_step_ms is compile + autotune + one step; step_ms below is the steady state only.
     _sync(dev)
     t0 = time.perf_counter()
-    step()
+    first = step()
     _sync(dev)
     first_ms = (time.perf_counter() - t0) * 1e3
+    # the loss of the first step, before any update: every method with task vectors starts from the
+    # same composition, so its loss0 must equal atlas's (a check that they train the same thing)
+    loss0 = float(first.detach().float()) if isinstance(first, torch.Tensor) else None
     for _ in range(max(0, settings.warmup - 1)):
         step()
     _sync(dev)
@@ -123,20 +178,21 @@ def time_step(step: Callable[[], None], dev: torch.device, settings: Settings) -
         n = settings.steps or 5
         lifetime_before = max_rss_bytes()
         reset = reset_peak_rss()
-        load0 = os.getloadavg()[0]
+        watch = MachineWatch()
         times = []
         for _ in range(n):
             t0 = time.perf_counter()
             step()
             times.append((time.perf_counter() - t0) * 1e3)
         out = _quantiles(times)
-        # the machine may be shared: the 1-minute load average before and after says how much
+        # the machine may be shared: load average, CPU waits and cores say how much (bench.quiet)
         out.update(peak_bytes=max_rss_bytes(), lifetime_peak_bytes=max(lifetime_before, max_rss_bytes()),
                    peak_kind="ru_maxrss over the timed steps (reset after warm-up)" if reset else "ru_maxrss",
-                   threads=torch.get_num_threads(),
-                   loadavg_1m=[round(load0, 2), round(os.getloadavg()[0], 2)])
+                   **watch.fields())
     out.update(steps_timed=n, warmup=settings.warmup, first_step_ms=first_ms,
                step_times_ms=[round(t, 3) for t in times])  # every timed step: rounds pool them
+    if loss0 is not None:
+        out["loss0"] = loss0
     return out
 
 
@@ -197,13 +253,17 @@ def measure_ceiling(dev: torch.device) -> dict:
         c = torch.empty(n, n, device=dev, dtype=mdt)
         return med(lambda: torch.mm(a, b, out=c), 20 if gpu else 5)
 
+    watch = None if gpu else MachineWatch()
     t_copy = copy_time()
     t_mm = mm_time()
     free_memory()
-    return {
+    out = {
         "copy_gbps": 2 * nbytes / t_copy / 1e9,
         "matmul_tflops": 2 * n**3 / t_mm / 1e12,
         "copy_bytes": nbytes,
         "matmul_n": n,
         "matmul_dtype": str(mdt).replace("torch.", ""),
     }
+    if watch is not None:
+        out.update(watch.fields())
+    return out

@@ -1,6 +1,8 @@
 """The methods' training steps, one builder per job: ``floor`` (the plain model, weight
-gradients), ``naive`` (the paper's Python sum per block), ``merge_once`` (one tensordot per block)
-and ``atlas`` (this library's patched tower). See :mod:`bench.workload` for what every method
+gradients), ``naive`` (the paper's Python sum per block), ``merge_once`` (one tensordot per block),
+``fusionbench`` (FusionBench's own ``LayerWiseMergedModel``, imported unmodified: :mod:`bench.peers`)
+and ``atlas`` (this library's patched tower). Every ``step()`` returns its loss (the first one,
+before any update, goes into the row as ``loss0``). See :mod:`bench.workload` for what every method
 shares."""
 from __future__ import annotations
 
@@ -73,6 +75,7 @@ class StepBuilder:
                 feats = functional_call(visual, params, (self.x,))
             loss = self._loss(feats)
             self._backward_and_step(loss, opt)
+            return loss
 
         return step
 
@@ -99,6 +102,7 @@ class StepBuilder:
                 self.scaler.scale(loss).backward()
             else:
                 loss.backward()
+            return loss
 
         return step
 
@@ -148,6 +152,42 @@ class StepBuilder:
 
         return self._composed_step(compose, opt)
 
+    # -- fusionbench ---------------------------------------------------------------------------
+    def fusionbench_step(self) -> Callable[[], None]:
+        """A peer's own code: FusionBench's ``LayerWiseMergedModel`` (package fusion-bench, imported
+        unmodified, built by :func:`bench.peers.layer_wise_merged_model` from N fine-tuned copies
+        ``theta0 + tau_i``), one coefficient per (task vector, parameter) initialised as every other
+        method's, AdamW on its ``merge_weight``. Each step is FusionBench's AdaMerging loop:
+        ``merge_weights()`` (a Python loop of N multiplies and adds per parameter, outside autocast),
+        then its forward (``functional_call`` on the merged state dict), loss, backward, step."""
+        from .peers import fusionbench_version, layer_wise_merged_model
+
+        if self.job.partitions not in (None, 1):
+            raise ValueError("fusionbench has one coefficient per task vector and parameter: partitions must be 1")
+        # FusionBench merges the pretrained model's trainable parameters (AdaMerging counts its layers
+        # as those): the adapted blocks, as for every other method
+        for b, p in self.visual.named_parameters():
+            p.requires_grad_(b in self.slabs)
+        names = [b for b, p in self.visual.named_parameters() if p.requires_grad]
+        n = self.job.n_task_vectors
+        weights = torch.stack([coef_init(b, (n,), self.s.seed, self.s.coef_scale) for b in names], dim=1)
+        model = layer_wise_merged_model(self.visual, self.slabs, weights.to(self.dev))
+        self.slabs = None  # its own task vectors are what it keeps (the session drops the shared slabs)
+        opt = torch.optim.AdamW([model.merge_weight], lr=self.s.lr)
+        self.extra["coef_init_matched"] = True
+        self.extra["peer"] = f"fusion-bench {fusionbench_version()}"
+        self._keep = (model, opt)
+
+        def step():
+            model.merge_weights()
+            with self.autocast():
+                feats = model(self.x)
+            loss = self._loss(feats)
+            self._backward_and_step(loss, opt)
+            return loss
+
+        return step
+
     # -- atlas -----------------------------------------------------------------------------------
     def atlas_step(self) -> Callable[[], None]:
         """This library: ``atlas_kernels.patch(model.visual, tvs, partitions=K, backend=...)``, then
@@ -174,6 +214,7 @@ class StepBuilder:
                 feats = visual(self.x)
             loss = self._loss(feats)
             self._backward_and_step(loss, opt)
+            return loss
 
         return step
 

@@ -5,7 +5,9 @@ One column per batch size, two rows per model (step time above, peak memory belo
 floor (the plain model, no task vectors) a dashed horizontal line, out-of-memory points red
 crosses on the top edge. Where it has a single N (the CPU default): horizontal bars, one per
 method, with the value written on each bar. When a file holds several precisions, storages or
-partition counts, they become separate lines or bars (the label says which).
+partition counts, they become separate lines or bars (the label says which). A machine that was not
+quiet during the run (bench/quiet.py) is said in red under the title, with the reasons, and so are
+the ratios the run's own spread does not support; the PNG's Description carries the same text.
 """
 from __future__ import annotations
 
@@ -13,10 +15,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from .summary import METHOD_ORDER, ceiling_row, load_rows, merged
+from . import quiet
+from .summary import METHOD_ORDER, ceiling_row, history_rows, load_rows, machine_notes, merged, ratios
 
 COLORS = {
-    "naive": "#d62728", "merge_once": "#ff7f0e", "floor": "#555555",
+    "naive": "#d62728", "merge_once": "#ff7f0e", "fusionbench": "#8c564b", "floor": "#555555",
     "atlas:torch": "#1f77b4", "atlas:triton": "#2ca02c", "atlas:cuda": "#9467bd",
 }
 VARIANT_STYLES = ["-", "--", ":", "-."]
@@ -123,6 +126,23 @@ def _bar_panel(ax, pr, field, scale, varying, unit):
     ax.grid(True, axis="x", alpha=0.3)
 
 
+def warning_lines(path) -> list:
+    """The plot's warning under its title: why the machine was not quiet, and how many ratios the
+    run's spread does not support (empty when neither)."""
+    loaded = load_rows(path)
+    notes = machine_notes(loaded, history_rows(path))
+    flagged = [f"{k} {d['model']} b{d['batch']} {d['storage']} {d['backend']}"
+               for d in ratios(loaded) for k in d["flags"]]
+    lines = []
+    if notes:
+        lines.append(f"NOT A QUIET MACHINE: {quiet.NOT_QUIET_WHY}")
+        lines += [f"- {n}" for n in notes]
+    if flagged:
+        lines.append(f"{len(flagged)} ratio(s) not supported by this run's own spread (marked {quiet.FLAG} in the "
+                     f"table): " + "; ".join(flagged[:4]) + (" ..." if len(flagged) > 4 else ""))
+    return lines
+
+
 def plot(path, out=None) -> Path:
     import matplotlib
 
@@ -182,19 +202,29 @@ def plot(path, out=None) -> Path:
                   f"matmul {ceil['matmul_tflops']:.2f} TFLOP/s ({ceil.get('matmul_dtype', '')})")
     fig.suptitle(title, fontsize=10)
     h_in = fig.get_size_inches()[1]
+    warn = warning_lines(path)
+    top_in = 0.55
+    if warn:
+        import textwrap
+
+        wrapped = [w for line in warn for w in textwrap.wrap(line, width=int(width * 15), subsequent_indent="  ")]
+        fig.text(0.5, 1 - 0.5 / h_in, "\n".join(wrapped), ha="center", va="top", fontsize=8.5, color="#c00000")
+        top_in = 0.5 + 0.125 * len(wrapped) + 0.1
     bottom = 0.0
     if handles:
         per_row = max(1, int(width // 2.9))
         fig.legend(list(handles.values()), list(handles.keys()), loc="lower center",
                    ncol=min(per_row, len(handles)), fontsize=9, frameon=False)
         bottom = (0.25 + 0.22 * ((len(handles) + per_row - 1) // per_row)) / h_in
-    fig.tight_layout(rect=(0, bottom, 1, 1 - 0.55 / h_in))
+    fig.tight_layout(rect=(0, bottom, 1, 1 - top_in / h_in))
     import io
 
     from atlas_kernels._io import atomic_write
 
     buf = io.BytesIO()
-    fig.savefig(buf, dpi=110, format=str(out).rsplit(".", 1)[-1] if "." in str(out) else "png")
+    fmt = str(out).rsplit(".", 1)[-1] if "." in str(out) else "png"
+    meta = {"Description": "\n".join([title] + warn)} if fmt == "png" else None
+    fig.savefig(buf, dpi=110, format=fmt, metadata=meta)
     with atomic_write(out, "wb") as fh:
         fh.write(buf.getvalue())
     plt.close(fig)

@@ -8,9 +8,33 @@ from typing import Dict, Iterable, List, Optional
 
 from atlas_kernels.storage import BYTES_PER_ELEMENT
 
+from . import quiet
 from .grid import row_key
 
-METHOD_ORDER = {"ceiling": 0, "floor": 1, "naive": 2, "merge_once": 3, "atlas": 4}
+METHOD_ORDER = {"ceiling": 0, "floor": 1, "naive": 2, "merge_once": 3, "fusionbench": 4, "atlas": 5}
+# the baselines atlas is compared with, per configuration (the floor: per model, batch, precision)
+BASELINES = ("naive", "merge_once", "fusionbench")
+# Methods that compose the same weights start from the same loss: compared in fp32 only (float32
+# sums in another order: 8e-8 relative measured for fusionbench on ViT-B/32); under bf16 / fp16
+# autocast the composition runs in another precision per method, so loss0 is shown, not compared.
+LOSS0_RTOL = 1e-4
+
+
+def history_rows(path) -> List[dict]:
+    """Every row of every ``*.jsonl`` in the folder of ``path`` (its own rows included): where
+    :func:`bench.quiet.machine_notes` finds this host's usual ceiling and floor (it keeps only the
+    runs before the one shown, on the same host)."""
+    folder = Path(path).parent
+    rows: List[dict] = []
+    if folder.is_dir():
+        for f in sorted(folder.glob("*.jsonl")):
+            rows += load_rows(f)
+    return rows
+
+
+def machine_notes(rows: Iterable[dict], history: Iterable[dict] = ()) -> List[str]:
+    """Why the machine was not quiet during the runs shown (bench/quiet.py); empty when quiet."""
+    return quiet.machine_notes(rounds_of(rows), history)
 
 
 def load_rows(path) -> List[dict]:
@@ -114,18 +138,21 @@ def _paired_two_pass(atlas_rounds: Dict[int, dict], floor_rounds: Dict[int, dict
 
 
 def ratios(rows: List[dict]) -> List[dict]:
-    """For every successful atlas row: atlas/naive, atlas/merge_once, atlas/floor (step time; <1
-    means atlas is faster), peak memory of each, and (atlas - floor) / two_pass_time. With several
-    rounds (``--rounds``): step times pooled over the rounds (:func:`merged`), and
+    """For every successful atlas row: atlas/naive, atlas/merge_once, atlas/fusionbench, atlas/floor
+    (step time; <1 means atlas is faster), peak memory of each, and (atlas - floor) / two_pass_time.
+    With several rounds (``--rounds``): step times pooled over the rounds (:func:`merged`), and
     (atlas - floor) / two_pass the median over rounds of each round's own value (paired by round),
-    with its spread in ``two_pass_rounds``."""
+    with its spread in ``two_pass_rounds``. Every ratio also gets its interval over the run and,
+    where that interval does not support it, the reason (``intervals``, ``flags``: bench/quiet.py);
+    ``loss0``: each method's first loss, ``loss0_mismatch`` the methods whose first loss differs
+    from atlas's (they compose the same weights, so they should not)."""
     rows = list(rows)
     by_round = rounds_of(rows)
     ceil_rounds = next((v for v in by_round.values() if v[max(v)].get("method") == "ceiling"), {})
     rows = merged(rows)
     by = {}
     for r in rows:
-        if r.get("method") in ("naive", "merge_once"):
+        if r.get("method") in BASELINES:
             by[(r["method"],) + config_key(r)] = r
         elif r.get("method") == "floor":
             by[("floor", r.get("model"), r.get("batch"), r.get("precision"))] = r
@@ -134,8 +161,8 @@ def ratios(rows: List[dict]) -> List[dict]:
     for a in rows:
         if a.get("method") != "atlas" or not ok(a):
             continue
-        naive = by.get(("naive",) + config_key(a))
-        merge = by.get(("merge_once",) + config_key(a))
+        base = {m: by.get((m,) + config_key(a)) for m in BASELINES}
+        naive, merge, peer = base["naive"], base["merge_once"], base["fusionbench"]
         floor = by.get(("floor", a.get("model"), a.get("batch"), a.get("precision")))
         d = dict(
             model=a["model"], n_task_vectors=a["n_task_vectors"], batch=a["batch"], precision=a["precision"],
@@ -147,12 +174,23 @@ def ratios(rows: List[dict]) -> List[dict]:
             merge_ms=merge["step_ms"] if ok(merge) else None,
             merge_peak=merge.get("peak_bytes") if merge else None,
             merge_oom=bool(merge and merge.get("oom")),
+            fusionbench_ms=peer["step_ms"] if ok(peer) else None,
+            fusionbench_peak=peer.get("peak_bytes") if peer else None,
+            fusionbench_oom=bool(peer and peer.get("oom")),
             floor_ms=floor["step_ms"] if ok(floor) else None,
             floor_peak=floor.get("peak_bytes") if floor else None,
         )
-        d["atlas/naive"] = d["atlas_ms"] / d["naive_ms"] if d["naive_ms"] else None
-        d["atlas/merge_once"] = d["atlas_ms"] / d["merge_ms"] if d["merge_ms"] else None
-        d["atlas/floor"] = d["atlas_ms"] / d["floor_ms"] if d["floor_ms"] else None
+        d["intervals"], d["flags"] = {}, {}
+        a_rounds = by_round.get(row_key(a), {})
+        for name, other in (("naive", naive), ("merge_once", merge), ("fusionbench", peer), ("floor", floor)):
+            key = f"atlas/{name}"
+            d[key] = a["step_ms"] / other["step_ms"] if ok(other) and other["step_ms"] else None
+            if d[key] is not None:
+                iv = quiet.step_ratio_interval(a, other, a_rounds, by_round.get(row_key(other), {}))
+                d["intervals"][key] = iv
+                why = quiet.ratio_flag(iv)
+                if why:
+                    d["flags"][key] = why
         d["two_pass_ms"] = None
         d["(atlas-floor)/two_pass"] = None
         if ceil and a.get("adapted_params") and a["storage"] in BYTES_PER_ELEMENT:
@@ -161,12 +199,24 @@ def ratios(rows: List[dict]) -> List[dict]:
             if d["floor_ms"]:
                 d["(atlas-floor)/two_pass"] = (d["atlas_ms"] - d["floor_ms"]) / tp
         d["two_pass_rounds"] = None
+        paired: List[float] = []
         if floor is not None and a.get("rounds"):
-            paired = _paired_two_pass(by_round.get(row_key(a), {}), by_round.get(row_key(floor), {}), ceil_rounds,
+            paired = _paired_two_pass(a_rounds, by_round.get(row_key(floor), {}), ceil_rounds,
                                       a["n_task_vectors"], a["storage"])
             if len(paired) >= 2:
                 d["two_pass_rounds"] = paired
                 d["(atlas-floor)/two_pass"] = median(paired)
+        if d["(atlas-floor)/two_pass"] is not None:
+            iv = quiet.two_pass_interval(a, floor, d["two_pass_ms"], paired)
+            d["intervals"]["(atlas-floor)/two_pass"] = iv
+            why = quiet.two_pass_flag(iv)
+            if why:
+                d["flags"]["(atlas-floor)/two_pass"] = why
+        d["loss0"] = {m: r["loss0"] for m, r in list(base.items()) + [("atlas", a)]
+                      if ok(r) and r.get("loss0") is not None}
+        ref = d["loss0"].get("atlas")
+        d["loss0_mismatch"] = sorted(m for m, v in d["loss0"].items() if ref is not None and a["precision"] == "fp32"
+                                     and abs(v - ref) > LOSS0_RTOL * max(abs(ref), 1e-12))
         out.append(d)
     return out
 
@@ -186,9 +236,38 @@ def sort_key(r: dict):
     )
 
 
-def format_table(rows: List[dict]) -> str:
+def _cell(d: dict, key: str, width: int, nd: int = 2) -> str:
+    return f"{quiet.mark(fmt(d[key], nd), key in d['flags'] and d[key] is not None):>{width}}"
+
+
+def machine_lines(notes: List[str]) -> List[str]:
+    if not notes:
+        return [quiet.QUIET_LINE]
+    return [quiet.NOT_QUIET_HEAD] + [f"  - {n}" for n in notes]
+
+
+def flag_lines(rs: List[dict]) -> List[str]:
+    """One line per flagged ratio, saying why; then the legend. Empty when nothing is flagged."""
+    lines = []
+    for d in rs:
+        what = (f"{d['model']} N{d['n_task_vectors']} b{d['batch']} {d['precision']} {d['storage']} "
+                f"K{d['partitions']} {d['backend']}")
+        for key, why in d["flags"].items():
+            lines.append(f"  {quiet.FLAG} {key} = {fmt(d[key])} ({what}): {why}")
+        for m in d.get("loss0_mismatch") or []:
+            lines.append(f"  ! loss0 of {m} {d['loss0'][m]:.6f} differs from atlas's {d['loss0']['atlas']:.6f} "
+                         f"({what}): they compose the same weights, so they should start from the same loss")
+    return lines + [quiet.FLAG_LEGEND] if lines else []
+
+
+def format_table(rows: List[dict], history: Iterable[dict] = ()) -> str:
+    """The printed table: the ceiling, whether the machine was quiet (bench/quiet.py), every job's
+    step time, p20-p80, peak and first loss, then the ratios, each marked ``?`` where the run's own
+    spread does not support it, with the reasons below. ``history``: earlier rows (any files) for
+    this host's usual ceiling and floor."""
     rows = list(rows)
     rs = ratios(rows)
+    notes = machine_notes(rows, history)
     rows = sorted(merged(rows), key=sort_key)
     lines = []
     ceil = ceiling_row(rows)
@@ -197,6 +276,7 @@ def format_table(rows: List[dict]) -> str:
             f"ceiling on {ceil.get('device')}: copy {ceil['copy_gbps']:.1f} GB/s (read+write), "
             f"matmul {ceil['matmul_tflops']:.2f} TFLOP/s ({ceil.get('matmul_dtype', '?')})"
         )
+    lines += machine_lines(notes)
     hdr = (f"{'model':<9} {'N':>3} {'batch':>5} {'prec':<4} {'storage':<9} {'K':>2} {'method':<17} {'step ms':>10} "
            f"{'p20-p80':>19} {'peak GB':>8}  note")
     lines += [hdr, "-" * len(hdr)]
@@ -209,6 +289,8 @@ def format_table(rows: List[dict]) -> str:
             note = (note + f" launches={r['launches']}").strip()
         elif r.get("aten_ops") is not None and not note:
             note = f"aten_ops={r['aten_ops']}"
+        if r.get("loss0") is not None and not r.get("error"):
+            note = (note + f" loss0={r['loss0']:.6f}").strip()
         p = "-" if r.get("step_ms_p20") is None else f"{r['step_ms_p20']:.1f}-{r['step_ms_p80']:.1f}"
         lines.append(
             f"{r.get('model') or '':<9} {r.get('n_task_vectors') or '-':>3} {r.get('batch') or '-':>5} "
@@ -217,19 +299,26 @@ def format_table(rows: List[dict]) -> str:
         )
     if rs:
         rounds = max((r.get("rounds") or 1) for r in rows)
+        peer = any(d["fusionbench_ms"] is not None or d["fusionbench_oom"] for d in rs)
         lines.append("")
         lines.append("ratios (step time; < 1: atlas faster)" + (
             f"; {rounds} rounds: step times pooled, (a-f)/2pass the median of the rounds' own values "
-            "[their min, max]" if rounds > 1 else ""))
+            "[their min, max]" if rounds > 1 else "") + f"; {quiet.FLAG}: not supported by this run's spread")
         h2 = (f"{'model':<9} {'N':>3} {'batch':>5} {'prec':<4} {'storage':<9} {'K':>2} {'backend':<7} "
-              f"{'/naive':>7} {'/merge':>7} {'/floor':>7} {'2pass ms':>9} {'(a-f)/2pass':>11}")
+              f"{'/naive':>7} {'/merge':>7} " + (f"{'/fusionb':>8} " if peer else "")
+              + f"{'/floor':>7} {'2pass ms':>9} {'(a-f)/2pass':>11}")
         lines += [h2, "-" * len(h2)]
         for d in rs:
             spread = d.get("two_pass_rounds")
             lines.append(
                 f"{d['model']:<9} {d['n_task_vectors']:>3} {d['batch']:>5} {d['precision']:<4} {d['storage']:<9} "
-                f"{d['partitions']:>2} {d['backend']:<7} {fmt(d['atlas/naive']):>7} {fmt(d['atlas/merge_once']):>7} "
-                f"{fmt(d['atlas/floor']):>7} {fmt(d['two_pass_ms']):>9} {fmt(d['(atlas-floor)/two_pass']):>11}"
+                f"{d['partitions']:>2} {d['backend']:<7} {_cell(d, 'atlas/naive', 7)} "
+                f"{_cell(d, 'atlas/merge_once', 7)} "
+                + (f"{_cell(d, 'atlas/fusionbench', 8)} " if peer else "")
+                + f"{_cell(d, 'atlas/floor', 7)} {fmt(d['two_pass_ms']):>9} {_cell(d, '(atlas-floor)/two_pass', 11)}"
                 + (f" [{min(spread):.2f}, {max(spread):.2f}]" if spread else "")
             )
+        flagged = flag_lines(rs)
+        if flagged:
+            lines += [""] + flagged
     return "\n".join(lines)
