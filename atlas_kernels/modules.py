@@ -44,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
+from ._launches import region
 from .blocks import Block, BlockSpec
 from .ops.backend import compute_dtype
 
@@ -247,10 +248,11 @@ class AtlasModule(_BlockHolder, nn.Module):
             block = self._atlas_block(wname)
             _check_frozen(block.theta0, block.coef)
             bias = self._atlas_value(bname, dtype)
-            if block.lora is not None:
-                return ops.lora_linear(x, block, bias)
-            y = self._atlas_backend.linear(x, block, **self._atlas_linear_kw)
-            return y if bias is None else y + bias
+            with region():
+                if block.lora is not None:
+                    return ops.lora_linear(x, block, bias)
+                y = self._atlas_backend.linear(x, block, **self._atlas_linear_kw)
+                return y if bias is None else y + bias
         dtype = compute_dtype(x)
         return F.linear(x, self._atlas_value(wname, dtype), self._atlas_value(bname, dtype))
 

@@ -253,3 +253,26 @@ def test_to_redoes_the_plan(tiny_vit, tvs):
         y64 = m(x.double())
     assert not plan.stale and rel_err(y, y64) < 1e-5
     assert all(c.dtype == torch.float32 for c in ak.coefficients(m).values())
+
+
+def test_the_library_issues_at_most_four_launches_per_step(tiny_vit, tvs):
+    """The grouped Triton path (its counter, atlas_kernels._launches): one compose launch, one cat of
+    the blocks' gradients, two to reduce every coefficient gradient. Under autocast the blocks a
+    matmul reads are composed in the compute dtype and the others in theta0's: one more cat."""
+    from atlas_kernels import _launches
+
+    m = _patched(tiny_vit, tvs)
+    x = torch.randn(2, 3, 32, 32).to(DEV)
+    m(x).sum().backward()
+    with _launches.count() as c:
+        m(x).sum().backward()
+    assert c.total <= 4 and c.triton == 3, c.by_op
+    with _launches.count() as c, torch.autocast(DEV, dtype=torch.bfloat16):
+        m(x).float().sum().backward()
+    assert c.total <= 5 and c.triton == 3, c.by_op
+    # the torch backend: one product per block to compose, one to reduce
+    t = _patched(tiny_vit, tvs, backend="torch")
+    t(x).sum().backward()
+    with _launches.count() as c:
+        t(x).sum().backward()
+    assert c.total == 2 * len(tvs.blocks), c.by_op

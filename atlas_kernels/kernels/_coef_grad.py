@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._launches import launch
 from ..partitions import Partition
 from ._common import (
     INTERPRET,
@@ -80,7 +81,7 @@ def coef_grad(
     partial = scratch((programs, n, k), tau.device)
     r = scale_rows(shape)
     grad_c = grad.reshape(-1).contiguous()
-    _coef_grad_kernel[(programs,)](
+    launch(_coef_grad_kernel, (programs,),
         grad_c, tau.contiguous(), lb.scale if lb.scale is not None else grad_c, partial,
         numel, n, lb.key, numel // r, r,
         K=k, MODE=lb.code, HAS_SCALE=lb.scale is not None, BLOCK=block,

@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._launches import launch
 from ..partitions import Partition
 from ._common import (
     INTERPRET,
@@ -92,7 +93,7 @@ def compose(
         return out
     r = scale_rows(shape)
     grid = lambda meta: (triton.cdiv(lb.numel, meta["BLOCK"]),)  # noqa: E731
-    _compose_launch[grid](
+    launch(_compose_launch, grid,
         theta0.contiguous(), tau.contiguous(), lb.coef, lb.scale if lb.scale is not None else lb.coef, out,
         lb.numel, lb.n, lb.key, lb.numel // r, r,
         K=lb.k, MODE=lb.code, HAS_SCALE=lb.scale is not None, **_COMPOSE_FIXED,

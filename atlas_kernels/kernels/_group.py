@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._launches import launch
 from ._common import INTERPRET, _cast_out, _part_index_rt, next_pow2, scratch
 
 __all__ = ["GROUP_COLUMNS", "GroupLaunch", "group_table", "compose_group", "coef_grad_group", "GROUP_BLOCK"]
@@ -55,12 +56,13 @@ class GroupLaunch:
         self._keep = keep
 
 
-def group_table(segments: Sequence[dict], device, block: int = GROUP_BLOCK) -> GroupLaunch:
+def group_table(segments: Sequence[dict], device, block: Optional[int] = None) -> GroupLaunch:
     """The launch table of ``segments``: dicts with the tensors ``theta0``, ``tau`` (``[held,
     *shape]``, contiguous), ``scale`` (``[held, R]`` fp32 or None), ``coef`` (``[N, K]`` or ``[N]``
     fp32, contiguous), ``index`` (int64 ``[held]``: the coefficient row of each held slab) and the
     ints ``k``, ``mode``, ``key``, ``sel``, ``out_off``, ``coef_off``. Every tensor must stay alive
     and in place while the table is used (the group keeps them)."""
+    block = int(block or GROUP_BLOCK)
     rows, tile_map, keep = [], [], []
     tile0 = 0
     nmax, kmax, n_rows_max = 1, 1, 1
@@ -200,41 +202,48 @@ def _group_reduce_kernel(
     tl.store(out_ptr + tl.load(row + 9) + c, acc, mask=valid)
 
 
-_WARPS = {} if INTERPRET else {"num_warps": 8}
+# Warps per program of the compose and partial kernels (the bench of bench.group_kernels tunes this
+# and GROUP_BLOCK on a GPU: docs/PERFORMANCE.md).
+GROUP_WARPS = 8
 
 
-def compose_group(launch: GroupLaunch, outs: List[Optional[torch.Tensor]], has_scale: bool) -> None:
-    """Compose every segment of ``launch`` into ``outs[sel]`` (flat, contiguous; None for an output
+def _warps(num_warps: Optional[int]) -> dict:
+    if INTERPRET:
+        return {}
+    return {"num_warps": num_warps or GROUP_WARPS}
+
+
+def compose_group(table: GroupLaunch, outs: List[Optional[torch.Tensor]], has_scale: bool,
+                  num_warps: Optional[int] = None) -> None:
+    """Compose every segment of ``table`` into ``outs[sel]`` (flat, contiguous; None for an output
     class no segment uses), one launch."""
-    if launch.tile_map.numel() == 0:
+    if table.tile_map.numel() == 0:
         return
     a = outs[0] if outs[0] is not None else outs[1]
     b = outs[1] if outs[1] is not None else outs[0]
-    _group_compose_kernel[(launch.tile_map.numel(),)](
-        launch.table, launch.tile_map, launch.theta_any, launch.tau_any, a, b,
-        HAS_SCALE=has_scale, BLOCK=launch.block, **_WARPS,
-    )
+    launch(_group_compose_kernel, (table.tile_map.numel(),),
+           table.table, table.tile_map, table.theta_any, table.tau_any, a, b,
+           HAS_SCALE=has_scale, BLOCK=table.block, **_warps(num_warps))
 
 
-def coef_grad_group(launch: GroupLaunch, grads: List[Optional[torch.Tensor]], has_scale: bool) -> torch.Tensor:
+def coef_grad_group(table: GroupLaunch, grads: List[Optional[torch.Tensor]], has_scale: bool,
+                    num_warps: Optional[int] = None) -> torch.Tensor:
     """float32 ``[coef_total]``: every segment's coefficient gradient against the flat gradients
     ``grads[sel]`` (laid out as :func:`compose_group`'s outputs), two launches."""
-    dev = launch.table.device
-    out = scratch((launch.coef_total,), dev)
-    T = launch.tile_map.numel()
+    dev = table.table.device
+    out = scratch((table.coef_total,), dev)
+    T = table.tile_map.numel()
     if T == 0:
         return out.zero_()
     a = grads[0] if grads[0] is not None else grads[1]
     b = grads[1] if grads[1] is not None else grads[0]
-    partial = scratch((T, launch.nmax, launch.kmax), dev)
-    _group_partial_kernel[(T,)](
-        launch.table, launch.tile_map, launch.theta_any, launch.tau_any, a, b, partial, launch.nmax,
-        KMAX=launch.kmax, HAS_SCALE=has_scale, BLOCK=launch.block, **_WARPS,
-    )
-    cols = next_pow2(launch.n_rows_max * launch.kmax)
-    _group_reduce_kernel[(launch.table.shape[0],)](
-        launch.table, partial, out, launch.nmax,
-        KMAX=launch.kmax, COLS=cols, TILES=max(1, min(REDUCE_TILES, 4096 // cols)),
-        **({} if INTERPRET else {"num_warps": 4}),
-    )
+    partial = scratch((T, table.nmax, table.kmax), dev)
+    launch(_group_partial_kernel, (T,),
+           table.table, table.tile_map, table.theta_any, table.tau_any, a, b, partial, table.nmax,
+           KMAX=table.kmax, HAS_SCALE=has_scale, BLOCK=table.block, **_warps(num_warps))
+    cols = next_pow2(table.n_rows_max * table.kmax)
+    launch(_group_reduce_kernel, (table.table.shape[0],),
+           table.table, partial, out, table.nmax,
+           KMAX=table.kmax, COLS=cols, TILES=max(1, min(REDUCE_TILES, 4096 // cols)),
+           **({} if INTERPRET else {"num_warps": 4}))
     return out

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._launches import launch
 from ..partitions import Partition
 from ._common import (
     INTERPRET,
@@ -317,7 +318,7 @@ def fused_linear(
         return out.copy_(bias.expand(m, o) if bias is not None else torch.zeros((), device=dev))
     bias_c = bias.contiguous() if bias is not None else None
     grid = lambda meta: (triton.cdiv(m, bm), triton.cdiv(o, meta["BLOCK_O"]), sk)  # noqa: E731
-    _fused_launch[grid](
+    launch(_fused_launch, grid,
         x2d, w0.contiguous(), w_tau.contiguous(), coef2, scale2 if scale2 is not None else coef2,
         bias_c if bias_c is not None else coef2, dst,
         m, o, i, o * i, n, key, x2d.stride(0), x2d.stride(1), m_bucket(m),
@@ -355,7 +356,7 @@ def fused_linear_dx(
     if o == 0:
         return out.zero_()
     grid = lambda meta: (triton.cdiv(m, bm), triton.cdiv(i, meta["BLOCK_I"]), sk)  # noqa: E731
-    _fused_dx_launch[grid](
+    launch(_fused_dx_launch, grid,
         dy2d, w0.contiguous(), w_tau.contiguous(), coef2, scale2 if scale2 is not None else coef2, dst,
         m, o, i, o * i, n, key, dy2d.stride(0), dy2d.stride(1), m_bucket(m),
         K=k, MODE=code, HAS_SCALE=scale2 is not None,
@@ -394,7 +395,7 @@ def linear_coef_grad(
     bm, bo, bi = _lcg_tiles(m)
     programs = triton.cdiv(o, bo) * triton.cdiv(i, bi)
     partial = scratch((programs, n, k), dev)
-    _lcg_launch[(programs,)](
+    launch(_lcg_launch, (programs,),
         x2d, dy2d, w_tau.contiguous(), scale2 if scale2 is not None else partial, partial,
         m, o, i, o * i, n, lb.key,
         x2d.stride(0), x2d.stride(1), dy2d.stride(0), dy2d.stride(1), m_bucket(m),

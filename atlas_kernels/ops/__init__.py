@@ -29,6 +29,7 @@ from typing import Optional
 
 import torch
 
+from .._launches import region
 from ..blocks import Block
 from .backend import Backend, compute_dtype  # noqa: F401  (the backend protocol; the one dtype rule)
 from .lora import lora_compose, lora_linear  # noqa: F401  (backend-agnostic: cuBLAS matmuls)
@@ -145,9 +146,10 @@ def compose(block: Block, out_dtype, backend="torch"):
         return None
     if not block.adapted:
         return block.theta0.to(out_dtype)
-    if block.lora is not None:
-        return lora_compose(block, out_dtype)
-    return for_dtype(_resolve(backend), block.theta0.dtype).compose(block, out_dtype)
+    with region():
+        if block.lora is not None:
+            return lora_compose(block, out_dtype)
+        return for_dtype(_resolve(backend), block.theta0.dtype).compose(block, out_dtype)
 
 
 def linear(x, wblock: Block, bblock: Optional[Block] = None, backend="torch"):
@@ -155,11 +157,12 @@ def linear(x, wblock: Block, bblock: Optional[Block] = None, backend="torch"):
     :func:`compute_dtype` of ``x``."""
     dtype = compute_dtype(x)
     bias = None if bblock is None else compose(bblock, dtype, backend)
-    if wblock.lora is not None:
-        return lora_linear(x, wblock, bias)
-    if not wblock.adapted:
-        y = torch.nn.functional.linear(x.to(dtype), wblock.theta0.to(dtype))
-    else:
-        wide = torch.float64 if torch.float64 in (dtype, wblock.theta0.dtype) else dtype
-        y = for_dtype(_resolve(backend), wide).linear(x, wblock)
-    return y if bias is None else y + bias
+    with region():
+        if wblock.lora is not None:
+            return lora_linear(x, wblock, bias)
+        if not wblock.adapted:
+            y = torch.nn.functional.linear(x.to(dtype), wblock.theta0.to(dtype))
+        else:
+            wide = torch.float64 if torch.float64 in (dtype, wblock.theta0.dtype) else dtype
+            y = for_dtype(_resolve(backend), wide).linear(x, wblock)
+        return y if bias is None else y + bias

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from .._launches import region
 from ..blocks import Block, coef_matrix
 from .backend import Backend, compute_dtype
 from .torch_backend import dense
@@ -73,7 +74,8 @@ def _compose_backward(ctx, grad):
     one pass over the slab, fixed-order reduction)."""
     tau, scale = ctx.saved_tensors
     k, mode, key = ctx.meta
-    return None, None, _ops.coef_grad(grad.contiguous(), tau, scale, k, mode, key), None, None, None, None
+    with region():
+        return None, None, _ops.coef_grad(grad.contiguous(), tau, scale, k, mode, key), None, None, None, None
 
 
 torch.library.register_autograd("atlas_kernels_ext::compose", _compose_backward, setup_context=_compose_setup)
@@ -106,7 +108,8 @@ class FusedLinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x2, coef, w0, tau, scale = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dx, dcoef = _ops.fused_linear_backward(dy.contiguous(), x2, w0, tau, coef, scale, *ctx.meta, need[0])
+        with region():
+            dx, dcoef = _ops.fused_linear_backward(dy.contiguous(), x2, w0, tau, coef, scale, *ctx.meta, need[0])
         return (dx if need[0] else None, dcoef) + (None,) * 5
 
 

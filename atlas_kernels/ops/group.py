@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .._launches import region
+
 __all__ = ["GroupCompose"]
 
 
@@ -25,11 +27,11 @@ class GroupCompose(torch.autograd.Function):
     def forward(ctx, group, dtypes, *coefs):
         ctx.group = group
         ctx.set_materialize_grads(False)
-        with torch.autocast(group.device.type, enabled=False):
+        with torch.autocast(group.device.type, enabled=False), region():
             return tuple(group.backend.compose_group(group, dtypes))
 
     @staticmethod
     def backward(ctx, *grads):
         group = ctx.group
-        with torch.autocast(group.device.type, enabled=False):
+        with torch.autocast(group.device.type, enabled=False), region():
             return (None, None, *group.backend.coef_grad_group(group, grads))

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from ..blocks import Block, coef_matrix
 from ..partitions import Partition
-from .torch_backend import acc_dtype, compute_dtype
+from .backend import compute_dtype
+from .torch_backend import acc_dtype
 
 
 def _cat(a: torch.Tensor, b: torch.Tensor, dtype):

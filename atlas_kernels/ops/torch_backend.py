@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from .._launches import region
 from ..blocks import Block, coef_matrix
 from ..partitions import Partition
 from ..storage import scale_rows
@@ -154,7 +155,7 @@ class ComposeFunction(torch.autograd.Function):
     def backward(ctx, grad_w):
         tau, scale = ctx.saved_tensors
         k = ctx.coef_shape[1] if len(ctx.coef_shape) == 2 else 1
-        with torch.autocast(tau.device.type, enabled=False):
+        with torch.autocast(tau.device.type, enabled=False), region():
             g = coef_grad_values(grad_w, tau, k, ctx.partition, scale)
         return g.reshape(ctx.coef_shape).to(ctx.coef_dtype), None, None, None, None, None
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
+from .._launches import region
 from ..blocks import Block, coef_matrix
 from ..kernels._group import coef_grad_group, compose_group, group_table
 from ..partitions import Partition
@@ -80,7 +81,8 @@ def _compose_backward(ctx, grad):
     """``W = theta0 + sum_i coef[i, part(e)] * tau_i`` gives ``dL/dcoef[i, k] = sum_{e : part(e) = k}
     dL/dW[e] * tau[i, e]`` (``triton_coef_grad``: one pass over the slab, fixed-order sum)."""
     tau, scale = ctx.saved_tensors
-    return (_coef_grad_op(grad.contiguous(), tau, scale, *ctx.enc),) + (None,) * 7
+    with region():
+        return (_coef_grad_op(grad.contiguous(), tau, scale, *ctx.enc),) + (None,) * 7
 
 
 _compose_op.register_autograd(_compose_backward, setup_context=_compose_setup)
@@ -147,10 +149,11 @@ def _linear_backward(ctx, dy, _dw_saved):
       tile in registers in fp32 (``triton_linear_coef_grad``: no dense G on either path).
     """
     x, coef, w0, tau, scale, w_saved = ctx.saved_tensors
-    dy = dy.contiguous()
     need = ctx.needs_input_grad
-    dx = _linear_dx_op(dy, coef, w0, tau, scale, *ctx.enc, w_saved, ctx.fused) if need[0] else None
-    dc = _linear_coef_grad_op(x, dy, tau, scale, *ctx.enc) if need[1] else None
+    with region():
+        dy = dy.contiguous()
+        dx = _linear_dx_op(dy, coef, w0, tau, scale, *ctx.enc, w_saved, ctx.fused) if need[0] else None
+        dc = _linear_coef_grad_op(x, dy, tau, scale, *ctx.enc) if need[1] else None
     return (dx, dc) + (None,) * 7
 
 
@@ -204,33 +207,42 @@ class TritonBackend(Backend):
         group.launch = group_table(segments, group.device)
 
     def compose_group(self, group, dtypes):
+        # One flat buffer per output dtype (one for both classes when their dtypes agree: no
+        # autocast), per-block views of it.
+        sizes, dev = group.sizes, group.device
         outs = [None, None]
+        if dtypes[0] == dtypes[1]:
+            flat = torch.empty(sizes[0] + sizes[1], dtype=dtypes[0], device=dev)
+            outs = [flat[:sizes[0]], flat[sizes[0]:]]
+        else:
+            outs = [torch.empty(sizes[sel], dtype=dtypes[sel], device=dev) if sizes[sel] else None for sel in (0, 1)]
+        compose_group(group.launch, outs, group.scaled)
         views = []
         for sel in (0, 1):
-            refs = group.shape_refs[sel]
-            if refs:
-                outs[sel] = torch.empty(group.sizes[sel], dtype=dtypes[sel], device=group.device)
-        compose_group(group.launch, outs, group.scaled)
-        for sel in (0, 1):
-            if outs[sel] is not None:
+            if group.shape_refs[sel]:
                 views.extend(torch._utils._unflatten_dense_tensors(outs[sel], group.shape_refs[sel]))
         return views
 
     def coef_grad_group(self, group, grads):
-        flats = [None, None]
-        start = 0
-        for sel in (0, 1):
-            refs = group.shape_refs[sel]
-            if not refs:
-                continue
-            gs = grads[start:start + len(refs)]
-            dt = next((g.dtype for g in gs if g is not None), torch.float32)
-            parts = [torch.zeros(r.shape, dtype=dt, device=group.device) if g is None else g.to(dt)
-                     for g, r in zip(gs, refs)]
-            flats[sel] = torch._utils._flatten_dense_tensors(parts)
-            start += len(refs)
-        flat = coef_grad_group(group.launch, flats, group.scaled)
-        return list(torch._utils._unflatten_dense_tensors(flat, group.coefs))
+        # The blocks' gradients laid out as compose_group's outputs: one cat per output dtype.
+        n0 = len(group.shape_refs[0])
+        refs = group.shape_refs[0] + group.shape_refs[1]
+        dts = [next((g.dtype for g in part if g is not None), None) for part in (grads[:n0], grads[n0:])]
+        dts = [dt or dts[1 - i] or torch.float32 for i, dt in enumerate(dts)]
+
+        def flat(gs, rs, dt):
+            zero = torch.zeros
+            return torch._utils._flatten_dense_tensors(
+                [zero(r.shape, dtype=dt, device=group.device) if g is None else g.to(dt) for g, r in zip(gs, rs)])
+
+        if dts[0] == dts[1] or not (group.shape_refs[0] and group.shape_refs[1]):
+            dt = dts[0] if group.shape_refs[0] else dts[1]
+            whole = flat(grads, refs, dt)
+            flats = [whole[:group.sizes[0]], whole[group.sizes[0]:]]
+        else:
+            flats = [flat(grads[:n0], group.shape_refs[0], dts[0]), flat(grads[n0:], group.shape_refs[1], dts[1])]
+        out = coef_grad_group(group.launch, flats, group.scaled)
+        return list(torch._utils._unflatten_dense_tensors(out, group.coefs))
 
 
 BACKEND = TritonBackend()
