@@ -33,6 +33,7 @@ _EXPORTS = {
     "read_peft_adapter": "peft", "write_peft_adapter": "peft", "match_blocks": "peft",
     "load_plain_state_dict": "state_dicts",
     "export_linearised": "linearised.export", "load_linearised": "patching",
+    "GraphedStep": "graphs",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

@@ -58,9 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=("float32", "bfloat16", "float16", "int8", "float8_e4m3fn"),
                    help="store the task vectors in this dtype after loading (int8/float8_e4m3fn: a float32 scale "
                    "per row, dequantized in the kernels; default: as stored in the file)")
-    g.add_argument("--backend", default=d.backend, choices=("auto", "torch", "triton", "cuda"),
-                   help="atlas_kernels backend: auto (triton on CUDA, torch on the CPU), torch, triton (CUDA), "
-                   "cuda (the compiled extension) (default auto)")
+    g.add_argument("--backend", default=d.backend, choices=("auto", "torch", "triton", "ext", "cuda"),
+                   help="atlas_kernels backend: auto (decided per device when the model is patched: triton on "
+                   "CUDA; the compiled extension on the CPU when it is built, else torch), torch, triton (CUDA), "
+                   "ext (the compiled extension; 'cuda' is its old name) (default auto)")
+    g.add_argument("--cuda-graph", default=d.cuda_graph, choices=("auto", "on", "off"),
+                   help="capture each optimizer step once in a CUDA graph and replay it: auto (default) wherever "
+                   "it applies (a CUDA device, bf16/fp32, one process, no --accum-steps); on (refuse to run "
+                   "otherwise); off")
     g.add_argument("--linearised", action="store_true",
                    help="train the linearised model (task vectors in the tangent space of the pre-trained "
                    "model: f(x; theta0) + J f . D); --export-merged then writes export_linearised's file")

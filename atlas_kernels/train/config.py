@@ -54,6 +54,7 @@ class TrainConfig:
     partitions: int = 1
     partition_mode: str = "contiguous"
     backend: str = "auto"
+    cuda_graph: str = "auto"
     storage: Optional[str] = None  # re-store the task vectors (e.g. int8) after loading; None: as in the file
     linearised: bool = False
     blocks: Optional[List[str]] = None
@@ -71,7 +72,7 @@ class TrainConfig:
 
 # fields that may differ between a run and its resumption (they do not change the result)
 _NOT_FINGERPRINTED = {"out", "resume", "save_every", "stop_after_steps", "log_every",
-                      "export_merged", "workers", "device", "eval_batch_size", "quiet", "backend",
+                      "export_merged", "workers", "device", "eval_batch_size", "quiet", "backend", "cuda_graph",
                       "train", "val", "control_train", "control_val", "weights", "task_vectors",
                       "model_config"}
 

@@ -45,6 +45,51 @@ __all__ = ["Logger", "Setup", "cosine_lambda", "evaluate", "export_merged", "loa
            "run", "save_checkpoint", "setup", "train", "write_outputs"]
 
 
+def graph_choice(cfg: TrainConfig, s: Setup, fp16: bool) -> tuple:
+    """``(use, why)``: whether the optimizer steps run as one captured CUDA graph (``--cuda-graph``:
+    ``auto`` uses one wherever it can; ``on`` insists; ``off`` never), and the reason when not."""
+    if cfg.cuda_graph == "off":
+        return False, "--cuda-graph off"
+    why = None
+    if s.device.type != "cuda":
+        why = f"it needs a CUDA device (this run is on {s.device.type})"
+    elif fp16:
+        why = "fp16 training uses a GradScaler, whose inf check synchronises with the CPU (use bf16)"
+    elif s.dist.world > 1:
+        why = "runs of several processes sum the gradients outside the step"
+    elif cfg.accum_steps > 1:
+        why = "--accum-steps > 1"
+    if why is not None and cfg.cuda_graph == "on":
+        from .config import ConfigError
+
+        raise ConfigError(f"--cuda-graph on: {why}")
+    return why is None, why
+
+
+class _Snapshot:
+    """The coefficients, optimizer state and CUDA RNG before the graph's warm-up steps, put back in
+    place after the capture: warm-up steps run the optimizer, and the run must not feel them."""
+
+    def __init__(self, params, opt, device):
+        self.params = [p.detach().clone() for p in params]
+        self.state = [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[p].items()}
+                      for p in params]
+        self.rng = torch.cuda.get_rng_state(device)
+
+    @torch.no_grad()
+    def restore(self, params, opt, device):
+        for p, v, st in zip(params, self.params, self.state):
+            p.copy_(v)
+            for k, val in opt.state[p].items():
+                if isinstance(val, torch.Tensor) and k in st:
+                    val.copy_(st[k])
+                elif k not in st and isinstance(val, torch.Tensor):
+                    val.zero_()
+            if p.grad is not None:
+                p.grad.zero_()
+        torch.cuda.set_rng_state(self.rng, device)
+
+
 def cosine_lambda(total_steps: int, warmup_steps: int):
     """Linear warm-up to 1, then cosine decay to 0 at ``total_steps`` (a LambdaLR factor)."""
     def f(step: int) -> float:
@@ -67,13 +112,18 @@ def train(s: Setup) -> Dict[str, Any]:
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
     params = list(s.coefs.values())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    fp16 = s.precision == "fp16"
+    use_graph, no_graph_why = graph_choice(cfg, s, fp16)
+    if use_graph:  # capturable, with the learning rate as a tensor that the scheduler fills in place
+        opt = torch.optim.AdamW(params, lr=torch.tensor(cfg.lr, device=s.device), weight_decay=cfg.weight_decay,
+                                capturable=True)
+    else:
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     B, A = cfg.batch_size, cfg.accum_steps
     M = D.steps_per_epoch([len(t) for t in s.train_sets], B)
     groups = math.ceil(M / A)
     total = cfg.epochs * groups
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(total, cfg.warmup_steps))
-    fp16 = s.precision == "fp16"
     scaler = torch.amp.GradScaler(s.device.type, enabled=fp16)
     forward = make_forward(s)
     select = s.objective.default_select if cfg.select == "auto" else cfg.select
@@ -102,6 +152,27 @@ def train(s: Setup) -> Dict[str, Any]:
 
     ckpt_path = out / "checkpoint.pt"
     resumed_at = state["global_step"] if s.ckpt is not None else None
+    if use_graph:
+        log("CUDA graph: each optimizer step is captured once and replayed (every batch is full: the epoch "
+            "stream wraps, so none is dropped); --cuda-graph off for eager steps")
+    elif cfg.cuda_graph != "off":
+        log(f"CUDA graph: not used, {no_graph_why}")
+
+    def one_step(*flat):
+        """forward, backward, clip, optimizer step: what a CUDA graph captures (no CPU sync)."""
+        batches = [tuple(flat[i:i + 2]) for i in range(0, len(flat), 2)]
+        opt.zero_grad(set_to_none=False)
+        terms = s.objective.losses(forward, batches)
+        loss = sum(w * l.float().sum() for w, l in terms) / B
+        loss.backward()
+        if cfg.clip_grad > 0:
+            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+        else:
+            gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+        opt.step()
+        return loss.detach().double(), gnorm
+
+    graphed = None
 
     def save(epoch, step_in_epoch):
         state["epoch"], state["step_in_epoch"] = epoch, step_in_epoch
@@ -125,6 +196,51 @@ def train(s: Setup) -> Dict[str, Any]:
             state["epoch_loss"], state["epoch_groups"] = 0.0, 0
         while step < M:
             a = min(A, M - step)
+            if use_graph:
+                batches = next(batches_iter)
+                flat = [x.to(s.device, non_blocking=True) for b in batches for x in b]
+                if graphed is None:
+                    graphed = _capture(one_step, flat, params, opt, s.device, log)
+                    if graphed is None:
+                        use_graph = False
+                if graphed is not None:
+                    loss_t, gnorm_t = (t.clone() for t in graphed(*flat))
+                else:
+                    loss_t, gnorm_t = one_step(*flat)
+                step += 1
+                sched.step()
+                state["global_step"] += 1
+                loss_val, gnorm, n_bad = step_values(loss_t, gnorm_t, params)
+                checks = (("loss", loss_val, not math.isfinite(loss_val)),
+                          ("gradient norm", gnorm, not math.isfinite(gnorm)),
+                          ("number of NaN/inf coefficients", n_bad, n_bad > 0))
+                bad = next(((q, v) for q, v, failed in checks if failed), None)
+                if bad is not None:
+                    raise DivergedError(diverged_message(
+                        step=state["global_step"], epoch=epoch + 1, quantity=bad[0], value=bad[1], lr=cfg.lr,
+                        precision=s.precision, resumed_at=resumed_at,
+                        checkpoint=str(ckpt_path) if ckpt_path.is_file() else None))
+                state["epoch_loss"] += loss_val
+                state["epoch_groups"] += 1
+                n_log += images_per_step_task * len(s.train_sets)
+                g = state["global_step"]
+                if g % cfg.log_every == 0 or step == M:
+                    dt = max(1e-9, time.perf_counter() - t_log)
+                    log(f"epoch {epoch + 1}/{cfg.epochs} step {step}/{M} | opt step {g}/{total} | "
+                        f"loss {loss_val:.4f} | grad norm {gnorm:.3g} | lr {float(sched.get_last_lr()[0]):.3g}"
+                        f" | {n_log / dt:.1f} img/s")
+                    t_log, n_log = time.perf_counter(), 0
+                stop = cfg.stop_after_steps is not None and g >= cfg.stop_after_steps
+                if step < M and (stop or (cfg.save_every and g % cfg.save_every == 0)):
+                    state["train_time_s"] += time.perf_counter() - t_epoch
+                    t_epoch = time.perf_counter()
+                    save(epoch, step)
+                    if stop:
+                        log(f"stopped after optimizer step {g} (--stop-after-steps); resume with "
+                            f"--resume {ckpt_path}")
+                        state["stopped"] = True
+                        return state
+                continue
             loss_sum = torch.zeros((), dtype=torch.float64, device=s.device)
             for _ in range(a):
                 batches = next(batches_iter)
@@ -204,6 +320,24 @@ def train(s: Setup) -> Dict[str, Any]:
             state["stopped"] = True
             return state
     return state
+
+
+def _capture(one_step, flat, params, opt, device, log):
+    """The step captured in a CUDA graph (warm-up steps undone), or None when capture fails (then
+    every step runs eagerly, said in the log)."""
+    from ..graphs import GraphedStep
+
+    snap = _Snapshot(params, opt, device)
+    try:
+        graphed = GraphedStep(one_step, *flat)
+    except Exception as exc:  # an objective that synchronises or changes shapes: eager steps
+        torch.cuda.synchronize(device)
+        snap.restore(params, opt, device)
+        log(f"CUDA graph: capture failed ({type(exc).__name__}: {str(exc)[:160]}); eager steps")
+        return None
+    torch.cuda.synchronize(device)
+    snap.restore(params, opt, device)
+    return graphed
 
 
 def run(cfg: TrainConfig) -> Dict[str, Any]:

@@ -45,6 +45,12 @@ def write_outputs(s: Setup, state: Dict[str, Any]) -> Dict[str, Any]:
                      else s.objective.default_select, "metrics": best["metrics"]},
         "config": dataclasses.asdict(cfg),
     }
+    try:  # the backend that ran (config.backend is what was asked for, often "auto")
+        from ..patch_config import PatchConfig
+
+        result["backend_ran"] = PatchConfig.of(s.model.visual).resolved_backend
+    except Exception:  # a model without an open_clip image tower attribute
+        pass
     if s.precision == "fp16":
         rep = skip_report(state.get("skipped_steps", 0), state["global_step"])
         result["grad_scaler"] = rep or {"skipped_steps": state.get("skipped_steps", 0),
