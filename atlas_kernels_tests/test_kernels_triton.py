@@ -443,3 +443,47 @@ def test_gpu_int64_offsets():
     assert torch.all(g[:-1] == 0)
     assert_close(g[-1:], (tau[-1].double() * 0.01).sum().reshape(1, 1), None,
                  (tau[-1].double().abs() * 0.01).sum().reshape(1, 1), name="coef_grad int64 offsets")
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("storage", [torch.float16, torch.int8], ids=["fp16", "int8"])
+def test_gpu_group_kernels_real_shapes(storage):
+    """compose_group / coef_grad_group at ViT-B/32 block shapes, N = 21, against float64: an MLP and
+    an attention matrix, a LayerNorm weight, the patch convolution (hash K = 4), both output classes."""
+    from atlas_kernels.kernels import coef_grad_group, compose_group, group_table
+
+    n = 21
+    shapes = [(3072, 768), (2304, 768), (768,), (768, 3, 32, 32)]
+    parts = [Partition(1), Partition(1), Partition(1), make_part(4, "hash", "conv1")]
+    segs, sizes, coef_off = [], [0, 0], 0
+    for j, (shape, p) in enumerate(zip(shapes, parts)):
+        tau, scale = make_tau(n, shape, storage)
+        if storage == torch.float16:
+            tau = (tau.float() * 0.01).half()
+        coef = torch.randn(n, p.k, device=DEV) * 0.3
+        sel = 0 if j < 2 else 1
+        k, code, key = p.encoding()
+        segs.append(dict(theta0=torch.randn(shape, device=DEV) * 0.02, tau=tau, scale=scale, coef=coef,
+                         index=torch.arange(n, device=DEV), k=k, mode=code, key=key, sel=sel, out_off=sizes[sel],
+                         coef_off=coef_off, part=p))
+        sizes[sel] += int(torch.Size(shape).numel())
+        coef_off += coef.numel()
+    launch = group_table(segs, DEV)
+    outs = [nan_like((sizes[0],), torch.bfloat16), nan_like((sizes[1],), torch.float32)]
+    compose_group(launch, outs, storage == torch.int8)
+    grads = [torch.randn(sizes[0], device=DEV).bfloat16(), torch.randn(sizes[1], device=DEV)]
+    g = coef_grad_group(launch, grads, storage == torch.int8)
+    for j, s in enumerate(segs):
+        p, shape = s["part"], s["theta0"].shape
+        numel = s["theta0"].numel()
+        out = outs[s["sel"]][s["out_off"]:s["out_off"] + numel].view(shape)
+        ref64 = R.compose(s["theta0"], s["tau"], s["coef"], p, scale=s["scale"])
+        ref_low = R.compose(s["theta0"], s["tau"], s["coef"], p, scale=s["scale"], dtype=torch.float32).to(out.dtype)
+        ref_abs = R.compose(s["theta0"].abs(), R.dequantize(s["tau"], s["scale"]).abs(), s["coef"].abs(), p)
+        assert_close(out, ref64, ref_low, ref_abs, name=f"compose_group {tuple(shape)}")
+        gr = grads[s["sel"]][s["out_off"]:s["out_off"] + numel].view(shape).float()
+        got = g[s["coef_off"]:s["coef_off"] + s["coef"].numel()].view(n, p.k)
+        assert_close(got, R.coef_grad(gr, s["tau"], p.k, p, scale=s["scale"]), None,
+                     R.coef_grad(gr.abs(), R.dequantize(s["tau"], s["scale"]).abs(), p.k, p),
+                     name=f"coef_grad_group {tuple(shape)}")

@@ -69,7 +69,7 @@ def parse_args(argv=None):
     p.add_argument("--partitions", type=_csv(int), help="aTLAS x K partitions, e.g. 1,4")
     p.add_argument("--backends", type=_csv(),
                    help=f"atlas backends ({','.join(BACKENDS)}); default: torch on CPU, torch,triton on CUDA; "
-                   "plus cuda where the compiled extension is built for the device")
+                   "plus ext where the compiled extension is built for the device ('cuda' is its old name)")
     p.add_argument("--triton-on-cpu", action="store_true",
                    help="allow the triton backend on CPU (TRITON_INTERPRET=1; tiny sizes only, very slow)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 2 on CPU, 3 on GPU)")
@@ -81,6 +81,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="CPU: torch threads per job (default: torch's)")
     p.add_argument("--no-profile", action="store_true", help="skip the extra profiled step (launch / aten op counts)")
+    p.add_argument("--no-graph", action="store_true",
+                   help="GPU: skip timing each step captured in one CUDA graph (graph_step_ms)")
     p.add_argument("--out", type=Path, default=None,
                    help="JSONL to append to (default bench/results/<date>-<device>.jsonl)")
     p.add_argument("--resume", action="store_true",
@@ -109,9 +111,10 @@ def parse_args(argv=None):
 
 def plan(args, dev: torch.device) -> List[Job]:
     cpu = dev.type != "cuda"
-    backends = args.backends or (["torch"] + (["triton"] if args.triton_on_cpu else []) if cpu else ["torch", "triton"])
+    backends = [{"cuda": "ext"}.get(b, b) for b in args.backends or []] or (
+        ["torch"] + (["triton"] if args.triton_on_cpu else []) if cpu else ["torch", "triton"])
     if not args.backends and _extension_runs_on(dev.type):
-        backends = backends + ["cuda"]  # the compiled extension (csrc/), where it is built for this device
+        backends = backends + ["ext"]  # the compiled extension (csrc/), where it is built for this device
     if cpu and "triton" in backends and not args.triton_on_cpu:
         sys.exit("the triton backend on CPU runs in Triton's interpreter (far too slow for a model): "
                  "pass --triton-on-cpu together with tiny sizes to run it anyway")
@@ -125,7 +128,7 @@ def plan(args, dev: torch.device) -> List[Job]:
             if name not in methods:
                 methods.append(name)
             if be:
-                only_backends.append(be)
+                only_backends.append({"cuda": "ext"}.get(be, be))  # 'cuda': the extension's old name
         if only_backends:
             backends = [b for b in backends if b in only_backends] or only_backends
     for s in args.storage or []:
@@ -163,11 +166,11 @@ def _drop_missing_peers(jobs: List[Job], asked: set) -> List[Job]:
 
 
 def _extension_runs_on(device_type: str) -> bool:
-    try:
-        from atlas_kernels.ops import cuda_backend
-    except ImportError:
-        return False
-    return cuda_backend.has_device_kernels(device_type)
+    import torch
+
+    from atlas_kernels import ops
+
+    return ops.unavailable("ext", torch.device(device_type)) is None
 
 
 def make_row(info: dict, job: Job, res: dict) -> dict:
@@ -270,7 +273,7 @@ def main(argv=None) -> int:
     settings = Settings(
         warmup=args.warmup if args.warmup is not None else (2 if cpu else 3),
         steps=steps, target_s=args.target_s, classes=args.classes, seed=args.seed,
-        profile=not args.no_profile, threads=args.threads,
+        profile=not args.no_profile, threads=args.threads, graph=not args.no_graph,
     )
     # the session's own copy: its profile switch is set per round below
     session = None if use_sub else Session(dev, Settings(**settings.as_dict()), cache_models=not cpu)

@@ -25,7 +25,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 LORA_STORAGES = ("lora-r16",)
 STORAGES = ("float32", "float16", "bfloat16", "int8", "float8_e4m3fn") + LORA_STORAGES
 FLOAT_STORAGES = ("float32", "float16", "bfloat16")
-BACKENDS = ("torch", "triton", "cuda")
+BACKENDS = ("torch", "triton", "ext")
 MODELS = ("ViT-B-32", "ViT-B-16", "ViT-L-14")
 
 KEY_FIELDS = ("model", "n_task_vectors", "batch", "precision", "storage", "partitions", "method", "backend")
@@ -77,6 +77,7 @@ class Settings:
     lr: float = 1e-3
     profile: bool = True  # count launches (GPU) / aten ops with torch.profiler after timing
     threads: Optional[int] = None  # CPU: torch.set_num_threads (None: torch's default)
+    graph: bool = True  # GPU: also time the step captured in one CUDA graph (graph_step_ms)
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -174,6 +174,8 @@ def time_step(step: Callable[[], None], dev: torch.device, settings: Settings) -
         out.update(peak_bytes=int(torch.cuda.max_memory_allocated(dev)),
                    peak_reserved_bytes=int(torch.cuda.max_memory_reserved(dev)),
                    peak_kind="cuda.max_memory_allocated")
+        if settings.graph:
+            out.update(time_graph(step, n))
     else:
         n = settings.steps or 5
         lifetime_before = max_rss_bytes()
@@ -194,6 +196,39 @@ def time_step(step: Callable[[], None], dev: torch.device, settings: Settings) -
     if loss0 is not None:
         out["loss0"] = loss0
     return out
+
+
+def time_graph(step: Callable[[], None], reps: int) -> dict:
+    """The same step captured in one CUDA graph and replayed: ``graph_step_ms`` (median of ``reps``
+    replays, CUDA events), the step with the host out of the way. Capture needs a step without CPU
+    synchronisation (a GradScaler's is one: fp16 rows get ``graph_error``)."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        graph.replay()
+        torch.cuda.synchronize()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(max(5, reps))]
+        for a, b in events:
+            a.record()
+            graph.replay()
+            b.record()
+        torch.cuda.synchronize()
+        times = [a.elapsed_time(b) for a, b in events]
+        q = _quantiles(times)
+        del graph
+        return {"graph_step_ms": q["step_ms"], "graph_step_ms_p20": q["step_ms_p20"],
+                "graph_step_ms_p80": q["step_ms_p80"]}
+    except Exception as e:  # the eager numbers stand without it
+        torch.cuda.synchronize()
+        return {"graph_error": f"{type(e).__name__}: {str(e)[:200]}"}
 
 
 def count_ops(step: Callable[[], None], dev: torch.device) -> dict:

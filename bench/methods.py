@@ -31,6 +31,13 @@ class StepBuilder:
         self.scaler = torch.amp.GradScaler(dev.type) if job.precision == "fp16" else None
         self.extra: dict = {}
 
+    def adamw(self, params):
+        """AdamW as every method with coefficients takes it: on a GPU fused (one kernel over all
+        coefficients) and capturable (so that the step can be replayed in a CUDA graph)."""
+        if self.dev.type == "cuda":
+            return torch.optim.AdamW(params, lr=self.s.lr, fused=True, capturable=True)
+        return torch.optim.AdamW(params, lr=self.s.lr)
+
     def _loss(self, feats):
         return F.cross_entropy(feats.float() @ self.head.t(), self.y)
 
@@ -59,7 +66,7 @@ class StepBuilder:
         theta0 = {b: p.detach() for b, p in self.visual.named_parameters() if b in self.slabs}
         coefs = self._coefficients(k)
         counts = {b: contiguous_counts(theta0[b].numel(), k) for b in self.slabs}
-        opt = torch.optim.AdamW(list(coefs.values()), lr=self.s.lr)
+        opt = self.adamw(list(coefs.values()))
         return k, theta0, coefs, counts, opt
 
     def _composed_step(self, compose: Callable[[str], torch.Tensor], opt) -> Callable[[], None]:
@@ -173,7 +180,7 @@ class StepBuilder:
         weights = torch.stack([coef_init(b, (n,), self.s.seed, self.s.coef_scale) for b in names], dim=1)
         model = layer_wise_merged_model(self.visual, self.slabs, weights.to(self.dev))
         self.slabs = None  # its own task vectors are what it keeps (the session drops the shared slabs)
-        opt = torch.optim.AdamW([model.merge_weight], lr=self.s.lr)
+        opt = self.adamw([model.merge_weight])
         self.extra["coef_init_matched"] = True
         self.extra["peer"] = f"fusion-bench {fusionbench_version()}"
         self._keep = (model, opt)
@@ -197,6 +204,8 @@ class StepBuilder:
         visual = self.visual
         tvs = self.tvs_factory()
         ak.patch(visual, tvs, partitions=self.job.partitions, backend=self.job.backend)
+        self.extra["backend_ran"] = ak.PatchConfig.of(visual).resolved_backend
+        self.extra["plan"] = visual._atlas_plan_root.summary()
         coefs = ak.coefficients(visual)
         with torch.no_grad():
             for name, c in coefs.items():
@@ -206,7 +215,7 @@ class StepBuilder:
         for p in visual.parameters():
             if id(p) not in ids:
                 p.requires_grad_(False)
-        opt = torch.optim.AdamW(list(coefs.values()), lr=self.s.lr)
+        opt = self.adamw(list(coefs.values()))
         self._keep = (tvs, coefs, opt)
 
         def step():

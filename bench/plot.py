@@ -20,7 +20,7 @@ from .summary import METHOD_ORDER, ceiling_row, history_rows, load_rows, machine
 
 COLORS = {
     "naive": "#d62728", "merge_once": "#ff7f0e", "fusionbench": "#8c564b", "floor": "#555555",
-    "atlas:torch": "#1f77b4", "atlas:triton": "#2ca02c", "atlas:cuda": "#9467bd",
+    "atlas:torch": "#1f77b4", "atlas:triton": "#2ca02c", "atlas:ext": "#9467bd", "atlas:cuda": "#9467bd",
 }
 VARIANT_STYLES = ["-", "--", ":", "-."]
 MARKERS = ["o", "s", "^", "D", "v", "P"]

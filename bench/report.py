@@ -75,6 +75,25 @@ def markdown(path, n=None, all_rows=False) -> str:
             f"{naive_peak} | {gb(d['floor_peak'])} |"
         )
     lines.append("")
+    graphed = [d for d in rs if d["graph_ms"]]
+    if graphed:
+        lines += [
+            "The same steps captured in one CUDA graph and replayed (the host out of the way), against the eager "
+            "steps above (ms):",
+            "",
+            "| model | batch | backend | atlas eager | atlas graph | floor eager | floor graph | merge_once eager "
+            "| merge_once graph | naive graph | (atlas-floor)/2-pass eager | graph |",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for d in graphed:
+            gm = d["graph_ms"]
+            lines.append(
+                f"| {d['model']} | {d['batch']} | {d['backend']} | {fmt(d['atlas_ms'], 1)} | "
+                f"{fmt(gm.get('atlas'), 1)} | {fmt(d['floor_ms'], 1)} | {fmt(gm.get('floor'), 1)} | "
+                f"{fmt(d['merge_ms'], 1)} | {fmt(gm.get('merge_once'), 1)} | {fmt(gm.get('naive'), 1)} | "
+                f"{_x(d['(atlas-floor)/two_pass'])} | "
+                f"{_x(d['graph (atlas-floor)/two_pass'])} |")
+        lines.append("")
     flagged = [(d, key, why) for d in rs for key, why in d["flags"].items()]
     if flagged:
         lines.append(f"{quiet.FLAG}: not supported by this run's own spread:")

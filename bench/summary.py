@@ -212,6 +212,12 @@ def ratios(rows: List[dict]) -> List[dict]:
             why = quiet.two_pass_flag(iv)
             if why:
                 d["flags"]["(atlas-floor)/two_pass"] = why
+        # the same steps captured in one CUDA graph and replayed (GPU rows): the host out of the way
+        d["graph_ms"] = {m: r.get("graph_step_ms") for m, r in list(base.items()) + [("floor", floor), ("atlas", a)]
+                         if r is not None and r.get("graph_step_ms") is not None}
+        g_a, g_f = d["graph_ms"].get("atlas"), d["graph_ms"].get("floor")
+        d["graph (atlas-floor)/two_pass"] = ((g_a - g_f) / d["two_pass_ms"]
+                                             if g_a is not None and g_f is not None and d["two_pass_ms"] else None)
         d["loss0"] = {m: r["loss0"] for m, r in list(base.items()) + [("atlas", a)]
                       if ok(r) and r.get("loss0") is not None}
         ref = d["loss0"].get("atlas")
