@@ -65,3 +65,23 @@ def test_cli_two_rounds_on_a_tiny_tower(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "2 rounds" in printed and "(a-f)/2pass" in printed
     assert "| ViT-tiny |" in markdown(out)
+
+
+def test_version_commit_is_only_this_projects_own(tmp_path, monkeypatch):
+    """A copy of the tree inside another git repository must not report that repository's commit
+    (the H200 rows once said 0.1.0+g<a foreign commit>-dirty); ATLAS_KERNELS_COMMIT still overrides."""
+    import subprocess
+
+    from bench import env
+
+    outer = tmp_path / "outer"
+    inner = outer / "copy_of_project"
+    inner.mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(outer)], check=True)
+    subprocess.run(["git", "-C", str(outer), "-c", "user.email=a@b", "-c", "user.name=a", "commit", "-q",
+                    "--allow-empty", "-m", "foreign"], check=True)
+    monkeypatch.delenv("ATLAS_KERNELS_COMMIT", raising=False)
+    monkeypatch.setattr(env, "REPO_ROOT", inner)
+    assert env.git_commit() is None
+    monkeypatch.setenv("ATLAS_KERNELS_COMMIT", "abc1234")
+    assert env.git_commit() == "abc1234"

@@ -45,15 +45,22 @@ def triton_version() -> Optional[str]:
 
 
 def git_commit() -> Optional[str]:
-    """Short commit of the repository, with ``-dirty`` when the library's files differ from it.
+    """Short commit of this project's repository, with ``-dirty`` when the library's files differ
+    from it; None when the project is not a git checkout of its own.
 
     ``ATLAS_KERNELS_COMMIT`` overrides (the GPU machine receives a copy of the work tree without
-    ``.git``: pass the commit in the environment there).
+    ``.git``: pass the commit in the environment there). A repository that merely encloses the
+    project (a copy of the tree inside another checkout) is not asked: its commit is not ours (the
+    H200 rows once said ``0.1.0+g<a foreign commit>-dirty``).
     """
     env = os.environ.get("ATLAS_KERNELS_COMMIT")
     if env:
         return env
     try:
+        top = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--show-toplevel"],
+                             capture_output=True, text=True, timeout=10)
+        if top.returncode != 0 or Path(top.stdout.strip()).resolve() != Path(REPO_ROOT).resolve():
+            return None
         head = subprocess.run(
             ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
             capture_output=True, text=True, timeout=10,
