@@ -30,6 +30,8 @@ mkdir -p "$OUT"
 T0=$(date +%s)
 log() { echo "[gpu.sh +$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/stages.log"; }
 BUDGET="${GPU_BUDGET_SECONDS:-530}"  # the whole command; every stage's limit is cut to what is left
+STAGES="${GPU_STAGES:-tests,kernels,headline,limited,ext}"  # a comma list: a shorter call runs fewer
+want() { case ",$STAGES," in *",$1,"*) return 0;; *) return 1;; esac; }
 stage() {  # stage NAME SECONDS CMD...: run CMD under a time limit, log to $OUT/NAME.log, never abort
   local name=$1 secs=$2; shift 2
   local left=$(( BUDGET - ($(date +%s) - T0) - 5 ))
@@ -67,23 +69,28 @@ python -c "import open_clip, atlas_kernels; print('open_clip', open_clip.__versi
 log "rehearsal=$REHEARSAL"
 
 # ---- 1 GPU tests: GPU-only correctness first, then the real-shape tests (skip, with reasons, on CPU)
+if want tests; then
 stage tests_gpu_only "${GPU_ONLY_SECONDS:-60}" python -m pytest -q -p no:cacheprovider -rs \
   --junitxml="$OUT/tests_gpu_only.xml" atlas_kernels_tests/test_cuda_graph.py \
   atlas_kernels_tests/test_ops_triton.py::test_gpu_compile_inductor atlas_kernels_tests/test_kernels_triton.py::test_gpu_int64_offsets \
   atlas_kernels_tests/test_autotune_cache.py
 stage tests_real_shapes "${REAL_SHAPES_SECONDS:-90}" python -m pytest -q -p no:cacheprovider -rs \
-  --junitxml="$OUT/tests_real_shapes.xml" -k "real_shapes" \
+  --junitxml="$OUT/tests_real_shapes.xml" -k "${GPU_REAL_SHAPES_K:-real_shapes}" \
   atlas_kernels_tests/test_kernels_triton.py atlas_kernels_tests/test_ops_triton.py
+fi
 
 # ---- 2 the grouped kernels against the copy bandwidth
-if [ "$REHEARSAL" = 1 ]; then
+if ! want kernels; then :
+elif [ "$REHEARSAL" = 1 ]; then
   stage kernels 30 bash -c 'python -m bench.group_kernels; test $? -eq 2'  # says "no GPU", exits 2
 else
   stage kernels "${KERNELS_SECONDS:-60}" python -m bench.group_kernels --sweep --out "$RES/group_kernels.jsonl"
 fi
 
 # ---- 3 headline rows (eager and graph-replayed), 4 limited-VRAM row
-if [ "$REHEARSAL" = 1 ]; then
+HEADLINE_ONLY="${GPU_HEADLINE_ONLY:-ceiling,floor,naive,merge_once,atlas:torch,atlas:triton}"
+if ! want headline; then :
+elif [ "$REHEARSAL" = 1 ]; then
   stage headline 90 python -m bench --models ViT-tiny --n 2 --batch 2,4 --precision fp32 --storage float32 \
     --only ceiling,floor,naive,merge_once,atlas:torch --warmup 1 --steps 1 --in-process --no-plot \
     --out "$RES/headline.jsonl"
@@ -91,17 +98,16 @@ if [ "$REHEARSAL" = 1 ]; then
     --only atlas:torch --warmup 1 --steps 1 --in-process --no-plot --out "$RES/limited.jsonl"
 else
   stage headline "${HEADLINE_SECONDS:-220}" python -m bench --models ViT-B-32 --n 21 --batch 128,16 \
-    --precision bf16 --storage float16 --only ceiling,floor,naive,merge_once,atlas:torch,atlas:triton \
-    --in-process --out "$RES/headline.jsonl"
-  stage limited "${LIMITED_SECONDS:-70}" python -m bench --models ViT-L-14 --n 30 --batch 32 --precision bf16 \
-    --storage int8 --only atlas:triton --in-process --no-graph --out "$RES/limited.jsonl"
+    --precision bf16 --storage float16 --only "$HEADLINE_ONLY" --in-process --out "$RES/headline.jsonl"
+  want limited && stage limited "${LIMITED_SECONDS:-70}" python -m bench --models ViT-L-14 --n 30 --batch 32 \
+    --precision bf16 --storage int8 --only atlas:triton --in-process --no-graph --out "$RES/limited.jsonl"
 fi
 for f in "$RES"/headline.jsonl "$RES"/limited.jsonl; do
   [ -s "$f" ] && python -m bench.report "$f" >"${f%.jsonl}.md" 2>>"$OUT/stages.log"
 done
 
 # ---- 5 the compiled extension on this GPU (built here, sm_90), beside triton
-if [ "$REHEARSAL" = 0 ] && [ "${GPU_EXT:-1}" = 1 ]; then
+if [ "$REHEARSAL" = 0 ] && want ext; then
   stage ext_build "${EXT_BUILD_SECONDS:-100}" env TORCH_CUDA_ARCH_LIST="9.0" MAX_JOBS=16 ATLAS_KERNELS_BUILD_EXT=1 \
     CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" python setup.py build_ext --inplace
   stage ext_headline "${EXT_SECONDS:-60}" python -m bench --models ViT-B-32 --n 21 --batch 128 --precision bf16 \

@@ -76,15 +76,16 @@ def main() -> int:
         print("ok", name, flush=True)
     for st, th, out in itertools.product(storages, computes, computes):
         scaled = st in ("i8", "fp8e4nv")
-        build(_group._group_compose_kernel,
-              dict(table_ptr="*i64", tile_map_ptr="*i32", theta_any_ptr="*" + th, tau_any_ptr="*" + st,
-                   outa_ptr="*" + out, outb_ptr="*" + th),
-              dict(HAS_SCALE=scaled, BLOCK=4096), num_warps=8)
-        build(_group._group_partial_kernel,
-              dict(table_ptr="*i64", tile_map_ptr="*i32", theta_any_ptr="*" + th, tau_any_ptr="*" + st,
-                   ga_ptr="*" + out, gb_ptr="*" + th, partial_ptr="*fp32"),
-              dict(KMAX=4, HAS_SCALE=scaled, BLOCK=4096), num_warps=8)
-        count += 2
+        for kmax, aligned in ((1, True), (1, False), (4, True)):
+            build(_group._group_compose_kernel,
+                  dict(table_ptr="*i64", tile_map_ptr="*i32", theta_any_ptr="*" + th, tau_any_ptr="*" + st,
+                       outa_ptr="*" + out, outb_ptr="*" + th),
+                  dict(KMAX=kmax, HAS_SCALE=scaled, BLOCK=4096, ALIGNED=aligned), num_warps=8)
+            build(_group._group_partial_kernel,
+                  dict(table_ptr="*i64", tile_map_ptr="*i32", theta_any_ptr="*" + th, tau_any_ptr="*" + st,
+                       ga_ptr="*" + out, gb_ptr="*" + th, partial_ptr="*fp32"),
+                  dict(KMAX=kmax, HAS_SCALE=scaled, BLOCK=4096, ALIGNED=aligned), num_warps=8)
+            count += 2
         print("ok group", st, th, out, flush=True)
     for kmax, cols in ((1, 32), (4, 128)):
         build(_group._group_reduce_kernel, dict(table_ptr="*i64", partial_ptr="*fp32", out_ptr="*fp32"),

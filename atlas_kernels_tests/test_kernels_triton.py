@@ -311,11 +311,13 @@ def _group_parts():
             Partition(1), Partition(3, "contiguous"), Partition(1)]
 
 
-def _group_segments(n, storage, ragged=True):
-    """One segment per shape: both output classes, a ragged block (slabs 0 and 2 of N held)."""
+def _group_segments(n, storage, ragged=True, k1=False):
+    """One segment per shape: both output classes, a ragged block (slabs 0 and 2 of N held); with
+    ``k1`` every block has K = 1 (the kernels' scalar-coefficient path)."""
     segs, out_off = [], [0, 0]
     coef_off = 0
-    for j, (shape, p) in enumerate(zip(GROUP_SHAPES, _group_parts())):
+    parts = [Partition(1)] * len(GROUP_SHAPES) if k1 else _group_parts()
+    for j, (shape, p) in enumerate(zip(GROUP_SHAPES, parts)):
         held = torch.tensor([0, 2], device=DEV) if (ragged and n > 2 and j == 3) else torch.arange(n, device=DEV)
         tau, scale = make_tau(len(held), shape, storage)
         if storage == torch.int8:
@@ -334,10 +336,11 @@ def _group_segments(n, storage, ragged=True):
 
 @pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16, torch.int8], ids=["fp32", "bf16", "int8"])
 @pytest.mark.parametrize("n", [1, 3])
-def test_group_kernels(storage, n):
+@pytest.mark.parametrize("k1", [False, True], ids=["k-mixed", "k1"])
+def test_group_kernels(storage, n, k1):
     from atlas_kernels.kernels import coef_grad_group, compose_group, group_table
 
-    segs, sizes, coef_total = _group_segments(n, storage)
+    segs, sizes, coef_total = _group_segments(n, storage, k1=k1)
     launch = group_table(segs, DEV, block=64)
     scaled = storage == torch.int8
     outs = [nan_like((sizes[0],), torch.bfloat16), nan_like((sizes[1],), torch.float32)]

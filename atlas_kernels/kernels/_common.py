@@ -161,10 +161,13 @@ def _part_index(e, numel, key, K: tl.constexpr, MODE: tl.constexpr):
 
 @triton.jit
 def _part_index_rt(e, numel, key, k, mode):
-    """:func:`_part_index` with ``k`` and ``mode`` known only at run time (packed segments)."""
-    contiguous = (e * k) // tl.maximum(numel, 1)
-    hashed = _hash_part(e, key, tl.maximum(k, 1))
-    return tl.where(mode == 1, contiguous, tl.where(mode == 2, hashed, e * 0)).to(tl.int32)
+    """:func:`_part_index` with ``k`` and ``mode`` known only at run time (grouped segments; ``e``
+    int64). Mode 0 means ``k == 1``, where the contiguous formula gives part 0 too."""
+    if mode == 2:
+        p = _hash_part(e, key, k).to(tl.int32)
+    else:
+        p = ((e * k) // tl.maximum(numel, 1)).to(tl.int32)
+    return p
 
 
 @triton.jit

@@ -39,6 +39,11 @@ NCOL = len(GROUP_COLUMNS)
 # so a fixed value also fixes the reduction order). 4096 fp16 elements are two 16-byte loads per
 # thread per task vector at 8 warps; the interpreter runs fewer, larger programs the same way.
 GROUP_BLOCK = 4096
+# _ALIGNED_NOTE: an address read from the table carries no alignment the compiler can see, so a tile
+# of consecutive elements is loaded element by element (2-byte loads for fp16 slabs). Where the table
+# says every block is 16-byte aligned (ALIGNED), each tile's pointers are hinted with
+# tl.multiple_of(ptrs, 16), in the function that computes them (a hint applied to a function's
+# argument is lost), and the compiler issues 16-byte loads and stores.
 # Tiles summed per step of the per-segment reduction (a [REDUCE_TILES, N * K] slab of partials).
 REDUCE_TILES = 32
 
@@ -46,13 +51,15 @@ REDUCE_TILES = 32
 class GroupLaunch:
     """The device-side description of one group: ``table`` (int64 ``[S, NCOL]``), ``tile_map``
     (int32 ``[T]``), and what the launches need besides (the largest held count ``nmax``, the
-    largest K rounded up to a power of two ``kmax``, the coefficient-gradient length ``coef_total``),
-    plus references to every tensor whose address the table holds (kept alive with it)."""
+    largest K rounded up to a power of two ``kmax``, the coefficient-gradient length ``coef_total``,
+    ``aligned``: every block 16-byte aligned, see ``_ALIGNED_NOTE``), plus references to every
+    tensor whose address the table holds (kept alive with it)."""
 
-    def __init__(self, table, tile_map, block, nmax, kmax, n_rows_max, coef_total, theta_any_ptr, tau_any_ptr, keep):
-        self.table, self.tile_map, self.block = table, tile_map, block
+    def __init__(self, table, tile_map, block, nmax, kmax, n_rows_max, coef_total, theta_any, tau_any, keep,
+                 aligned=False):
+        self.table, self.tile_map, self.block, self.aligned = table, tile_map, block, aligned
         self.nmax, self.kmax, self.n_rows_max, self.coef_total = nmax, kmax, n_rows_max, coef_total
-        self.theta_any, self.tau_any = theta_any_ptr, tau_any_ptr
+        self.theta_any, self.tau_any = theta_any, tau_any
         self._keep = keep
 
 
@@ -66,9 +73,16 @@ def group_table(segments: Sequence[dict], device, block: Optional[int] = None) -
     rows, tile_map, keep = [], [], []
     tile0 = 0
     nmax, kmax, n_rows_max = 1, 1, 1
+    # 16-byte loads and stores (ALIGNED) where every block's element count is a multiple of 16 and
+    # its theta0 and slab start 16-byte aligned: then every slab, every tile and every offset into
+    # the flat outputs and gradients (fresh allocations) is aligned too.
+    aligned = block % 16 == 0
     for j, s in enumerate(segments):
         theta0, tau, scale, coef, index = s["theta0"], s["tau"], s["scale"], s["coef"], s["index"]
         numel = theta0.numel()
+        if numel >= 2**31 - block:
+            raise ValueError(f"a grouped block has {numel} elements; the grouped kernels take fewer than 2**31 "
+                             f"(patch with grouped=False for it)")
         held = tau.shape[0]
         n_rows = coef.shape[0]
         # inverse[r]: the held position of coefficient row r, or -1 (ragged blocks hold a subset)
@@ -81,6 +95,7 @@ def group_table(segments: Sequence[dict], device, block: Optional[int] = None) -
                      n_rows, max(numel // rows_r, 1), theta0.data_ptr(), tau.data_ptr(),
                      0 if scale is None else scale.data_ptr(), coef.data_ptr(), index.data_ptr(), inverse.data_ptr()])
         keep += [theta0, tau, scale, coef, index, inverse]
+        aligned = aligned and numel % 16 == 0 and theta0.data_ptr() % 16 == 0 and tau.data_ptr() % 16 == 0
         tile_map += [j] * ntiles
         tile0 += ntiles
         nmax, kmax, n_rows_max = max(nmax, held), max(kmax, s["k"]), max(n_rows_max, n_rows)
@@ -88,28 +103,53 @@ def group_table(segments: Sequence[dict], device, block: Optional[int] = None) -
     tmap = torch.tensor(tile_map, dtype=torch.int32).to(device)
     coef_total = max((s["coef_off"] + s["coef"].numel() for s in segments), default=0)
     return GroupLaunch(table, tmap, block, nmax, next_pow2(kmax), n_rows_max, coef_total,
-                       segments[0]["theta0"], segments[0]["tau"], keep)
+                       segments[0]["theta0"], segments[0]["tau"], keep, aligned)
 
 
 @triton.jit
-def _segment(table_ptr, tile_map_ptr, theta_any_ptr, tau_any_ptr, BLOCK: tl.constexpr):
-    """This program's segment and tile: its table row, the flat element offsets ``local`` of the
-    tile inside the block, the tail mask, and the typed pointers to the block's own tensors."""
+def _segment(table_ptr, tile_map_ptr, theta_any_ptr, tau_any_ptr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    """This program's segment and tile: its table row, the block's element count, the tile's first
+    element ``start`` (int64), the offsets ``local`` inside the tile (int32: 64-bit integer
+    arithmetic per element is slow on a GPU, so only scalars are 64-bit), the tail mask, and the
+    typed pointers to the block's own theta0 and slab."""
     pid = tl.program_id(0)
     seg = tl.load(tile_map_ptr + pid).to(tl.int64)
     row = table_ptr + seg * 18  # NCOL
     numel = tl.load(row + 0)
-    local = (pid - tl.load(row + 1)) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    mask = local < numel
+    start = (pid - tl.load(row + 1)).to(tl.int64) * BLOCK
+    local = tl.arange(0, BLOCK)
+    rem = tl.minimum(numel - start, BLOCK).to(tl.int32)
+    if ALIGNED:  # every block's element count is a multiple of 16: so is the tail
+        rem = tl.multiple_of(rem, 16)
+    mask = local < rem
     theta = tl.load(row + 12).to(tl.pointer_type(theta_any_ptr.dtype.element_ty))
     tau = tl.load(row + 13).to(tl.pointer_type(tau_any_ptr.dtype.element_ty))
-    return row, numel, local, mask, theta, tau
+    return row, numel, start, local, mask, theta, tau
 
 
 @triton.jit
-def _held_slab(tau, scale, i, numel, local, mask, srow, n_srows, HAS_SCALE: tl.constexpr):
-    """Held slab ``i`` of the block at ``local``, dequantized, in fp32."""
-    t = tl.load(tau + i * numel + local, mask=mask, other=0.0).to(tl.float32)
+def _scale_rows(row, numel, start, local, HAS_SCALE: tl.constexpr):
+    """``(scale pointer, scale row of each element, rows per slab)`` of a scaled block (int32: a
+    block has fewer than 2**31 elements); placeholders otherwise."""
+    if HAS_SCALE:
+        scale = tl.load(row + 14).to(tl.pointer_type(tl.float32))
+        row_len = tl.load(row + 11).to(tl.int32)
+        srow = (start.to(tl.int32) + local) // row_len
+        n_srows = (numel // tl.load(row + 11)).to(tl.int32)
+    else:
+        scale = tl.load(row + 15).to(tl.pointer_type(tl.float32))
+        srow = local
+        n_srows = 0
+    return scale, srow, n_srows
+
+
+@triton.jit
+def _held_slab(tau_i, scale, i, local, mask, srow, n_srows, HAS_SCALE: tl.constexpr, ALIGNED: tl.constexpr):
+    """A tile of one held slab (``tau_i`` points at its first element), dequantized, in fp32."""
+    ptrs = tau_i + local
+    if ALIGNED:  # see _ALIGNED_NOTE
+        ptrs = tl.multiple_of(ptrs, 16)
+    t = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     if HAS_SCALE:
         t = t * tl.load(scale + i * n_srows + srow, mask=mask, other=0.0)
     return t
@@ -118,58 +158,80 @@ def _held_slab(tau, scale, i, numel, local, mask, srow, n_srows, HAS_SCALE: tl.c
 @triton.jit
 def _group_compose_kernel(
     table_ptr, tile_map_ptr, theta_any_ptr, tau_any_ptr, outa_ptr, outb_ptr,
-    HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr,
+    KMAX: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
 ):
-    row, numel, local, mask, theta, tau = _segment(table_ptr, tile_map_ptr, theta_any_ptr, tau_any_ptr, BLOCK)
-    k = tl.load(row + 3)
-    part = _part_index_rt(local, numel, tl.load(row + 5), k, tl.load(row + 4))
+    row, numel, start, local, mask, theta, tau = _segment(table_ptr, tile_map_ptr, theta_any_ptr, tau_any_ptr,
+                                                          BLOCK, ALIGNED)
     held = tl.load(row + 6)
-    row_len = tl.load(row + 11)
     coef = tl.load(row + 15).to(tl.pointer_type(tl.float32))
     index = tl.load(row + 16).to(tl.pointer_type(tl.int64))
-    scale = coef  # a placeholder of the right type when unscaled
-    if HAS_SCALE:
-        scale = tl.load(row + 14).to(tl.pointer_type(tl.float32))
-    srow = local // row_len
-    n_srows = numel // row_len
-    acc = tl.load(theta + local, mask=mask, other=0.0).to(tl.float32)
-    for i in range(held):
-        t = _held_slab(tau, scale, i, numel, local, mask, srow, n_srows, HAS_SCALE)
-        c = tl.load(coef + tl.load(index + i) * k + part, mask=mask, other=0.0)
-        acc += c * t
-    off = tl.load(row + 8) + local
-    if tl.load(row + 7) == 0:
-        tl.store(outa_ptr + off, _cast_out(acc, outa_ptr.dtype.element_ty), mask=mask)
+    scale, srow, n_srows = _scale_rows(row, numel, start, local, HAS_SCALE)
+    ptrs = theta + start + local
+    if ALIGNED:
+        ptrs = tl.multiple_of(ptrs, 16)
+    acc = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    tau_i = tau + start
+    if KMAX == 1:  # one coefficient per (task vector, block): a scalar per slab
+        for i in range(held):
+            c = tl.load(coef + tl.load(index + i))
+            acc += c * _held_slab(tau_i, scale, i, local, mask, srow, n_srows, HAS_SCALE, ALIGNED)
+            tau_i += numel
     else:
-        tl.store(outb_ptr + off, _cast_out(acc, outb_ptr.dtype.element_ty), mask=mask)
+        k = tl.load(row + 3)
+        part = _part_index_rt(start + local, numel, tl.load(row + 5), k, tl.load(row + 4))
+        for i in range(held):
+            c = tl.load(coef + tl.load(index + i) * k + part, mask=mask, other=0.0)
+            acc += c * _held_slab(tau_i, scale, i, local, mask, srow, n_srows, HAS_SCALE, ALIGNED)
+            tau_i += numel
+    off = tl.load(row + 8) + start
+    if tl.load(row + 7) == 0:
+        pa = outa_ptr + off + local
+        if ALIGNED:
+            pa = tl.multiple_of(pa, 16)
+        tl.store(pa, _cast_out(acc, outa_ptr.dtype.element_ty), mask=mask)
+    else:
+        pb = outb_ptr + off + local
+        if ALIGNED:
+            pb = tl.multiple_of(pb, 16)
+        tl.store(pb, _cast_out(acc, outb_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _group_partial_kernel(
     table_ptr, tile_map_ptr, theta_any_ptr, tau_any_ptr, ga_ptr, gb_ptr, partial_ptr, NMAX,
-    KMAX: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr,
+    KMAX: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    row, numel, local, mask, theta, tau = _segment(table_ptr, tile_map_ptr, theta_any_ptr, tau_any_ptr, BLOCK)
-    part = _part_index_rt(local, numel, tl.load(row + 5), tl.load(row + 3), tl.load(row + 4))
+    row, numel, start, local, mask, theta, tau = _segment(table_ptr, tile_map_ptr, theta_any_ptr, tau_any_ptr,
+                                                          BLOCK, ALIGNED)
     held = tl.load(row + 6)
-    row_len = tl.load(row + 11)
-    scale = tl.load(row + 15).to(tl.pointer_type(tl.float32))
-    if HAS_SCALE:
-        scale = tl.load(row + 14).to(tl.pointer_type(tl.float32))
-    srow = local // row_len
-    n_srows = numel // row_len
-    off = tl.load(row + 8) + local
+    scale, srow, n_srows = _scale_rows(row, numel, start, local, HAS_SCALE)
+    off = tl.load(row + 8) + start
     if tl.load(row + 7) == 0:
-        g = tl.load(ga_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        pa = ga_ptr + off + local
+        if ALIGNED:
+            pa = tl.multiple_of(pa, 16)
+        g = tl.load(pa, mask=mask, other=0.0).to(tl.float32)
     else:
-        g = tl.load(gb_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    kk = tl.arange(0, KMAX)
-    onehot = part[:, None] == kk[None, :]  # [BLOCK, KMAX]
-    out = partial_ptr + pid.to(tl.int64) * NMAX * KMAX + kk
-    for i in range(held):
-        prod = g * _held_slab(tau, scale, i, numel, local, mask, srow, n_srows, HAS_SCALE)
-        tl.store(out + i * KMAX, tl.sum(tl.where(onehot, prod[:, None], 0.0), 0))
+        pb = gb_ptr + off + local
+        if ALIGNED:
+            pb = tl.multiple_of(pb, 16)
+        g = tl.load(pb, mask=mask, other=0.0).to(tl.float32)
+    out = partial_ptr + pid.to(tl.int64) * NMAX * KMAX
+    tau_i = tau + start
+    if KMAX == 1:
+        for i in range(held):
+            prod = g * _held_slab(tau_i, scale, i, local, mask, srow, n_srows, HAS_SCALE, ALIGNED)
+            tl.store(out + i, tl.sum(prod, 0))
+            tau_i += numel
+    else:
+        part = _part_index_rt(start + local, numel, tl.load(row + 5), tl.load(row + 3), tl.load(row + 4))
+        kk = tl.arange(0, KMAX)
+        onehot = part[:, None] == kk[None, :]  # [BLOCK, KMAX]
+        for i in range(held):
+            prod = g * _held_slab(tau_i, scale, i, local, mask, srow, n_srows, HAS_SCALE, ALIGNED)
+            tl.store(out + i * KMAX + kk, tl.sum(tl.where(onehot, prod[:, None], 0.0), 0))
+            tau_i += numel
 
 
 @triton.jit
@@ -207,6 +269,15 @@ def _group_reduce_kernel(
 GROUP_WARPS = 8
 
 
+def _check_aligned(table: GroupLaunch, flats, what: str) -> None:
+    for t in flats:
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"{what} must be contiguous flat tensors")
+        if table.aligned and t is not None and t.data_ptr() % 16:
+            raise ValueError(f"{what} must start 16-byte aligned for this table (its blocks are): got address "
+                             f"{t.data_ptr():#x}")
+
+
 def _warps(num_warps: Optional[int]) -> dict:
     if INTERPRET:
         return {}
@@ -219,11 +290,12 @@ def compose_group(table: GroupLaunch, outs: List[Optional[torch.Tensor]], has_sc
     class no segment uses), one launch."""
     if table.tile_map.numel() == 0:
         return
+    _check_aligned(table, outs, "outs")
     a = outs[0] if outs[0] is not None else outs[1]
     b = outs[1] if outs[1] is not None else outs[0]
     launch(_group_compose_kernel, (table.tile_map.numel(),),
            table.table, table.tile_map, table.theta_any, table.tau_any, a, b,
-           HAS_SCALE=has_scale, BLOCK=table.block, **_warps(num_warps))
+           KMAX=table.kmax, HAS_SCALE=has_scale, BLOCK=table.block, ALIGNED=table.aligned, **_warps(num_warps))
 
 
 def coef_grad_group(table: GroupLaunch, grads: List[Optional[torch.Tensor]], has_scale: bool,
@@ -235,12 +307,13 @@ def coef_grad_group(table: GroupLaunch, grads: List[Optional[torch.Tensor]], has
     T = table.tile_map.numel()
     if T == 0:
         return out.zero_()
+    _check_aligned(table, grads, "grads")
     a = grads[0] if grads[0] is not None else grads[1]
     b = grads[1] if grads[1] is not None else grads[0]
     partial = scratch((T, table.nmax, table.kmax), dev)
     launch(_group_partial_kernel, (T,),
            table.table, table.tile_map, table.theta_any, table.tau_any, a, b, partial, table.nmax,
-           KMAX=table.kmax, HAS_SCALE=has_scale, BLOCK=table.block, **_warps(num_warps))
+           KMAX=table.kmax, HAS_SCALE=has_scale, BLOCK=table.block, ALIGNED=table.aligned, **_warps(num_warps))
     cols = next_pow2(table.n_rows_max * table.kmax)
     launch(_group_reduce_kernel, (table.table.shape[0],),
            table.table, partial, out, table.nmax,
