@@ -5,8 +5,9 @@
 #   here:  python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #            --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #            -d wheels open_clip_torch==3.3.0 ftfy wcwidth        (the GPU image has no open_clip)
-#   run(command="ATLAS_KERNELS_COMMIT=$(git rev-parse --short HEAD) bash .ci/gpu.sh", carry=["wheels"],
-#       timeout_s=580)
+#   run(command="ATLAS_KERNELS_COMMIT=<hash> bash .ci/gpu.sh", carry=["wheels"], timeout_s=580)
+#       with <hash> written out here (git rev-parse --short HEAD): a $(git ...) in the command runs on
+#       the GPU machine, whose copy of .git is not this checkout's HEAD (2026-12-04: rows said 174a2b6)
 #   rehearsal on a CPU (CI runs it):  GPU_REHEARSAL=1 bash .ci/gpu.sh   (< 3 minutes)
 #
 # Stages, each under its own `timeout`, each writing to $OUT as it goes, each run whatever the one

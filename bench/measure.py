@@ -156,6 +156,7 @@ def time_step(step: Callable[[], None], dev: torch.device, settings: Settings) -
     # the loss of the first step, before any update: every method with task vectors starts from the
     # same composition, so its loss0 must equal atlas's (a check that they train the same thing)
     loss0 = float(first.detach().float()) if isinstance(first, torch.Tensor) else None
+    del first  # nothing of the step's autograd graph may outlive it (a CUDA-graph capture follows)
     for _ in range(max(0, settings.warmup - 1)):
         step()
     _sync(dev)

@@ -82,7 +82,7 @@ class StepBuilder:
                 feats = functional_call(visual, params, (self.x,))
             loss = self._loss(feats)
             self._backward_and_step(loss, opt)
-            return loss
+            return loss.detach()  # not the graph: a kept graph breaks a later CUDA-graph capture
 
         return step
 
@@ -109,7 +109,7 @@ class StepBuilder:
                 self.scaler.scale(loss).backward()
             else:
                 loss.backward()
-            return loss
+            return loss.detach()  # not the graph: a kept graph breaks a later CUDA-graph capture
 
         return step
 
@@ -191,7 +191,7 @@ class StepBuilder:
                 feats = model(self.x)
             loss = self._loss(feats)
             self._backward_and_step(loss, opt)
-            return loss
+            return loss.detach()  # not the graph: a kept graph breaks a later CUDA-graph capture
 
         return step
 
@@ -223,7 +223,7 @@ class StepBuilder:
                 feats = visual(self.x)
             loss = self._loss(feats)
             self._backward_and_step(loss, opt)
-            return loss
+            return loss.detach()  # not the graph: a kept graph breaks a later CUDA-graph capture
 
         return step
 
