@@ -1,0 +1,243 @@
+"""Round 3 of the adversarial review (issue 24), the file-reading half: expansion and compression
+bombs, special files, hostile files' messages, resume-file corruption, a full disk, and the README
+journey's file mix-ups. Each test failed before its fix. The bombs are built on the fly and are
+small on disk (see _bombs.py); the memory-capped ones run in a subprocess under RLIMIT_AS."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+import atlas_kernels as ak
+from atlas_kernels import safe_pickle
+from atlas_kernels_tests import _bombs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ------------------------------------------------------------------------------ expansion bombs
+def test_an_expansion_bomb_is_refused_early_naming_the_file_and_both_sizes(tmp_path):
+    bomb = _bombs.expansion_bomb(tmp_path / "eb.pt")  # 3000 x (1024, 1024) stride-0 views: 12 GiB
+    assert bomb.stat().st_size < 400_000
+    rx = r"eb\.pt.*tensors would expand to [\d.]+ MiB .* from 24 bytes of tensor data"
+    t0 = time.perf_counter()
+    for call in (lambda: ak.load_state_dict_file(bomb),
+                 lambda: ak.convert_checkpoint(bomb, tmp_path / "out.safetensors"),
+                 lambda: ak.TaskVectors.from_checkpoints(bomb, [bomb])):
+        with pytest.raises(ValueError, match=rx):
+            call()
+    assert time.perf_counter() - t0 < 5
+    assert not (tmp_path / "out.safetensors").exists()
+    with pytest.raises(safe_pickle.RefusedPickle, match="expansion bomb"):
+        safe_pickle.restricted_load(bomb)
+
+
+def test_overlapping_full_size_views_are_refused(tmp_path):
+    f = _bombs.overlapping_views(tmp_path / "ov.pt", n=32, rows=1024, cols=1024)  # 32 x 4 MiB over 4 MiB
+    with pytest.raises(ValueError, match=r"ov\.pt.*would expand to .* from 4\.0 MiB"):
+        ak.load_state_dict_file(f)
+
+
+def test_tied_sliced_and_broadcast_tensors_still_load(tmp_path):
+    w = torch.randn(8, 4)
+    sd = {"w": w, "tied": w, "top": w[:4], "bottom": w[4:], "bias": torch.zeros(1).expand(16),
+          "pos": torch.arange(64).expand(1, 64)}
+    torch.save(sd, tmp_path / "ok.pt")
+    got = ak.load_state_dict_file(tmp_path / "ok.pt")
+    assert all(torch.equal(got[k], v) for k, v in sd.items())
+
+
+# ------------------------------------------------------------------------------ compression bombs
+def test_a_compression_bomb_is_refused_before_it_is_inflated(tmp_path):
+    bomb = _bombs.compression_bomb(tmp_path / "cb.pt", n=20_000_000)  # a 40 MB pickle in ~80 KB
+    assert bomb.stat().st_size < 200_000 and _bombs.deflate_ratio(bomb) > 300
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"cb\.pt.*'cb/data\.pkl' would inflate from [\d.]+ KiB .* to [\d.]+ "
+                                         r"MiB .*\(\d+:1.*compression bomb"):
+        ak.load_state_dict_file(bomb)
+    assert time.perf_counter() - t0 < 1
+
+
+def test_a_big_pickle_is_refused_by_counting_every_item(tmp_path):
+    # stored, not compressed: 6 M list appends in a 12 MB data.pkl (under the pickle size cap)
+    f = _bombs.compression_bomb(tmp_path / "sb.pt", n=6_000_000, compress=False)
+    with pytest.raises(ValueError, match=r"sb\.pt.*builds more than 5,000,000 objects and items"):
+        ak.load_state_dict_file(f)
+    # the same program as a plain pickle (no zip): counted the same way
+    (tmp_path / "plain.pkl").write_bytes(_bombs.list_pickle_bytes(6_000_000))
+    with pytest.raises(ValueError, match="more than 5,000,000 objects"):
+        ak.load_state_dict_file(tmp_path / "plain.pkl")
+
+
+def test_a_storage_record_claiming_more_than_the_file_holds_allocates_nothing(tmp_path):
+    f = _bombs.huge_declared_storage(tmp_path / "big.pt")
+    with pytest.raises(ValueError, match=r"big\.pt.*claims 4\.0 GiB .* past the end of the"):
+        ak.load_state_dict_file(f)
+
+
+_CAPPED = textwrap.dedent("""
+    import resource, sys, time
+    resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+    import atlas_kernels as ak
+    from atlas_kernels_tests import _bombs
+    d = sys.argv[1]
+    out = {}
+    for name, make in (("expansion", lambda p: _bombs.expansion_bomb(p)),
+                       ("compression", lambda p: _bombs.compression_bomb(p))):  # the issue's sizes
+        p = make(f"{d}/{name}.pt")
+        for call in ("load_state_dict_file", "convert_checkpoint", "from_checkpoints"):
+            t0 = time.perf_counter()
+            try:
+                if call == "load_state_dict_file":
+                    ak.load_state_dict_file(p)
+                elif call == "convert_checkpoint":
+                    ak.convert_checkpoint(p, f"{d}/out.safetensors")
+                else:
+                    ak.TaskVectors.from_checkpoints(p, [p])
+                msg = "ACCEPTED"
+            except Exception as e:
+                msg = f"{type(e).__name__}: {e}"
+            out[f"{name} {call}"] = [round(time.perf_counter() - t0, 3), msg[:300]]
+    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(__import__("json").dumps(out))
+""")
+
+
+def test_the_issue_sized_bombs_are_refused_within_seconds_under_a_4_gib_cap(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", _CAPPED, str(tmp_path)], capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    for key, val in res.items():
+        if key == "peak_rss_mib":
+            continue
+        secs, msg = val
+        assert msg.startswith("ValueError") and "bomb" in msg, (key, msg)
+        assert secs < 3, (key, secs)
+    assert res["peak_rss_mib"] < 2048, res
+
+
+# ------------------------------------------------------------------------------ the reader itself
+def test_torch_load_never_sees_a_checkpoint(tmp_path, monkeypatch):
+    torch.save({"w": torch.randn(3, 2)}, tmp_path / "sd.pt")
+    torch.save(torch.nn.Linear(2, 3), tmp_path / "mod.pt")
+
+    def no(*a, **k):
+        raise AssertionError("torch.load was called on a file the restricted reader had not vetted")
+    monkeypatch.setattr(torch, "load", no)
+    assert set(ak.load_state_dict_file(tmp_path / "sd.pt")) == {"w"}
+    assert set(ak.load_state_dict_file(tmp_path / "mod.pt")) == {"weight", "bias"}
+    assert ak.load_head(tmp_path / "mod.pt").weight.shape == (3, 2)
+
+
+def test_every_dtype_reads_through_the_restricted_reader(tmp_path):
+    sd = {str(dt): torch.arange(6).reshape(2, 3).to(dt) for dt in (
+        torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2, torch.uint16,
+        torch.int8, torch.bool, torch.complex64)}
+    torch.save(sd, tmp_path / "dt.pt")
+    got = ak.load_state_dict_file(tmp_path / "dt.pt")
+    for k, v in sd.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k].view(torch.uint8), v.view(torch.uint8)), k
+
+
+def test_meta_and_sparse_tensors_are_refused_by_name(tmp_path):
+    torch.save({"w": torch.empty(2, 3, device="meta")}, tmp_path / "meta.pt")
+    with pytest.raises(ValueError, match=r"meta\.pt.*'w' is a meta tensor of shape \(2, 3\).*no values.*save the "
+                                         r"real weights"):
+        ak.load_state_dict_file(tmp_path / "meta.pt")
+    with pytest.raises(ValueError, match="meta tensor"):
+        ak.convert_checkpoint(tmp_path / "meta.pt", tmp_path / "o.safetensors")
+    torch.save({"w": torch.eye(3).to_sparse(), "b": torch.zeros(3)}, tmp_path / "sparse.pt")
+    with pytest.raises(ValueError, match=r"sparse\.pt.*'w' is a sparse tensor.*to_dense\(\)"):
+        ak.load_state_dict_file(tmp_path / "sparse.pt")
+    m = torch.nn.Linear(2, 3, device="meta")
+    torch.save(m, tmp_path / "meta_module.pt")
+    with pytest.raises(ValueError, match=r"meta tensor of shape \(3, 2\)"):
+        ak.load_state_dict_file(tmp_path / "meta_module.pt")
+
+
+@pytest.mark.parametrize("content", [b"hello world, this is a text file\n" * 8,
+                                     bytes(range(7, 250)) * 4,
+                                     b"(lp0\nI1\naI2\na."])  # a protocol 0 pickle: torch never writes one
+def test_files_that_are_not_checkpoints_say_so(tmp_path, content):
+    p = tmp_path / "notes.pt"
+    p.write_bytes(content)
+    with pytest.raises(ValueError) as e:
+        ak.load_state_dict_file(p)
+    msg = str(e.value)
+    assert "notes.pt" in msg and "is not a checkpoint" in msg and "Memo value" not in msg
+    assert ("a text file?" in msg) == (content[:1] != b"\x07")
+
+
+def test_hostile_pickles_never_relay_torchs_weights_only_advice(tmp_path):
+    frame = b"\x80\x04\x95" + (1 << 60).to_bytes(8, "little") + b"}."  # a frame declaring 2^60 bytes
+    unusual = b"\x80\x02cbuiltins\nbytearray\n" + b"C\x03abc\x85R."  # a global this reader only records
+    for name, data in (("frame.pt", frame), ("unusual.pt", unusual), ("random.pt", os.urandom(4096))):
+        (tmp_path / name).write_bytes(data)
+        for call in (ak.load_state_dict_file, lambda p: ak.convert_checkpoint(p, tmp_path / "o.safetensors"),
+                     ak.load_head):
+            with pytest.raises(ValueError) as e:
+                call(tmp_path / name)
+            msg = str(e.value)
+            assert name in msg and "weights_only" not in msg and "trust" not in msg, msg
+
+
+def test_running_out_of_memory_while_reading_is_said_as_such(tmp_path, monkeypatch):
+    torch.save({"w": torch.zeros(4)}, tmp_path / "w.pt")
+
+    def oom(path):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
+    monkeypatch.setattr(safe_pickle, "restricted_load", oom)
+    with pytest.raises(MemoryError, match=r"ran out of memory while reading 'w.pt'|ran out of memory while reading "
+                                          r"'.*w\.pt'") as e:
+        ak.load_state_dict_file(tmp_path / "w.pt")
+    assert "truncated" not in str(e.value) and "corrupted" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------ special files
+@pytest.fixture
+def special(tmp_path):
+    fifo = tmp_path / "head.pt"
+    os.mkfifo(fifo)
+    zero = tmp_path / "zero.pt"
+    os.symlink("/dev/zero", zero)
+    return fifo, zero
+
+
+def _no_hang(fn, seconds=10):
+    """Run ``fn`` in a thread; fail (instead of hanging the suite) if it blocks."""
+    import threading
+
+    box = {}
+
+    def target():
+        try:
+            box["out"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            box["exc"] = e
+    th = threading.Thread(target=target, daemon=True)
+    th.start()
+    th.join(seconds)
+    assert not th.is_alive(), "blocked on a special file"
+    if "exc" in box:
+        raise box["exc"]
+    return box.get("out")
+
+
+def test_load_head_refuses_a_fifo_and_a_symlink_to_dev_zero(special):
+    fifo, zero = special
+    with pytest.raises(ValueError, match=r"head file '.*head\.pt' is a named pipe \(FIFO\), not a regular file"):
+        _no_hang(lambda: ak.load_head(fifo))
+    with pytest.raises(ValueError, match=r"head file '.*zero\.pt' is a symbolic link to '/dev/zero', a character "
+                                         r"device, not a regular file"):
+        _no_hang(lambda: ak.load_head(zero))
+    for reader in (ak.load_state_dict_file, lambda p: ak.convert_checkpoint(p, str(p) + ".safetensors"),
+                   ak.TaskVectors.load):
+        for p in (fifo, zero):
+            with pytest.raises(ValueError, match="not a regular file"):
+                _no_hang(lambda: reader(p))
