@@ -4,6 +4,7 @@ journey's file mix-ups. Each test failed before its fix. The bombs are built on 
 small on disk (see _bombs.py); the memory-capped ones run in a subprocess under RLIMIT_AS."""
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -241,3 +242,104 @@ def test_load_head_refuses_a_fifo_and_a_symlink_to_dev_zero(special):
         for p in (fifo, zero):
             with pytest.raises(ValueError, match="not a regular file"):
                 _no_hang(lambda: reader(p))
+
+
+# ------------------------------------------------------------------------------ resume files
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from atlas_kernels.train import toy
+
+    torch.set_num_threads(1)
+    return toy.make_demo(tmp_path_factory.mktemp("toy3"), train_per_class=4, val_per_class=2, finetune_steps=2)
+
+
+def _train_args(demo, out, *extra):
+    d = demo["data"]["shapes"]
+    return ["--objective", "fewshot", "--task-vectors", str(demo["task_vectors"]), "--out", str(out),
+            "--train", str(d["train"]), "--val", str(d["val"]), "--model-config", str(demo["model_config"]),
+            "--weights", str(demo["pretrained"]), "--templates", "photo", "--workers", "0", "--quiet",
+            "--epochs", "2", "--batch-size", "4", *extra]
+
+
+@pytest.fixture(scope="module")
+def resume_ckpt(demo, tmp_path_factory):
+    from atlas_kernels.train.cli import main as cli_main
+
+    out = tmp_path_factory.mktemp("run")
+    os.environ.setdefault("ATLAS_KERNELS_CACHE", str(out / "cache"))
+    assert cli_main(_train_args(demo, out, "--stop-after-steps", "1")) == 0
+    return out / "checkpoint.pt"
+
+
+def _set(d, path, value):
+    *head, last = path
+    for k in head:
+        d = d[k]
+    if value is _DROP:
+        del d[last]
+    else:
+        d[last] = value
+
+
+_DROP = object()
+_CORRUPT = {
+    "missing fingerprint": ((("fingerprint",), _DROP), r"'fingerprint' should be a non-empty dict, but it holds "
+                                                         r"nothing \(the entry is missing\)"),
+    "corrupt torch RNG": ((("rng", "torch"), torch.zeros(3, dtype=torch.uint8)), r"rng\['torch'\] should be a uint8 "
+                                                                                r"tensor of shape \(5056,\)"),
+    "corrupt python RNG": ((("rng", "python"), "garbage"), r"rng\['python'\] should be Python's RNG state"),
+    "empty optimizer state": ((("optimizer",), {}), r"'optimizer' should be a non-empty dict, but it holds a dict "
+                                                   r"of 0 item"),
+    "no parameter groups": ((("optimizer", "param_groups"), []), r"optimizer\['param_groups'\] should be a "
+                                                                r"non-empty list"),
+    "another optimizer's groups": ((("optimizer", "param_groups", 0, "params"), [0, 1, 2, 3, 4, 5, 6, 7, 8]),
+                                   r"its optimizer state cannot be restored \(ValueError"),
+    "epoch a string": ((("epoch",), "1"), r"'epoch' should be a non-negative integer, but it holds str '1'"),
+}
+
+
+@pytest.mark.parametrize("case", list(_CORRUPT))
+def test_a_corrupt_resume_file_is_one_line_exit_2(demo, resume_ckpt, tmp_path, capsys, case):
+    from atlas_kernels.train.cli import main as cli_main
+
+    (path, value), want = _CORRUPT[case]
+    ck = torch.load(str(resume_ckpt), weights_only=True)
+    _set(ck, path, value)
+    bad = tmp_path / "bad.pt"
+    torch.save(ck, str(bad))
+    capsys.readouterr()
+    assert cli_main(_train_args(demo, resume_ckpt.parent, "--resume", str(bad))) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "bad.pt" in err and re.search(want, err), err
+    assert "resume from another checkpoint, or start afresh without --resume" in err
+
+
+def test_a_resume_file_that_is_a_bomb_fifo_or_another_run_is_one_line(demo, resume_ckpt, tmp_path, capsys):
+    from atlas_kernels.train.cli import main as cli_main
+
+    fifo = tmp_path / "fifo.pt"
+    os.mkfifo(fifo)
+    cases = {_bombs.expansion_bomb(tmp_path / "eb.pt"): "expansion bomb",
+             _bombs.compression_bomb(tmp_path / "cb.pt", n=2_000_000): "compression bomb",
+             fifo: r"named pipe \(FIFO\)"}
+    ck = torch.load(str(resume_ckpt), weights_only=True)
+    ck["fingerprint"]["lr"] = 123.0
+    torch.save(ck, str(tmp_path / "other.pt"))
+    cases[tmp_path / "other.pt"] = r"comes from another run; it differs in: lr: checkpoint 123.0"
+    for f, want in cases.items():
+        capsys.readouterr()
+        assert _no_hang(lambda: cli_main(_train_args(demo, resume_ckpt.parent, "--resume", str(f))), 60) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and re.search(want, err) and "weights_only" not in err, err
+
+
+def test_a_good_resume_file_still_resumes(demo, resume_ckpt, tmp_path):
+    import shutil
+
+    from atlas_kernels.train.cli import main as cli_main
+
+    out = tmp_path / "copy"
+    shutil.copytree(resume_ckpt.parent, out)
+    assert cli_main(_train_args(demo, out, "--resume", str(out / "checkpoint.pt"))) == 0
+    assert (out / "coefficients.safetensors").is_file()

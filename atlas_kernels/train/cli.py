@@ -149,7 +149,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except DivergedError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 3
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, MemoryError) as e:
         # Input errors (ConfigError, DataError, files that are not what they should be): one line,
         # no traceback.
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
@@ -161,4 +161,7 @@ def _one_line(e: BaseException) -> str:
     msg = str(e) or type(e).__name__
     if isinstance(e, OSError) and e.filename is not None and e.strerror:
         msg = f"{e.filename}: {e.strerror}"
-    return msg
+    out = ""
+    for part in (p.strip() for p in msg.splitlines() if p.strip()):  # a list in the message: one line
+        out += (" " if not out or out.endswith(":") else "; ") + part
+    return out.strip()
