@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import atlas_kernels as ak
 from atlas_kernels import safe_pickle
@@ -343,3 +344,81 @@ def test_a_good_resume_file_still_resumes(demo, resume_ckpt, tmp_path):
     shutil.copytree(resume_ckpt.parent, out)
     assert cli_main(_train_args(demo, out, "--resume", str(out / "checkpoint.pt"))) == 0
     assert (out / "coefficients.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------ a full disk
+def _on_a_full_disk(tmp_path, script: str):
+    """Run ``script`` (sh) with ``$D`` a 64 KiB tmpfs, in a private mount namespace (nothing
+    outside sees it); skip where mounting is not allowed."""
+    import shutil
+
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare(1) to mount a small tmpfs")
+    d = tmp_path / "full"
+    d.mkdir()
+    flags = "-m" if os.geteuid() == 0 else "-rm"
+    env = dict(os.environ, D=str(d), PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    probe = subprocess.run(["unshare", flags, "sh", "-c", 'mount -t tmpfs -o size=64k tmpfs "$D"'],
+                           capture_output=True, env=env)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {probe.stderr.decode()[:200]}")
+    return subprocess.run(["unshare", flags, "sh", "-c", 'mount -t tmpfs -o size=64k tmpfs "$D" && ' + script],
+                          capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_a_full_disk_during_task_vectors_build_is_one_line_exit_2(tmp_path):
+    pre = {"w": torch.zeros(128, 256)}
+    save_file(pre, str(tmp_path / "pre.safetensors"))
+    save_file({"w": torch.ones(128, 256)}, str(tmp_path / "ft.safetensors"))
+    torch.save({"w": torch.ones(128, 256)}, str(tmp_path / "ft.pt"))
+    r = _on_a_full_disk(tmp_path, f"""
+        echo previous > "$D/tv.safetensors"
+        {sys.executable} -m atlas_kernels.task_vectors build --pretrained {tmp_path}/pre.safetensors \\
+            --finetuned {tmp_path}/ft.safetensors --out "$D/tv.safetensors"; echo "rc=$?"
+        {sys.executable} -m atlas_kernels.task_vectors convert {tmp_path}/ft.pt "$D/ft.safetensors"; echo "rc=$?"
+        ls -A "$D"; cat "$D/tv.safetensors" """)
+    out, err = r.stdout.split(), r.stderr.strip().splitlines()
+    assert out[:2] == ["rc=2", "rc=2"] and out[2:] == ["tv.safetensors", "previous"], (r.stdout, r.stderr)
+    assert len(err) == 2 and "Traceback" not in r.stderr, r.stderr
+    for line, name in zip(err, ("build", "convert")):
+        assert line.startswith(f"python -m atlas_kernels.task_vectors {name}: error: no space left on the device")
+        assert "nothing was written under that name" in line and "free space there" in line
+
+
+def test_a_full_disk_is_said_as_such_for_every_writer(tmp_path, monkeypatch, capsys):
+    """Without a real full device: each writer's own error for one (safetensors' "os error 28",
+    torch.save's "unexpected pos" while the device has no space left)."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from atlas_kernels import _io
+    from atlas_kernels.task_vectors.cli import main as tv_main
+
+    def full_safetensors(*a, **k):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(safetensors.torch, "save_file", full_safetensors)
+    save = tmp_path / "pre.pt"
+    torch.save({"w": torch.zeros(2)}, str(save))
+    assert tv_main(["build", "--pretrained", str(save), "--finetuned", str(save), "--out",
+                    str(tmp_path / "tv.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "no space left on the device" in err and "tv.safetensors" in err and len(err.splitlines()) == 1
+    assert not [p for p in tmp_path.iterdir() if _io.TMP_MARK in p.name]
+
+    real_save = torch.save
+
+    def full_torch(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    class Full:
+        f_bavail, f_frsize = 0, 4096
+    monkeypatch.setattr(torch, "save", full_torch)
+    monkeypatch.setattr(_io.os, "statvfs", lambda p: Full)
+    with pytest.raises(_io.DiskFullError, match=r"no space left on the device .* while writing '.*ck\.pt'"):
+        _io.atomic_torch_save({"a": 1}, tmp_path / "ck.pt")
+    assert not (tmp_path / "ck.pt").exists()
+    # a writer's error on a device with space left stays what it was
+    monkeypatch.setattr(_io.os, "statvfs", lambda p: type("Roomy", (), {"f_bavail": 1 << 30, "f_frsize": 4096}))
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        _io.atomic_torch_save({"a": 1}, tmp_path / "ck.pt")

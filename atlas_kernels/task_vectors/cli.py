@@ -153,8 +153,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cmd = {"build": _cmd_build, "convert": _cmd_convert, "info": _cmd_info, "import": _cmd_import}[args.command]
     try:
         return cmd(args, sys.stdout)
-    except (ValueError, TypeError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
+    except (ValueError, TypeError, OSError, MemoryError) as e:
+        # one line, no traceback: bad input, a file that is not what it should be, a full disk
+        # (the atomic writers say so and keep the previous file), running out of memory
         msg = str(e) or type(e).__name__
-        print(f"{PROG} {args.command}: error: {msg}", file=sys.stderr)
+        if isinstance(e, OSError) and e.filename is not None and e.strerror and not isinstance(e, FileNotFoundError):
+            msg = f"{e.filename}: {e.strerror}"
+        print(f"{PROG} {args.command}: error: {' '.join(msg.split())}", file=sys.stderr)
         return 2
 
