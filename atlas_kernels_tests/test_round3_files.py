@@ -422,3 +422,51 @@ def test_a_full_disk_is_said_as_such_for_every_writer(tmp_path, monkeypatch, cap
     monkeypatch.setattr(_io.os, "statvfs", lambda p: type("Roomy", (), {"f_bavail": 1 << 30, "f_frsize": 4096}))
     with pytest.raises(RuntimeError, match="unexpected pos"):
         _io.atomic_torch_save({"a": 1}, tmp_path / "ck.pt")
+
+
+# ------------------------------------------------------------------------------ task-vector values and files
+@pytest.mark.parametrize("storage", ["float8_e4m3fn", "int8"])
+@pytest.mark.parametrize("rowmax", [1e-44, 3e-43, 1e-40, 1e-37])
+def test_a_subnormal_row_maximum_quantizes_instead_of_failing(storage, rowmax):
+    w = torch.zeros(2, 2, 4)
+    w[0, 1, 2], w[0, 1, 1] = rowmax, -rowmax / 3  # row 1 of task vector 0: all subnormal
+    w[1] = torch.randn(2, 4)
+    for tvs in (ak.TaskVectors({"w": w}, names=["a", "b"]).to_storage(storage),
+                ak.TaskVectors.from_state_dicts({"w": torch.zeros(2, 4)}, [{"w": w[0]}, {"w": w[1]}],
+                                                storage=storage)):
+        sc = tvs.scale("w")
+        assert bool((sc >= torch.finfo(torch.float32).tiny).all()), sc  # never subnormal or 0
+        d = tvs.dense("w", 0)
+        assert bool(torch.isfinite(d).all()) and float((d - w[0]).abs().max()) < 1e-37
+
+
+@pytest.mark.parametrize("index", [[0.7], [True], torch.tensor([0.7]), torch.tensor([True]), ["0"]])
+def test_a_ragged_index_that_is_not_integers_is_refused(index):
+    with pytest.raises(TypeError, match=r"block 'w': index must (list|hold) task-vector numbers \(integers\), got "):
+        ak.TaskVectors({"w": torch.randn(1, 3), "v": torch.randn(2, 3)}, index={"w": index})
+    ok = ak.TaskVectors({"w": torch.randn(1, 3), "v": torch.randn(2, 3)}, index={"w": [1]})
+    assert ok.index("w").tolist() == [1]
+
+
+def test_a_file_whose_metadata_lists_other_names_blames_the_names_not_the_shape(tmp_path):
+    from safetensors import safe_open
+
+    from atlas_kernels.task_vectors import _META_CRC, _meta_crc
+    tv = ak.TaskVectors({"a.weight": torch.randn(2, 3, 4), "b.weight": torch.randn(2, 5)}, names=["x", "y"])
+    tv.save(tmp_path / "tv.safetensors")
+    with safe_open(str(tmp_path / "tv.safetensors"), framework="pt") as h:
+        meta, tensors = dict(h.metadata()), {k: h.get_tensor(k) for k in h.keys()}
+    for names, n in ((["x", "y", "z"], None), (["x"], None), (["x", "y", "z"], "3")):
+        m = dict(meta, names=json.dumps(names), **({"n": n} if n else {}))
+        m[_META_CRC] = str(_meta_crc(m))
+        save_file(tensors, str(tmp_path / "three.safetensors"), metadata=m)
+        with pytest.raises(ValueError, match=rf"three\.safetensors': its metadata 'names' lists {len(names)} task "
+                                             r"vector\(s\) .* but block 'a.weight' holds 2 .*names and the tensors "
+                                             r"disagree") as e:
+            ak.TaskVectors.load(tmp_path / "three.safetensors")
+        assert "metadata says" not in str(e.value)
+    m = dict(meta, n="3")
+    m[_META_CRC] = str(_meta_crc(m))
+    save_file(tensors, str(tmp_path / "n3.safetensors"), metadata=m)
+    with pytest.raises(ValueError, match=r"n3\.safetensors': n=3 given, but blocks hold N=2"):
+        ak.TaskVectors.load(tmp_path / "n3.safetensors")
