@@ -26,7 +26,7 @@ from typing import Dict, NamedTuple, Optional, Tuple
 import torch
 
 from .. import safe_pickle
-from .._checks import prefix_matches_nothing
+from .._checks import prefix_cut_problem, prefix_matches_nothing
 
 __all__ = ["load_state_dict_file", "convert_checkpoint", "load_head", "Head", "select_tower",
            "find_tower_prefix"]
@@ -162,13 +162,30 @@ def load_state_dict_file(path) -> Dict[str, torch.Tensor]:
     with open(path, "rb") as fh:
         head = fh.read(16)
     if path.endswith(".safetensors") or (len(head) >= 9 and head[8:9] == b"{"):
-        return read_safetensors(path)[1]
+        meta, sd = read_safetensors(path)
+        other = _OWN_FORMATS.get(meta.get("format", ""))
+        if other:
+            raise ValueError(f"{path!r} is {other[0]}, not a state dict (its metadata says format="
+                             f"{meta['format']!r}): {other[1]}")
+        return sd
     obj = _read_object(path)
     lin = linearised_formats()
     if lin is not None and lin.is_linearised_state_dict(obj):
         # tangent_task_arithmetic's positional format: named, shape-checked
         return lin.to_named_state_dict(obj, what=repr(path))
     return _unwrap(obj, path)
+
+
+# The library's own safetensors files, which hold tensors but not a model's weights: read as a
+# state dict, a coefficient file gave its coefficients back as if they were weights.
+_OWN_FORMATS = {
+    "atlas_kernels.coefficients": ("an atlas_kernels coefficient file",
+                                   "load it with ak.load_coefficients(module, path) after ak.patch(module, ...)"),
+    "atlas_kernels.task_vectors": ("an atlas_kernels task-vector file", "load it with ak.TaskVectors.load(path)"),
+    "atlas_kernels.linearised": ("an atlas_kernels linearised export",
+                                 "load it with ak.load_linearised(path, module) (module: a plain model of the "
+                                 "same architecture)"),
+}
 
 
 def linearised_formats():
@@ -233,11 +250,14 @@ def select_tower(sd: Mapping, prefix: Optional[str], label: str = "checkpoint"
     kept, dropped = {}, {}
     for k, v in sd.items():
         if str(k).startswith(prefix):
+            why = prefix_cut_problem("prefix", prefix, str(k))
+            if why:
+                raise ValueError(f"{label}: {why}")
             kept[str(k)[len(prefix):]] = v
         else:
             dropped[str(k)] = v
     if not kept:
-        raise ValueError(prefix_matches_nothing("prefix", prefix, f"no key of {label}", sd))
+        raise ValueError(prefix_matches_nothing("prefix", prefix, f"no key of {label}", sd, auto=True))
     return kept, dropped, prefix
 
 

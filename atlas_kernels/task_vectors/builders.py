@@ -13,7 +13,7 @@ from typing import Dict, Sequence
 
 import torch
 
-from .._checks import prefix_matches_nothing, require_finite
+from .._checks import prefix_cut_problem, prefix_matches_nothing, require_finite
 from ..checkpoints import dropped_note, load_state_dict_file, select_tower
 from ..peft import lora_pair, read_peft_adapter
 from ..storage import QMAX, quantize, storage_name, torch_dtypes
@@ -173,6 +173,9 @@ def _select(sd, prefix, label) -> Dict[str, torch.Tensor]:
         if prefix:
             if not k.startswith(prefix):
                 continue
+            why = prefix_cut_problem("prefix", prefix, k)
+            if why:
+                raise ValueError(f"{label}: {why}")
             k = k[len(prefix):]
         if not isinstance(v, torch.Tensor):
             raise TypeError(f"{label} is not a state dict: key {k!r} holds a {type(v).__name__}, not a tensor")
@@ -181,7 +184,8 @@ def _select(sd, prefix, label) -> Dict[str, torch.Tensor]:
         out[k] = v
     if not out:
         if prefix:
-            raise ValueError(prefix_matches_nothing("prefix", prefix, f"no floating tensor in {label}", sd))
+            raise ValueError(prefix_matches_nothing("prefix", prefix, f"no floating tensor in {label}", sd,
+                                                    auto=True))
         raise ValueError(f"{label} holds no floating tensor")
     return out
 
