@@ -1,7 +1,7 @@
 """PEFT LoRA adapters as LoRA task vectors: read, write, and check against a module.
 
 A PEFT LoRA adapter is a directory holding ``adapter_config.json`` and ``adapter_model.safetensors``
-(older ones: ``adapter_model.bin``, read with ``torch.load(weights_only=True)``). For every adapted
+(older ones: ``adapter_model.bin``, a torch file read without running code). For every adapted
 module at path ``P`` the weights file holds
 
 - ``base_model.model.P.lora_A.weight``: ``A`` of shape ``[r, in]``;
@@ -103,8 +103,7 @@ def _load_weights(weights: str) -> Dict[str, torch.Tensor]:
         raise
     except ValueError as exc:
         raise ValueError(f"PEFT adapter weights {weights!r} could not be read as a safetensors file or a plain "
-                         f"state dict (torch.load(weights_only=True)); nothing else is loaded, since unpickling "
-                         f"runs code. Details: {exc}") from None
+                         f"state dict (nothing in it was run). Details: {exc}") from None
 
 
 def _check_pair(weights: str, config_path: str) -> None:

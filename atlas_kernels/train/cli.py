@@ -39,9 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model-config", default=None, metavar="JSON",
                    help="an open_clip model config file to register (its stem is the model name)")
     g.add_argument("--weights", default=None, metavar="FILE",
-                   help="pre-trained weights: a state dict (safetensors or a torch file read with "
-                   "weights_only=True), or a pickled whole module as the task-vector papers released "
-                   "them (read without running code); default: random weights (seeded by --seed)")
+                   help="pre-trained weights: a state dict (safetensors or a torch file), or a pickled whole "
+                   "module as the task-vector papers released them (torch files are read without running "
+                   "code); default: random weights (seeded by --seed)")
     g.add_argument("--head", nargs="+", default=None, metavar="FILE",
                    help="classification heads, one per dataset, in place of zero-shot heads from the text "
                    "tower: the papers' head_<Dataset>.pt or import --heads output (class i = sorted "

@@ -1,5 +1,5 @@
 """What a checkpoint holds and how resuming is checked: fingerprints of a run, RNG states,
-and checkpoint files read with ``torch.load(weights_only=True)``."""
+and checkpoint files read by the library's restricted reader (not torch.load)."""
 
 from __future__ import annotations
 
