@@ -470,3 +470,133 @@ def test_a_file_whose_metadata_lists_other_names_blames_the_names_not_the_shape(
     save_file(tensors, str(tmp_path / "n3.safetensors"), metadata=m)
     with pytest.raises(ValueError, match=r"n3\.safetensors': n=3 given, but blocks hold N=2"):
         ak.TaskVectors.load(tmp_path / "n3.safetensors")
+
+
+# ------------------------------------------------------------------------------ the README journey
+def _clip_like():
+    """A CLIP-shaped state dict (text-tower keys first, as open_clip orders them)."""
+    g = torch.Generator().manual_seed(0)
+    keys = ["positional_embedding", "text_projection", "logit_scale", "token_embedding.weight",
+            "transformer.resblocks.0.attn.in_proj_weight", "ln_final.weight", "visual.conv1.weight",
+            "visual.class_embedding", "visual.transformer.resblocks.0.mlp.c_fc.weight", "visual.proj"]
+    return {k: torch.randn(3, 2, generator=g) for k in keys}
+
+
+def test_a_prefix_without_its_dot_or_cut_inside_a_name_is_refused():
+    sd = _clip_like()
+    ft = {k: v + 1 for k, v in sd.items()}
+    with pytest.raises(ValueError, match=r"prefix 'visual' lacks its trailing dot: the names under it would start "
+                                         r"with a dot \('\.conv1\.weight'\); pass prefix='visual\.'"):
+        ak.TaskVectors.from_state_dicts(sd, [ft], prefix="visual")
+    with pytest.raises(ValueError, match=r"prefix 'visu' stops inside a name part .*prefix='visual\.'"):
+        ak.TaskVectors.from_state_dicts(sd, [ft], prefix="visu")
+    from atlas_kernels.checkpoints import select_tower
+    with pytest.raises(ValueError, match="lacks its trailing dot"):
+        select_tower(sd, "visual")
+    assert set(ak.TaskVectors.from_state_dicts(sd, [ft], prefix="visual.").blocks) == {
+        "conv1.weight", "class_embedding", "transformer.resblocks.0.mlp.c_fc.weight", "proj"}
+
+
+def test_a_prefix_matching_nothing_points_at_the_image_tower(tmp_path):
+    sd = _clip_like()
+    save_file(sd, str(tmp_path / "clip.safetensors"))
+    for call in (lambda: ak.TaskVectors.from_state_dicts(sd, [sd], prefix="model.visual."),
+                 lambda: ak.TaskVectors.from_checkpoints(tmp_path / "clip.safetensors",
+                                                         [tmp_path / "clip.safetensors"], prefix="vision.")):
+        with pytest.raises(ValueError, match=r"matches no .*the dotted ones start with .*'visual\.' \(4\).*the image "
+                                             r"tower is under 'visual\.': pass prefix='visual\.' or 'auto'"):
+            call()
+
+
+def test_load_state_dict_file_refuses_the_librarys_own_files(tmp_path):
+    from atlas_kernels_tests._util import make_tiny_vit
+
+    m = make_tiny_vit("cpu")
+    pre = {k: v.detach().clone() for k, v in m.named_parameters()}
+    tvs = ak.TaskVectors.from_state_dicts(pre, [{k: v + 0.01 for k, v in pre.items()}])
+    tvs.save(tmp_path / "tv.safetensors")
+    ak.patch(m, tvs, backend="torch")
+    ak.save_coefficients(m, tmp_path / "coef.safetensors")
+    with pytest.raises(ValueError, match=r"coef\.safetensors' is an atlas_kernels coefficient file, not a state dict"
+                                         r".*ak\.load_coefficients\(module, path\) after ak\.patch"):
+        ak.load_state_dict_file(tmp_path / "coef.safetensors")
+    with pytest.raises(ValueError, match=r"is an atlas_kernels task-vector file, not a state dict.*TaskVectors\.load"):
+        ak.convert_checkpoint(tmp_path / "tv.safetensors", tmp_path / "o.safetensors")
+
+
+@pytest.mark.parametrize("cmd", ["build", "convert", "import"])
+def test_the_task_vector_cli_refuses_a_pickle_suffix_for_a_safetensors_output(tmp_path, capsys, cmd):
+    from atlas_kernels.task_vectors.cli import main as tv_main
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "p.safetensors"))
+    p = str(tmp_path / "p.safetensors")
+    argv = {"build": ["build", "--pretrained", p, "--finetuned", p, "--out", str(tmp_path / "tv.pt")],
+            "convert": ["convert", p, str(tmp_path / "tv.pt")],
+            "import": ["import", str(tmp_path), "--model", "ViT-B-32", "--out", str(tmp_path / "tv.pt")]}[cmd]
+    assert tv_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "ends in .pt, the suffix of a torch pickle, but this command writes a safetensors file: name it" in err
+    assert "tv.safetensors" in err and not (tmp_path / "tv.pt").exists()
+
+
+def test_patching_through_compile_or_dataparallel_names_the_wrapper_prefix():
+    from atlas_kernels_tests._util import make_tiny_vit
+
+    m = make_tiny_vit("cpu")
+    pre = {k: v.detach().clone() for k, v in m.named_parameters()}
+    tvs = ak.TaskVectors.from_state_dicts(pre, [{k: v + 0.01 for k, v in pre.items()}])
+    for wrapped, prefix, how in ((torch.compile(m), "_orig_mod.", "torch.compile"),
+                                 (torch.nn.DataParallel(m), "module.", "DataParallel")):
+        with pytest.raises(ValueError, match=rf"wrapped by {how}.*named '{prefix}' \+ the task vectors' names; "
+                                             rf"patch the module inside, e.g. ak.patch\(model\.{prefix[:-1]}, "):
+            ak.patch(wrapped, tvs, backend="torch")
+
+
+def test_the_train_cli_speaks_of_its_own_options_not_the_python_api(demo, tmp_path, capsys):
+    from atlas_kernels.train.cli import main as cli_main
+
+    tvs = ak.TaskVectors.load(str(demo["task_vectors"]))
+    for prefix in ("model.visual.", "."):
+        renamed = ak.TaskVectors({prefix + b: tvs[b] for b in tvs.blocks}, names=tvs.names)
+        p = tmp_path / f"tv{len(prefix)}.safetensors"
+        renamed.save(p)
+        args = _train_args(demo, tmp_path / "o")
+        args[args.index("--task-vectors") + 1] = str(p)
+        capsys.readouterr()
+        assert cli_main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        assert "patch the whole model" not in err and "prefix=" not in err, err
+        assert "python -m atlas_kernels.task_vectors build" in err and "--prefix" in err, err
+        assert ("'model.visual.' prefix" in err) == (prefix == "model.visual."), err
+
+
+def test_a_fifo_or_dev_zero_as_a_text_input_of_the_train_cli_is_named(demo, tmp_path, capsys, special):
+    from atlas_kernels.train.cli import main as cli_main
+
+    fifo, zero = special
+    for flag in ("--classnames", "--templates", "--weights", "--model-config"):
+        for p in (fifo, zero):
+            args = _train_args(demo, tmp_path / "o", *(["--classnames", str(p)] if flag == "--classnames" else []))
+            if flag != "--classnames":
+                args[args.index(flag) + 1] = str(p)
+            capsys.readouterr()
+            assert _no_hang(lambda: cli_main(args), 60) == 2
+            err = capsys.readouterr().err
+            kind = r"named pipe \(FIFO\)" if p == fifo else "symbolic link to '/dev/zero', a character device"
+            assert re.search(kind + ", not a regular file", err) and "does not exist" not in err, (flag, err)
+
+
+def test_bench_help_answers_from_any_folder(tmp_path, monkeypatch):
+    import runpy
+
+    import setuptools
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench"), "--help"], cwd=str(tmp_path),
+                       capture_output=True, text=True, timeout=120,
+                       env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert r.returncode == 0 and "usage: python -m bench" in r.stdout, r.stderr[-1000:]
+    got = {}
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: got.update(kw))
+    monkeypatch.chdir(ROOT)
+    runpy.run_path(os.path.join(ROOT, "setup.py"))
+    assert "bench" in got["packages"]  # installed (pip install -e .): python -m bench from anywhere
