@@ -129,12 +129,16 @@ def test_torch_load_never_sees_a_checkpoint(tmp_path, monkeypatch):
     torch.save({"w": torch.randn(3, 2)}, tmp_path / "sd.pt")
     torch.save(torch.nn.Linear(2, 3), tmp_path / "mod.pt")
 
-    def no(*a, **k):
+    calls = []
+
+    def no(*a, **k):  # recorded, since a caller may catch the error and fall back
+        calls.append(a)
         raise AssertionError("torch.load was called on a file the restricted reader had not vetted")
     monkeypatch.setattr(torch, "load", no)
     assert set(ak.load_state_dict_file(tmp_path / "sd.pt")) == {"w"}
     assert set(ak.load_state_dict_file(tmp_path / "mod.pt")) == {"weight", "bias"}
     assert ak.load_head(tmp_path / "mod.pt").weight.shape == (3, 2)
+    assert calls == []
 
 
 def test_every_dtype_reads_through_the_restricted_reader(tmp_path):
@@ -600,3 +604,16 @@ def test_bench_help_answers_from_any_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     runpy.run_path(os.path.join(ROOT, "setup.py"))
     assert "bench" in got["packages"]  # installed (pip install -e .): python -m bench from anywhere
+
+
+def test_a_peft_adapter_whose_weights_are_a_special_file_says_so(tmp_path, special):
+    fifo, zero = special
+    for target in (fifo, zero):
+        p = tmp_path / f"ad-{target.name}"
+        ak.write_peft_adapter(p, {"fc1.weight": (torch.randn(2, 5), torch.randn(6, 2))}, r=2, lora_alpha=4,
+                              target_modules=["fc1"])
+        (p / "adapter_model.safetensors").unlink()
+        os.symlink(target, p / "adapter_model.safetensors")
+        with pytest.raises(ValueError, match=r"PEFT adapter weights .* is a symbolic link to .*(named pipe|character "
+                                             r"device).*not a regular file"):
+            _no_hang(lambda: ak.read_peft_adapter(p))
