@@ -16,7 +16,16 @@ unpickler with every object-building opcode replaced):
   object that records the arguments and state. Nothing is imported, nothing outside the allowlist
   is called, so a ``__reduce__`` payload (``os.system``, ``exec``, ``getattr`` chains, a nested
   ``torch.load``) is only recorded;
-- tensor data is read straight from the file's storage records, with sizes checked against the file.
+- tensor data is read straight from the file's storage records, with sizes checked against the file;
+- what a file may make is bounded before it is made (issue 24's bombs): the zip directory is
+  vetted before anything is inflated (records within the file, no record inflating more than
+  ``MAX_INFLATE_RATIO`` times), every opcode and container item counts against ``MAX_OBJECTS``,
+  reads never ask for more than the file holds, and the tensors together may view at most
+  ``MAX_EXPANSION`` times the storage bytes the file carries (plus ``EXPANSION_SLACK``): stride-0
+  and overlapping views are refused before anything is copied.
+
+This is the only reader of torch files in the library: torch.load never sees one first (see
+:mod:`atlas_kernels.checkpoints` for why).
 
 Formats: torch's zip format, the legacy format (``_use_new_zipfile_serialization=False``) and plain
 ``pickle.dump`` files (tensors pickled on their own, storages as nested legacy files).
@@ -273,7 +282,9 @@ class _Reader:
 
 def restricted_load(path) -> Any:
     """Unpickle a torch checkpoint (zip, legacy or plain pickle) without importing or calling
-    anything outside the allowlist; returns plain containers, tensors and stand-ins."""
+    anything outside the allowlist, within the bounds above; returns plain containers, tensors
+    (views into one buffer per file: copy one before handing it to an API that ignores a
+    tensor's storage offset, such as torch.set_rng_state) and stand-ins."""
     path = os.fspath(path)
     size = os.path.getsize(path)
     with open(path, "rb") as fh:
