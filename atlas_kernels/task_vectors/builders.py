@@ -55,6 +55,11 @@ def from_checkpoints(cls, pretrained_path, finetuned_paths: Sequence, *, names=N
         pre, dropped, used = select_tower(pre, prefix, str(pretrained_path))
         if dropped:
             logging.getLogger("atlas_kernels").info("%s: %s", pretrained_path, dropped_note(dropped, used))
+            # torch files come as views into one buffer per file: copies of the kept tensors let the
+            # dropped ones' memory go for the whole build, not only when the build ends
+            if any(v.untyped_storage().nbytes() > v.numel() * v.element_size() for v in pre.values()):
+                pre = {k: v.clone() for k, v in pre.items()}
+        del dropped
     lazy = _LazyDicts(finetuned_paths, prefix)
     return build(cls, pre, lazy, names, None, storage, labels=[str(p) for p in finetuned_paths])
 
