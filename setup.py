@@ -24,7 +24,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",  # tested: 3.11 (CI) and 3.12 (the lent GPU)
-    packages=find_packages(include=["atlas_kernels", "atlas_kernels.*"]),
+    # bench too: with it installed (pip install -e ".[bench]"), python -m bench answers from any
+    # folder, not only from the repository root. Its workers still run from the repository.
+    packages=find_packages(include=["atlas_kernels", "atlas_kernels.*", "bench"]),
     install_requires=[
         "torch>=2.11",  # tested: 2.11.0 (.ci/oldest.sh) and 2.14.1 (.ci/run)
         # Triton is not listed: Linux builds of torch pin the triton they were built with, and an

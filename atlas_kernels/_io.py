@@ -9,15 +9,46 @@ which :func:`clean_leftovers` removes and readers never look at.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
 from typing import Dict, Iterator, Optional
 
 __all__ = ["atomic_write", "atomic_path", "atomic_write_text", "atomic_write_json", "atomic_save_safetensors",
-           "atomic_torch_save", "atomic_append_line", "atomic_replace_dir", "clean_leftovers", "TMP_MARK"]
+           "atomic_torch_save", "atomic_append_line", "atomic_replace_dir", "clean_leftovers", "TMP_MARK",
+           "DiskFullError"]
 
 TMP_MARK = ".atlas-tmp-"
+
+
+class DiskFullError(OSError):
+    """The device ran out of space while a file was written; the file under its final name is
+    untouched (the previous one, if any, is kept) and the temporary file is gone."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+def _disk_full(exc: BaseException, folder: str) -> bool:
+    """True when a failed write failed for want of space: an ENOSPC/EDQUOT OSError, the same error
+    as safetensors reports it (its own exception type, "os error 28"), or any other writer's error
+    (torch.save says "unexpected pos") while the device is full (looked at before the temporary
+    file is removed, which frees the space again)."""
+    if isinstance(exc, DiskFullError):
+        return False  # already said
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    if "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text:
+        return True
+    if isinstance(exc, (RuntimeError, OSError)):
+        try:
+            st = os.statvfs(folder)
+        except OSError:  # pragma: no cover
+            return False
+        return st.f_bavail * st.f_frsize < (1 << 20)
+    return False
 
 
 def _fsync_dir(folder: str) -> None:
@@ -60,9 +91,14 @@ def atomic_path(path) -> Iterator[str]:
             os.close(fd)
         os.replace(tmp, path)
         _fsync_dir(folder)
-    except BaseException:
+    except BaseException as exc:
+        full = _disk_full(exc, folder)
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if full:
+            raise DiskFullError(errno.ENOSPC, f"no space left on the device of {folder!r} while writing {path!r}: "
+                                f"nothing was written under that name (a previous file there is kept, the "
+                                f"partial one removed); free space there, or write elsewhere") from exc
         raise
 
 

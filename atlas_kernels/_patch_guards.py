@@ -27,21 +27,38 @@ def _buffers_named(tvs, module: nn.Module, params) -> set:
     return named
 
 
+_TV_PREFIXES = ("visual.", "module.", "model.", "vision_model.", "model.visual.")
+
+
+def tv_prefix_hint(missing, params):
+    """``(prefix, fits, whole)`` when a prefix maps missing task-vector names onto the module's
+    names (``fits``: those names; ``whole``: other missing names do not start with it, as a
+    whole-CLIP state dict's text tower), else None. Every missing name is looked at, not the first
+    one (which sorts to a text-tower key of a whole-CLIP state dict). The patch error and the
+    training command line word the advice each for its own user."""
+    for p in _TV_PREFIXES:
+        fits = [b for b in missing if b.startswith(p) and b[len(p):] in params]
+        if fits:
+            return p, fits, any(not b.startswith(p) for b in missing)
+    return None
+
+
 def _check_blocks_exist(tvs, params, buffers=frozenset()) -> None:
     missing = [b for b in tvs.blocks if b not in params and b not in buffers]
     if missing:
         hint = ""
         sample = missing[0]
-        # Look at every missing name, not the first one (which sorts to a text-tower key of a
-        # whole-CLIP state dict): a prefix that maps many of them onto the module's names is the hint.
-        for p in ("visual.", "module.", "model.", "vision_model.", "model.visual."):
-            fits = [b for b in missing if b.startswith(p) and b[len(p):] in params]
-            if fits:
-                whole = any(not b.startswith(p) for b in missing)
-                what = "these look like whole-model task vectors; " if whole else ""
-                hint = (f" ({what}{len(fits)} of them are the module's names behind a {p!r} prefix: build the task "
-                        f"vectors with prefix={p!r}, or patch the whole model)")
-                break
+        wrap = wrapper_prefix(params)
+        found = tv_prefix_hint(missing, params)
+        if wrap is not None and all(wrap[0] + b in params for b in missing):
+            prefix, how = wrap
+            hint = (f" (the module is wrapped by {how}: its parameters are named {prefix!r} + the task vectors' names; "
+                    f"patch the module inside, e.g. ak.patch(model.{prefix[:-1]}, ...), or patch before wrapping)")
+        elif found:
+            p, fits, whole = found
+            what = "these look like whole-model task vectors; " if whole else ""
+            hint = (f" ({what}{len(fits)} of them are the module's names behind a {p!r} prefix: build the task "
+                    f"vectors with prefix={p!r}, or patch the whole model)")
         dotted = [b for b in missing if b.startswith(".") and b[1:] in params]
         if not hint and dotted:
             hint = (f" (names such as {dotted[0]!r} start with a dot: the prefix given when building them lacked its "
@@ -50,6 +67,16 @@ def _check_blocks_exist(tvs, params, buffers=frozenset()) -> None:
             hint = " (the model holds it under a longer path: patch the submodule, e.g. model.visual)"
         raise ValueError(f"task vectors name {len(missing)} block(s) the model does not have, e.g. "
                          f"{missing[:3]}{hint}")
+
+
+def wrapper_prefix(params):
+    """``(prefix, what)`` when every parameter name starts with the prefix a wrapper adds:
+    ``'_orig_mod.'`` (torch.compile) or ``'module.'`` (DataParallel / DistributedDataParallel)."""
+    names = list(params)
+    for prefix, how in (("_orig_mod.", "torch.compile"), ("module.", "DataParallel/DistributedDataParallel")):
+        if names and all(n.startswith(prefix) for n in names):
+            return prefix, how
+    return None
 
 
 def _check_block(name: str, p: torch.Tensor, tvs) -> None:

@@ -7,15 +7,30 @@ from __future__ import annotations
 import _compat_pickle
 import io
 import pickle
+import struct
 from collections import OrderedDict
 from typing import Any, Optional, Protocol
 
 import torch
 
 MAX_PICKLE_BYTES = 1 << 28       # the pickle program of a checkpoint (not its tensor data)
-MAX_OBJECTS = 20_000_000         # elements built by container calls, stand-ins and tensors together
+# Every opcode run and every item put into a container counts once (a list of 120 M small ints is
+# 120 M appends, not one object). Measured: open_clip's ViT-L/14 CLIP pickled whole counts 71 k, its
+# state dict 19 k (about 40 per tensor). At the limit the reader has run about 1.5 s and holds
+# about 0.3 GiB beyond the pickle program itself.
+MAX_OBJECTS = 5_000_000
 MAX_GLOBALS = 10_000             # distinct global names a file may mention
 MAX_DEPTH = 256                  # nesting of modules walked for a state dict
+# What a file's tensors may view against the tensor data it carries: tied and sliced tensors
+# view each byte once or twice; a stride-0 or overlapping view repeats it, and 3000 (1024, 1024)
+# views of one 6-element storage (a 190 KB file) are 12 GiB once copied. Refused past
+# MAX_EXPANSION x the storage bytes plus EXPANSION_SLACK (broadcast buffers saved as views).
+MAX_EXPANSION = 2
+EXPANSION_SLACK = 64 << 20
+# A zip record inflating more than this many times its compressed size (and past 1 MiB) is refused
+# before it is inflated: torch writes its records uncompressed, and deflate reaches ~1000:1 only
+# on repetitive, made-up content (a compression bomb).
+MAX_INFLATE_RATIO = 100
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
 
@@ -65,11 +80,33 @@ class Inert:
         return f"<{'call of' if self.how == 'call' else 'object of'} {_name(self.cls)}>"
 
 
+_META = "torch._utils._rebuild_meta_tensor_no_storage"
+_SPARSE = ("torch._utils._rebuild_sparse_tensor", "torch._utils._rebuild_sparse_csr_tensor")
+
+
+def tensor_kind(x) -> Optional[str]:
+    """What a recorded call that would have built an unsupported tensor builds, in words (a meta
+    tensor, a sparse tensor), or None."""
+    if not (isinstance(x, Inert) and x.how == "call" and isinstance(x.cls, Global)):
+        return None
+    if x.cls.name == _META:
+        shape = x.args[1] if len(x.args) > 1 and isinstance(x.args[1], tuple) else "?"
+        return f"a meta tensor of shape {shape} (it holds no values)"
+    if x.cls.name in _SPARSE:
+        return "a sparse tensor"
+    return None
+
+
+UNSUPPORTED_ADVICE = ("this library reads dense tensors with values; save the real weights (a meta tensor comes "
+                      "from a model built on the meta device, or saved before its weights were loaded), and a "
+                      "sparse one with .to_dense()")
+
+
 def _name(x) -> str:
     if isinstance(x, Global):
         return x.name
     if isinstance(x, Inert):
-        return f"(result of {_name(x.cls)}(...))"
+        return tensor_kind(x) or f"(result of {_name(x.cls)}(...))"
     return type(x).__name__
 
 
@@ -104,15 +141,47 @@ _STORAGE_DTYPES = {
 }
 
 
+def _size(n: int) -> str:
+    """A byte count for messages: ``12.0 GiB (12,884,901,888 bytes)``, or ``24 bytes``."""
+    if n < 1 << 10:
+        return f"{n:,} bytes"
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit} ({n:,} bytes)"
+    return f"{n:,} bytes"  # pragma: no cover
+
+
 class _Budget:
+    """What one file may build, shared by its nested readers: objects (opcodes run and container
+    items), and tensor bytes viewed against the storage bytes the file carries."""
+
     def __init__(self):
         self.n = 0
+        self.carried = self.viewed = self.storages = self.tensors = 0
 
     def take(self, k: int = 1):
         self.n += int(k)
         if self.n > MAX_OBJECTS:
-            raise RefusedPickle(f"the file builds more than {MAX_OBJECTS:,} objects (limit against "
-                                f"memory exhaustion)")
+            raise RefusedPickle(f"its pickle builds more than {MAX_OBJECTS:,} objects and items (a checkpoint "
+                                f"needs far fewer; refused before it exhausts memory)")
+
+    def carry(self, nbytes: int) -> None:
+        """A storage of ``nbytes`` read from the file."""
+        self.carried += int(nbytes)
+        self.storages += 1
+
+    def view(self, nbytes: int) -> None:
+        """A tensor of ``nbytes`` built over the file's storages: refused when the tensors together
+        would expand past MAX_EXPANSION x the storage bytes plus EXPANSION_SLACK."""
+        self.viewed += int(nbytes)
+        self.tensors += 1
+        if self.viewed > MAX_EXPANSION * self.carried + EXPANSION_SLACK:
+            raise RefusedPickle(
+                f"its tensors would expand to {_size(self.viewed)} (after {self.tensors:,} tensors) from "
+                f"{_size(self.carried)} of tensor data in {self.storages:,} storage(s); a checkpoint's tensors "
+                f"may view at most {MAX_EXPANSION}x the data it carries plus {EXPANSION_SLACK >> 20} MiB. "
+                f"Views that repeat elements (stride 0) or overlap are refused before anything is copied "
+                f"(an expansion bomb?)")
 
 
 class _Reader(Protocol):
@@ -122,6 +191,7 @@ class _Reader(Protocol):
 
     budget: _Budget
     nested: int
+    size: int
 
     def __init__(self, fh, size: int, *, budget: Optional[_Budget] = None, nested: int = 0): ...
 
@@ -164,12 +234,27 @@ class _Rebuilders:
             raise RefusedPickle(f"tensor of size {size} views {numel:,} elements of a storage of "
                                 f"{flat.numel():,} (refused: it would expand past the file's data)")
         self.reader.budget.take()
+        self.reader.budget.view(numel * flat.element_size())
         return flat.as_strided(size, stride, flat.storage_offset() + offset)  # offsets count from the storage
 
     def tensor_v1(self, storage, offset, size, stride):
         return self.tensor(storage, offset, size, stride)
 
+    def tensor_v3(self, storage, offset, size, stride, requires_grad=False, hooks=None, dtype=None, *_ignored):
+        """torch's rebuild for dtypes without a typed storage class (float8, uint16, ...): an
+        untyped (byte) storage read as ``dtype``."""
+        if not isinstance(dtype, torch.dtype):
+            raise RefusedPickle(f"a tensor's dtype must be a torch dtype, got {_name(dtype)}")
+        if not isinstance(storage, _Storage):
+            raise RefusedPickle(f"a tensor's storage must come from the file's storage records, got {_name(storage)}")
+        size_of = torch.empty(0, dtype=dtype).element_size()
+        if storage.data.numel() % size_of:
+            raise RefusedPickle(f"a storage of {storage.data.numel()} bytes does not hold whole {dtype} elements")
+        return self.tensor(_Storage(dtype, storage.data), offset, size, stride)
+
     def parameter(self, data, *_ignored):
+        if tensor_kind(data):
+            raise RefusedPickle(f"a parameter is {tensor_kind(data)}: {UNSUPPORTED_ADVICE}")
         if not isinstance(data, torch.Tensor):
             raise RefusedPickle(f"a parameter must wrap a tensor, got {_name(data)}")
         return data
@@ -226,6 +311,32 @@ class _Unpickler(pickle._Unpickler):
         self.reader = reader
         self._pload = persistent_load
 
+    def load(self):
+        """The standard library's loop, with every opcode counted against the file's budget (in
+        steps of 1024, so the count costs next to nothing per opcode)."""
+        self._unframer = pickle._Unframer(self._file_read, self._file_readline)
+        self.read = self._unframer.read
+        self.readinto = self._unframer.readinto
+        self.readline = self._unframer.readline
+        self.metastack = []
+        self.stack = []
+        self.append = self.stack.append
+        self.proto = 0
+        read, dispatch, take = self.read, self.dispatch, self.reader.budget.take
+        ops = 0
+        try:
+            while True:
+                key = read(1)
+                if not key:
+                    raise EOFError
+                dispatch[key[0]](self)
+                ops += 1
+                if not ops & 1023:
+                    take(1024)
+        except pickle._Stop as stop:
+            take(ops & 1023)
+            return stop.value
+
     def persistent_load(self, pid):
         if self._pload is None:
             raise RefusedPickle("the pickle references external storage, but this file format has none")
@@ -262,6 +373,18 @@ class _Unpickler(pickle._Unpickler):
         if cls in (OrderedDict, dict, list, set):
             return cls()
         raise RefusedPickle(f"the pickle instantiates {_name(cls)} (refused)")
+
+    def load_bytearray8(self):
+        # the standard loader allocates the declared length before reading: bound it by the file
+        (n,) = struct.unpack("<Q", self.read(8))
+        if n > self.reader.size:
+            raise RefusedPickle(f"its pickle declares a bytearray of {n:,} bytes, more than the "
+                                f"{self.reader.size:,}-byte file holds")
+        b = bytearray(n)
+        if n and self.readinto(b) != n:
+            raise pickle.UnpicklingError("pickle data was truncated")
+        self.append(b)
+    dispatch[pickle.BYTEARRAY8[0]] = load_bytearray8
 
     def load_reduce(self):
         args = self.stack.pop()
@@ -321,10 +444,12 @@ class _Unpickler(pickle._Unpickler):
     def load_append(self):
         value = self.stack.pop()
         self._target(self.stack[-1], (list, Inert), "APPEND").append(value)
+        self.reader.budget.take()
     dispatch[pickle.APPEND[0]] = load_append
 
     def load_appends(self):
         items = self.pop_mark()
+        self.reader.budget.take(len(items))
         self._target(self.stack[-1], (list, Inert), "APPENDS").extend(items)
     dispatch[pickle.APPENDS[0]] = load_appends
 
@@ -332,16 +457,19 @@ class _Unpickler(pickle._Unpickler):
         value = self.stack.pop()
         key = self.stack.pop()
         self._target(self.stack[-1], (dict, Inert), "SETITEM")[key] = value
+        self.reader.budget.take()
     dispatch[pickle.SETITEM[0]] = load_setitem
 
     def load_setitems(self):
         items = self.pop_mark()
         d = self._target(self.stack[-1], (dict, Inert), "SETITEMS")
+        self.reader.budget.take(len(items) // 2)
         for i in range(0, len(items), 2):
             d[items[i]] = items[i + 1]
     dispatch[pickle.SETITEMS[0]] = load_setitems
 
     def load_additems(self):
         items = self.pop_mark()
+        self.reader.budget.take(len(items))
         self._target(self.stack[-1], (set,), "ADDITEMS").update(items)
     dispatch[pickle.ADDITEMS[0]] = load_additems

@@ -1,7 +1,7 @@
 """PEFT LoRA adapters as LoRA task vectors: read, write, and check against a module.
 
 A PEFT LoRA adapter is a directory holding ``adapter_config.json`` and ``adapter_model.safetensors``
-(older ones: ``adapter_model.bin``, read with ``torch.load(weights_only=True)``). For every adapted
+(older ones: ``adapter_model.bin``, a torch file read without running code). For every adapted
 module at path ``P`` the weights file holds
 
 - ``base_model.model.P.lora_A.weight``: ``A`` of shape ``[r, in]``;
@@ -68,12 +68,19 @@ def _locate(path) -> Tuple[str, str, str]:
         raise FileNotFoundError(f"PEFT adapter {path!r} does not exist")
     if os.path.isdir(path):
         directory = path
-        weights = next((os.path.join(path, n) for n in WEIGHTS_NAMES if os.path.isfile(os.path.join(path, n))), None)
+        # lexists, not isfile: a weights "file" that is a named pipe, a device or a folder is named as such by
+        # check_file below, rather than reported missing
+        weights = next((os.path.join(path, n) for n in WEIGHTS_NAMES if os.path.lexists(os.path.join(path, n))), None)
         if weights is None:
             raise ValueError(f"PEFT adapter directory {path!r} holds neither {WEIGHTS_NAMES[0]} nor {WEIGHTS_NAMES[1]}")
     else:
         directory, weights = os.path.dirname(os.path.abspath(path)), path
+    from .checkpoints import check_file
+
+    check_file(weights, "PEFT adapter weights")
     config = os.path.join(directory, CONFIG_NAME)
+    if os.path.lexists(config):
+        check_file(config, "PEFT adapter config")
     if not os.path.isfile(config):
         raise ValueError(f"{config!r} not found: a PEFT adapter directory holds {CONFIG_NAME} next to its weights "
                          f"({os.path.basename(weights)}); without it the LoRA scaling (lora_alpha / r) is unknown")
@@ -103,8 +110,7 @@ def _load_weights(weights: str) -> Dict[str, torch.Tensor]:
         raise
     except ValueError as exc:
         raise ValueError(f"PEFT adapter weights {weights!r} could not be read as a safetensors file or a plain "
-                         f"state dict (torch.load(weights_only=True)); nothing else is loaded, since unpickling "
-                         f"runs code. Details: {exc}") from None
+                         f"state dict (nothing in it was run). Details: {exc}") from None
 
 
 def _check_pair(weights: str, config_path: str) -> None:

@@ -16,7 +16,16 @@ unpickler with every object-building opcode replaced):
   object that records the arguments and state. Nothing is imported, nothing outside the allowlist
   is called, so a ``__reduce__`` payload (``os.system``, ``exec``, ``getattr`` chains, a nested
   ``torch.load``) is only recorded;
-- tensor data is read straight from the file's storage records, with sizes checked against the file.
+- tensor data is read straight from the file's storage records, with sizes checked against the file;
+- what a file may make is bounded before it is made (issue 24's bombs): the zip directory is
+  vetted before anything is inflated (records within the file, no record inflating more than
+  ``MAX_INFLATE_RATIO`` times), every opcode and container item counts against ``MAX_OBJECTS``,
+  reads never ask for more than the file holds, and the tensors together may view at most
+  ``MAX_EXPANSION`` times the storage bytes the file carries (plus ``EXPANSION_SLACK``): stride-0
+  and overlapping views are refused before anything is copied.
+
+This is the only reader of torch files in the library: torch.load never sees one first (see
+:mod:`atlas_kernels.checkpoints` for why).
 
 Formats: torch's zip format, the legacy format (``_use_new_zipfile_serialization=False``) and plain
 ``pickle.dump`` files (tensors pickled on their own, storages as nested legacy files).
@@ -42,19 +51,44 @@ from ._unpickler import (
     _STORAGE_DTYPES,
     MAX_DEPTH,
     MAX_GLOBALS,
+    MAX_INFLATE_RATIO,
     MAX_PICKLE_BYTES,
+    UNSUPPORTED_ADVICE,
     Global,
     Inert,
     RefusedPickle,
     _Budget,
     _name,
     _Rebuilders,
+    _size,
     _Storage,
     _StorageType,
     _Unpickler,
+    tensor_kind,
 )
 
 __all__ = ["Global", "Inert", "RefusedPickle", "restricted_load", "state_dict_from_object", "describe"]
+
+
+class _Bounded:
+    """A file as the unpickler reads it, with every read capped at what is left of the file: the
+    standard loader reads a declared length in one call (``FRAME``, ``BINBYTES8``), and a buffered
+    read of 2^60 bytes allocates 2^60 bytes before it reads anything."""
+
+    def __init__(self, fh, size: int):
+        self.fh, self.size = fh, size
+
+    def _left(self) -> int:
+        return max(self.size - self.fh.tell(), 0)
+
+    def read(self, n: int = -1) -> bytes:
+        return self.fh.read(self._left() if n is None or n < 0 else min(n, self._left()))
+
+    def readinto(self, b) -> int:
+        return self.fh.readinto(b)  # the caller sized ``b`` (BYTEARRAY8 is bounded in _Unpickler)
+
+    def readline(self, limit: int = -1) -> bytes:
+        return self.fh.readline(limit)
 
 
 class _Reader:
@@ -67,6 +101,7 @@ class _Reader:
         self._impl = {
             ("torch._utils", "_rebuild_tensor_v2"): rb.tensor,
             ("torch._utils", "_rebuild_tensor"): rb.tensor_v1,
+            ("torch._utils", "_rebuild_tensor_v3"): rb.tensor_v3,
             ("torch._utils", "_rebuild_parameter"): rb.parameter,
             ("torch._utils", "_rebuild_parameter_with_state"): rb.parameter,
             ("torch._tensor", "_rebuild_from_type_v2"): rb.from_type,
@@ -121,7 +156,24 @@ class _Reader:
     def _unpickle(self, fh, persistent_load=None):
         return _Unpickler(fh, self, persistent_load).load()
 
+    def _vet_zip(self, zf: zipfile.ZipFile) -> None:
+        """Every record of the archive, from its directory, before anything is read or inflated:
+        it lies within the file, and a compressed one inflates to less than MAX_INFLATE_RATIO times
+        its size (or to at most 1 MiB)."""
+        for i in zf.infolist():
+            if i.header_offset + i.compress_size > self.size:
+                raise RefusedPickle(f"zip record {i.filename!r} claims {_size(i.compress_size)} at offset "
+                                    f"{i.header_offset:,}, past the end of the {_size(self.size)} file "
+                                    f"(truncated or hostile file)")
+            if i.compress_type != zipfile.ZIP_STORED and i.file_size > max(MAX_INFLATE_RATIO * i.compress_size,
+                                                                           1 << 20):
+                raise RefusedPickle(f"zip record {i.filename!r} would inflate from {_size(i.compress_size)} to "
+                                    f"{_size(i.file_size)} ({i.file_size / max(i.compress_size, 1):,.0f}:1; torch "
+                                    f"writes its records uncompressed, and more than {MAX_INFLATE_RATIO}:1 is the "
+                                    f"mark of a compression bomb); refused before inflating it")
+
     def load_zip(self, zf: zipfile.ZipFile):
+        self._vet_zip(zf)
         names = zf.namelist()
         pkl = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
         if any(n.endswith("constants.pkl") for n in names) and any("/code/" in n for n in names):
@@ -130,11 +182,14 @@ class _Reader:
         if len(pkl) != 1:
             raise RefusedPickle(f"a torch zip checkpoint has one '<root>/data.pkl', found {pkl[:3]}")
         root = pkl[0][: -len("data.pkl")]
-        if root + "byteorder" in names and zf.read(root + "byteorder").strip() not in (b"little", b""):
-            raise RefusedPickle("big-endian checkpoints are not supported")
+        if root + "byteorder" in names:
+            with zf.open(root + "byteorder") as fh:
+                if fh.read(64).strip() not in (b"little", b""):
+                    raise RefusedPickle("big-endian checkpoints are not supported")
         info = zf.getinfo(pkl[0])
         if info.file_size > MAX_PICKLE_BYTES:
-            raise RefusedPickle(f"data.pkl is {info.file_size:,} bytes (limit {MAX_PICKLE_BYTES:,})")
+            raise RefusedPickle(f"its data.pkl is {_size(info.file_size)} (limit {_size(MAX_PICKLE_BYTES)}; a "
+                                f"checkpoint's pickle program is a few MiB at most)")
         storages: Dict[str, _Storage] = {}
         self._make_arena(sum(i.file_size + 64 for i in zf.infolist() if i.filename.startswith(root + "data/")))
 
@@ -155,6 +210,7 @@ class _Reader:
             if ri.compress_type != zipfile.ZIP_STORED or ri.file_size != nbytes:
                 raise RefusedPickle(f"storage record {rec!r} holds {ri.file_size} bytes "
                                     f"(compression {ri.compress_type}); its reference says {nbytes}")
+            self.budget.carry(nbytes)
             data = self._alloc(nbytes)
             # a stored (uncompressed) record is read in place: past its local header, one copy
             self.fh.seek(ri.header_offset)
@@ -168,16 +224,17 @@ class _Reader:
             storages[key] = _Storage(stype.dtype, data)
             return storages[key]
 
-        with zf.open(info) as fh:
-            return self._unpickle(io.BytesIO(fh.read()), persistent_load)
+        with zf.open(info) as fh:  # inflated within the vetted size (zipfile stops at file_size)
+            return self._unpickle(io.BytesIO(fh.read(MAX_PICKLE_BYTES + 1)), persistent_load)
 
     def load_legacy_or_plain(self):
-        first = self._unpickle(self.fh)
+        fh = _Bounded(self.fh, self.size)
+        first = self._unpickle(fh)
         if not (type(first) is int and first == _LEGACY_MAGIC):
             return first  # a plain pickle.dump file: that object is the content
-        if self._unpickle(self.fh) != _LEGACY_PROTOCOL:
+        if self._unpickle(fh) != _LEGACY_PROTOCOL:
             raise RefusedPickle("legacy torch file with an unknown protocol version")
-        sys_info = self._unpickle(self.fh)
+        sys_info = self._unpickle(fh)
         if isinstance(sys_info, dict) and sys_info.get("little_endian") is False:
             raise RefusedPickle("big-endian checkpoints are not supported")
         storages: Dict[Any, _Storage] = {}
@@ -203,11 +260,12 @@ class _Reader:
                 if declared[0] > self.size:
                     raise RefusedPickle(f"storages declare {declared[0]:,} bytes, more than the file's "
                                         f"{self.size:,} (truncated or hostile file)")
+                self.budget.carry(nbytes)
                 storages[key] = _Storage(stype.dtype, self._alloc(nbytes))
             return storages[key]
 
-        result = self._unpickle(self.fh, persistent_load)
-        keys = self._unpickle(self.fh)
+        result = self._unpickle(fh, persistent_load)
+        keys = self._unpickle(fh)
         if not isinstance(keys, list) or set(keys) != set(storages):
             raise RefusedPickle("legacy checkpoint: storage key list does not match the storages used")
         for key in keys:
@@ -224,7 +282,9 @@ class _Reader:
 
 def restricted_load(path) -> Any:
     """Unpickle a torch checkpoint (zip, legacy or plain pickle) without importing or calling
-    anything outside the allowlist; returns plain containers, tensors and stand-ins."""
+    anything outside the allowlist, within the bounds above; returns plain containers, tensors
+    (views into one buffer per file: copy one before handing it to an API that ignores a
+    tensor's storage offset, such as torch.set_rng_state) and stand-ins."""
     path = os.fspath(path)
     size = os.path.getsize(path)
     with open(path, "rb") as fh:
@@ -264,6 +324,8 @@ def _walk(obj, prefix: str, out: Dict[str, torch.Tensor], depth: int, seen: set)
                 continue
             if isinstance(t, torch.Tensor):
                 out[prefix + str(name)] = t
+            elif tensor_kind(t):
+                raise RefusedPickle(f"{prefix}{name} is {tensor_kind(t)}: {UNSUPPORTED_ADVICE}")
     subs = st.get("_modules") or {}
     if isinstance(subs, Mapping):
         for name, m in subs.items():
@@ -273,6 +335,8 @@ def _walk(obj, prefix: str, out: Dict[str, torch.Tensor], depth: int, seen: set)
 
 def describe(obj) -> str:
     """What an unpickled object is, in words, for error messages."""
+    if tensor_kind(obj):
+        return tensor_kind(obj)
     if isinstance(obj, Global):
         return f"a reference to {obj.name} (a class or function; nothing to read)"
     if isinstance(obj, Inert):

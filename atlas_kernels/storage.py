@@ -112,7 +112,12 @@ def quantize(t: "torch.Tensor", storage: str, what: str = "a task vector"):
     r = scale_rows(t.shape)
     rows = t.reshape(r, -1)
     amax = rows.abs().amax(dim=1)
-    scale = torch.where(amax > 0, amax / QMAX[storage], torch.ones_like(amax))
+    # A row whose largest magnitude is subnormal (below ~1.2e-38) would get a scale that is
+    # subnormal or 0 (amax / QMAX underflows), and q = row / 0 is inf: NaN in float8. Its scale is
+    # held at float32's smallest normal number instead, so the row quantizes like any other (an
+    # absolute error below 1e-38, where its values are that small anyway).
+    tiny = torch.finfo(torch.float32).tiny
+    scale = torch.where(amax > 0, (amax / QMAX[storage]).clamp_min(tiny), torch.ones_like(amax))
     q = rows / scale[:, None]
     if storage == "int8":
         q = q.round().clamp_(-127, 127)

@@ -20,14 +20,13 @@ import errno
 import importlib
 import logging
 import os
-import warnings
 from collections.abc import Mapping
 from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 
 from .. import safe_pickle
-from .._checks import prefix_matches_nothing
+from .._checks import prefix_cut_problem, prefix_matches_nothing
 
 __all__ = ["load_state_dict_file", "convert_checkpoint", "load_head", "Head", "select_tower",
            "find_tower_prefix"]
@@ -35,21 +34,62 @@ __all__ = ["load_state_dict_file", "convert_checkpoint", "load_head", "Head", "s
 log = logging.getLogger("atlas_kernels")
 
 
-def _read_object(path: str):
-    """``torch.load(weights_only=True)`` first; the restricted reader for what it refuses."""
+# Torch files go through the restricted reader only; torch.load never sees them. Both read the
+# same pickle opcodes in pure Python, so torch first bought nothing but exposure:
+# torch.load(weights_only=True) accepts a 190 KB file of 12 GiB of stride-0 views and inflates a
+# 245 KB zip's 251 MB pickle (over 4 GiB and a minute before it gives up), and its refusals advise
+# weights_only=False. The restricted reader vets the archive before inflating anything, counts
+# every object it builds and bounds what the tensors may view against the bytes the file carries
+# (see safe_pickle / _unpickler), reads the same formats (zip, legacy, plain pickle) and the same
+# tensors (v2 and v3 rebuilds: every dtype), and runs nothing from the file.
+_PICKLE_START = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+
+
+def not_a_pickle(label: str, head: bytes) -> Optional[str]:
+    """Why a file (``label``: its name in messages) that does not start as a torch file (a zip
+    archive, or a pickle of protocol 2 to 5, as torch and pickle.dump write them) is not one, or
+    None when it does."""
+    if head.startswith(_PICKLE_START):
+        return None
+    text = head.decode("utf-8", "ignore")  # a character cut at the 16th byte is dropped
+    looks_text = len(text) >= len(head) - 3 and all(c.isprintable() or c in "\t\r\n" for c in text)
+    return (f"{label} is not a checkpoint: it starts with {head[:12]!r}"
+            + (" (a text file?)" if looks_text else "")
+            + "; a torch checkpoint starts with a zip header (b'PK') or a pickle protocol marker "
+              "(b'\\x80'), a safetensors file with an 8-byte header length and '{'")
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """True for the allocation failures of Python and of torch's CPU allocator."""
+    return isinstance(exc, MemoryError) or (
+        isinstance(exc, RuntimeError) and ("can't allocate memory" in str(exc) or "not enough memory" in str(exc)))
+
+
+def read_torch_file(path: str, what: str = "checkpoint"):
+    """The object a torch file holds, through the restricted reader only (see above); refusals
+    name the file and why, and running out of memory is said as such."""
+    label = repr(path) if what == "checkpoint" else f"{what} {path!r}"
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    why = not_a_pickle(label, head)
+    if why:
+        raise ValueError(why)
     try:
-        with warnings.catch_warnings():  # torch warns about protocols of plain pickles it then refuses
-            warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as first:  # pickled modules, plain pickle.dump files, legacy files with modules
-        try:
-            return safe_pickle.restricted_load(path)
-        except safe_pickle.RefusedPickle as exc:
-            raise ValueError(f"{path!r} could not be read safely (nothing in it was run): {exc}") from None
-        except Exception as exc:
-            raise ValueError(f"{path!r} could not be read as a checkpoint (truncated or corrupted?): "
-                             f"{str(first).splitlines()[0] if str(first) else type(first).__name__}; "
-                             f"restricted reader: {exc}") from None
+        return safe_pickle.restricted_load(path)
+    except safe_pickle.RefusedPickle as exc:
+        raise ValueError(f"{label} could not be read: it is not a checkpoint this library can read safely "
+                         f"(nothing in it was run): {exc}") from None
+    except Exception as exc:  # a malformed pickle program: the standard unpickler's own errors
+        if out_of_memory(exc):
+            raise MemoryError(f"ran out of memory while reading {label} ({os.path.getsize(path):,} bytes on "
+                              f"disk); the file itself may be fine: free memory, or read it on a machine with "
+                              f"more, and try again") from None
+        raise ValueError(f"{label} could not be read: it is not a checkpoint this library can read (truncated or "
+                         f"corrupted? nothing in it was run): {type(exc).__name__}: {str(exc)[:200]}") from None
+
+
+def _read_object(path: str):
+    return read_torch_file(path)
 
 
 def check_file(path, what: str = "checkpoint") -> None:
@@ -68,9 +108,24 @@ def check_file(path, what: str = "checkpoint") -> None:
     if os.path.isdir(path):
         raise ValueError(f"{what} {path!r} is a directory, not a file")
     if not os.path.isfile(path):
-        raise ValueError(f"{what} {path!r} is not a regular file")
+        raise ValueError(f"{what} {path!r} is {special_file(path)}, not a regular file: reading it could block "
+                         f"or never end; pass the file itself")
     if os.path.getsize(path) == 0:
         raise ValueError(f"{what} {path!r} is empty (0 bytes): an interrupted download or copy?")
+
+
+def special_file(path) -> str:
+    """What a path that is not a regular file or a folder is, in words (following symlinks, and
+    naming the target of one): a named pipe (FIFO), a character device (such as /dev/zero) ..."""
+    import stat
+
+    mode = os.stat(path).st_mode
+    kind = next((k for test, k in ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+                                   (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")) if test(mode)),
+                "a special file")
+    if os.path.islink(path):
+        kind = f"a symbolic link to {os.path.realpath(path)!r}, {kind}"
+    return kind
 
 
 def unreadable_safetensors(path, exc: BaseException) -> ValueError:
@@ -107,13 +162,30 @@ def load_state_dict_file(path) -> Dict[str, torch.Tensor]:
     with open(path, "rb") as fh:
         head = fh.read(16)
     if path.endswith(".safetensors") or (len(head) >= 9 and head[8:9] == b"{"):
-        return read_safetensors(path)[1]
+        meta, sd = read_safetensors(path)
+        other = _OWN_FORMATS.get(meta.get("format", ""))
+        if other:
+            raise ValueError(f"{path!r} is {other[0]}, not a state dict (its metadata says format="
+                             f"{meta['format']!r}): {other[1]}")
+        return sd
     obj = _read_object(path)
     lin = linearised_formats()
     if lin is not None and lin.is_linearised_state_dict(obj):
         # tangent_task_arithmetic's positional format: named, shape-checked
         return lin.to_named_state_dict(obj, what=repr(path))
     return _unwrap(obj, path)
+
+
+# The library's own safetensors files, which hold tensors but not a model's weights: read as a
+# state dict, a coefficient file gave its coefficients back as if they were weights.
+_OWN_FORMATS = {
+    "atlas_kernels.coefficients": ("an atlas_kernels coefficient file",
+                                   "load it with ak.load_coefficients(module, path) after ak.patch(module, ...)"),
+    "atlas_kernels.task_vectors": ("an atlas_kernels task-vector file", "load it with ak.TaskVectors.load(path)"),
+    "atlas_kernels.linearised": ("an atlas_kernels linearised export",
+                                 "load it with ak.load_linearised(path, module) (module: a plain model of the "
+                                 "same architecture)"),
+}
 
 
 def linearised_formats():
@@ -134,6 +206,9 @@ def _unwrap(obj, path) -> Dict[str, torch.Tensor]:
         return sd
     if isinstance(obj, Mapping) and obj:
         bad = next(((k, v) for k, v in obj.items() if not isinstance(v, torch.Tensor)), None)
+        kind = None if bad is None else safe_pickle.tensor_kind(bad[1])
+        if kind:
+            raise ValueError(f"{path!r}: tensor {bad[0]!r} is {kind}; {safe_pickle.UNSUPPORTED_ADVICE}")
         if bad is not None:
             raise ValueError(f"{path!r} is not a state dict (a mapping from names to tensors): key {bad[0]!r} "
                              f"holds {safe_pickle.describe(bad[1])}")
@@ -175,11 +250,14 @@ def select_tower(sd: Mapping, prefix: Optional[str], label: str = "checkpoint"
     kept, dropped = {}, {}
     for k, v in sd.items():
         if str(k).startswith(prefix):
+            why = prefix_cut_problem("prefix", prefix, str(k))
+            if why:
+                raise ValueError(f"{label}: {why}")
             kept[str(k)[len(prefix):]] = v
         else:
             dropped[str(k)] = v
     if not kept:
-        raise ValueError(prefix_matches_nothing("prefix", prefix, f"no key of {label}", sd))
+        raise ValueError(prefix_matches_nothing("prefix", prefix, f"no key of {label}", sd, auto=True))
     return kept, dropped, prefix
 
 
@@ -211,16 +289,14 @@ def load_head(path, *, normalize: Optional[bool] = None) -> Head:
     optionally ``bias`` (safetensors metadata ``normalize`` = ``"true"``/``"false"``). ``normalize``
     overrides the file; where neither says, True (every published head normalizes its input)."""
     path = str(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"head file {path!r} does not exist")
+    check_file(path, "head file")  # every reader checks first: a FIFO or /dev/zero would block or never end
     flag = None
     if path.endswith(".safetensors"):
-        check_file(path)
         meta, sd = read_safetensors(path)
         meta = meta.get("normalize")
         flag = None if meta is None else meta.lower() == "true"
     else:
-        obj = _read_object(path)
+        obj = read_torch_file(path, "head file")
         st = safe_pickle._module_state(obj)
         if st is not None and isinstance(st.get("normalize"), bool):
             flag = st["normalize"]

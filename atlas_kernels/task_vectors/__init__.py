@@ -9,8 +9,8 @@ Storage dtypes: ``"float32"``, ``"bfloat16"``, ``"float16"``, and the compact ``
 or more dimensions; one scale for a 1-D block) of every task vector, ``scale = max|row| / qmax``.
 Compact slabs are dequantized inside the compose and gradient kernels, never up front.
 
-Files are read without running code: safetensors, ``torch.load(weights_only=True)``, or (for the
-pickled whole modules the task-vector papers released) the restricted reader of
+Files are read without running code: safetensors, and torch files (state dicts, and the pickled
+whole modules the task-vector papers released) through the restricted reader of
 :mod:`atlas_kernels.safe_pickle`, which imports and calls nothing from the file.
 
 The package: ``core`` (the class and its views), ``validation`` (what the constructor accepts),

@@ -13,7 +13,7 @@ from typing import Dict, Sequence
 
 import torch
 
-from .._checks import prefix_matches_nothing, require_finite
+from .._checks import prefix_cut_problem, prefix_matches_nothing, require_finite
 from ..checkpoints import dropped_note, load_state_dict_file, select_tower
 from ..peft import lora_pair, read_peft_adapter
 from ..storage import QMAX, quantize, storage_name, torch_dtypes
@@ -55,6 +55,11 @@ def from_checkpoints(cls, pretrained_path, finetuned_paths: Sequence, *, names=N
         pre, dropped, used = select_tower(pre, prefix, str(pretrained_path))
         if dropped:
             logging.getLogger("atlas_kernels").info("%s: %s", pretrained_path, dropped_note(dropped, used))
+            # torch files come as views into one buffer per file: copies of the kept tensors let the
+            # dropped ones' memory go for the whole build, not only when the build ends
+            if any(v.untyped_storage().nbytes() > v.numel() * v.element_size() for v in pre.values()):
+                pre = {k: v.clone() for k, v in pre.items()}
+        del dropped
     lazy = _LazyDicts(finetuned_paths, prefix)
     return build(cls, pre, lazy, names, None, storage, labels=[str(p) for p in finetuned_paths])
 
@@ -173,6 +178,9 @@ def _select(sd, prefix, label) -> Dict[str, torch.Tensor]:
         if prefix:
             if not k.startswith(prefix):
                 continue
+            why = prefix_cut_problem("prefix", prefix, k)
+            if why:
+                raise ValueError(f"{label}: {why}")
             k = k[len(prefix):]
         if not isinstance(v, torch.Tensor):
             raise TypeError(f"{label} is not a state dict: key {k!r} holds a {type(v).__name__}, not a tensor")
@@ -181,7 +189,8 @@ def _select(sd, prefix, label) -> Dict[str, torch.Tensor]:
         out[k] = v
     if not out:
         if prefix:
-            raise ValueError(prefix_matches_nothing("prefix", prefix, f"no floating tensor in {label}", sd))
+            raise ValueError(prefix_matches_nothing("prefix", prefix, f"no floating tensor in {label}", sd,
+                                                    auto=True))
         raise ValueError(f"{label} holds no floating tensor")
     return out
 

@@ -9,15 +9,16 @@ Subcommands::
     convert  OLD.pt NEW.safetensors [--prefix auto]
     info     tvs.safetensors
 
-Every command reads checkpoints without running code from them: safetensors, torch files read
-with ``weights_only=True``, and pickled whole modules (the task-vector papers' released
-checkpoints) through a restricted reader that imports and calls nothing from the file.
+Every command reads checkpoints without running code from them: safetensors, and torch files
+(state dicts and the task-vector papers' pickled whole modules) through a restricted reader that
+imports and calls nothing from the file.
 
 Exit status: 0 on success, 2 on a usage or input error (the message says what to fix).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="fine-tuned minus pre-trained, for each fine-tuned checkpoint, into one file",
         description="Write one task-vector file: for every fine-tuned checkpoint, fine-tuned minus "
         "pre-trained, block by block. Checkpoints are state dicts (safetensors, or torch files "
-        "read with weights_only=True).",
+        "read without running code).",
     )
     b.add_argument("--pretrained", required=True, metavar="P", help="pre-trained state dict")
     b.add_argument("--finetuned", required=True, nargs="+", metavar="F",
@@ -102,8 +103,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
+
+
+def _check_out(arg: str, path: str) -> None:
+    """The files these commands write are safetensors: a name that promises a torch pickle (as
+    ``--out tv.pt`` did, silently) is refused before any work, with the name to use."""
+    root, ext = os.path.splitext(path)
+    if ext.lower() in _PICKLE_SUFFIXES:
+        raise ValueError(f"{arg} {path!r} ends in {ext}, the suffix of a torch pickle, but this command writes a "
+                         f"safetensors file: name it {root + '.safetensors'!r}")
+
+
 def _cmd_build(args, out) -> int:
     from .core import TaskVectors
+
+    _check_out("--out", args.out)
 
     if args.names is not None and len(args.names) != len(args.finetuned):
         raise ValueError(
@@ -121,6 +136,7 @@ def _cmd_build(args, out) -> int:
 def _cmd_convert(args, out) -> int:
     from ..checkpoints import convert_checkpoint
 
+    _check_out("the destination", args.dst)
     sd = convert_checkpoint(args.src, args.dst, prefix=args.prefix)
     print(f"wrote {args.dst} (safetensors state dict, {len(sd)} tensors) from {args.src}", file=out)
     return 0
@@ -129,6 +145,7 @@ def _cmd_convert(args, out) -> int:
 def _cmd_import(args, out) -> int:
     from .importer import run_import
 
+    _check_out("--out", args.out)
     return run_import(args, out)
 
 
@@ -153,8 +170,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cmd = {"build": _cmd_build, "convert": _cmd_convert, "info": _cmd_info, "import": _cmd_import}[args.command]
     try:
         return cmd(args, sys.stdout)
-    except (ValueError, TypeError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
+    except (ValueError, TypeError, OSError, MemoryError) as e:
+        # one line, no traceback: bad input, a file that is not what it should be, a full disk
+        # (the atomic writers say so and keep the previous file), running out of memory
         msg = str(e) or type(e).__name__
-        print(f"{PROG} {args.command}: error: {msg}", file=sys.stderr)
+        if isinstance(e, OSError) and e.filename is not None and e.strerror and not isinstance(e, FileNotFoundError):
+            msg = f"{e.filename}: {e.strerror}"
+        print(f"{PROG} {args.command}: error: {' '.join(msg.split())}", file=sys.stderr)
         return 2
 

@@ -137,6 +137,10 @@ def _read(f, path: str, verify: bool):
         if "tau/" + b not in keys:
             raise ValueError(f"{path!r} lists block {b!r} but holds no tensor for it")
         t = f.get_tensor("tau/" + b)
+        if list(t.shape[1:]) == shapes[b] and t.shape[0] != rows and b not in index:
+            raise ValueError(f"{path!r}: its metadata 'names' lists {len(names)} task vector(s) {names[:4]}, but "
+                             f"block {b!r} holds {t.shape[0]} (shape {tuple(t.shape)}): the names and the tensors "
+                             f"disagree, so the metadata was edited or the file is corrupted; rebuild the file")
         if list(t.shape[1:]) != shapes[b] or t.shape[0] != rows:
             raise ValueError(f"{path!r}: block {b!r} has shape {tuple(t.shape)}, metadata says "
                              f"[{rows}, {', '.join(map(str, shapes[b]))}]")
@@ -171,7 +175,10 @@ def load(cls, path, device=None, *, verify: bool = True):
         n_meta = int(meta.get("n", len(names)))
     except ValueError:
         raise ValueError(f"{path!r}: metadata key 'n' must be an integer, got {meta.get('n')!r}") from None
-    tv = cls(slabs, names, scales, lora=lora, index=index, n=n_meta)
+    try:
+        tv = cls(slabs, names, scales, lora=lora, index=index, n=n_meta)
+    except (ValueError, TypeError) as exc:  # the checks of any TaskVectors, said of this file
+        raise type(exc)(f"{path!r}: {exc}") from None
     tv._order = list(blocks)
     if meta.get("storage") != tv.storage:
         raise ValueError(f"{path!r}: metadata says storage {meta.get('storage')!r}, tensors are {tv.storage}")

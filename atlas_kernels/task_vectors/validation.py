@@ -8,6 +8,7 @@ blocks hold ``A [N, r, in]`` and ``B [N, out, r]``; nothing holds NaN or inf.
 """
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
@@ -61,6 +62,26 @@ def _check_scales(name: str, st: str, slab: torch.Tensor, sc: Optional[torch.Ten
         raise ValueError(f"block {name!r}: scales are only for int8/float8_e4m3fn storage, not {st}")
 
 
+def _index_tensor(name: str, v) -> torch.Tensor:
+    """A ragged block's index as int64, refusing what is not integers: ``[0.7]`` was cast to
+    ``[0]`` (a silent wrong task vector), ``[True]`` to ``[1]``."""
+    why = "a fraction or a bool is not a task vector's number"
+    if isinstance(v, (list, tuple, range)):
+        if not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in v):
+            raise TypeError(f"block {name!r}: index must list task-vector numbers (integers), got {list(v)[:8]}; "
+                            f"{why}")
+        return torch.tensor([int(x) for x in v], dtype=torch.int64)
+    try:
+        t = torch.as_tensor(v)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"block {name!r}: index must list task-vector numbers (integers), got "
+                        f"{type(v).__name__}") from None
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"block {name!r}: index must hold task-vector numbers (integers), got a {t.dtype} tensor "
+                        f"{t.tolist() if t.dim() == 0 else t.tolist()[:8]}; {why}")
+    return t.to(torch.int64)
+
+
 def validate(slabs: Mapping, names: Optional[Sequence[str]], scales: Optional[Mapping], lora: Optional[Mapping],
              index: Optional[Mapping], n: Optional[int]) -> Checked:
     """The arguments of ``TaskVectors(slabs, names, scales, lora=, index=, n=)`` checked (see the
@@ -68,7 +89,7 @@ def validate(slabs: Mapping, names: Optional[Sequence[str]], scales: Optional[Ma
     dtypes = torch_dtypes()
     slabs = dict(slabs or {})
     lora = dict(lora or {})
-    index = {k: torch.as_tensor(v, dtype=torch.int64) for k, v in (index or {}).items()}
+    index = {k: _index_tensor(k, v) for k, v in (index or {}).items()}
     if not isinstance(slabs, Mapping) or not (slabs or lora):
         raise ValueError("slabs must be a non-empty mapping from block name to a [N, *shape] tensor")
     scales = dict(scales or {})

@@ -9,6 +9,7 @@ from typing import Any, Dict
 import torch
 
 from .._io import atomic_torch_save
+from .config import ConfigError
 from .faults import DivergedError, nonfinite_blocks
 from .prepare import Setup
 from .state import CHECKPOINT_FORMAT, get_rng_state, set_rng_state
@@ -33,11 +34,19 @@ def restore(s: Setup, state: Dict[str, Any], opt, sched, scaler) -> None:
     with torch.no_grad():
         for k, v in s.coefs.items():
             v.copy_(ck["coefficients"][k].to(v.device, v.dtype))
-    opt.load_state_dict(ck["optimizer"])
-    sched.load_state_dict(ck["scheduler"])
-    if ck.get("scaler"):
-        scaler.load_state_dict(ck["scaler"])
-    set_rng_state(ck["rng"])
+    # state.check_layout vetted the types; what torch and random still refuse (a parameter group of
+    # another size, a state of another optimizer) is said in one line, naming the file and the part
+    for what, load in (("optimizer state", lambda: opt.load_state_dict(ck["optimizer"])),
+                       ("scheduler state", lambda: sched.load_state_dict(ck["scheduler"])),
+                       ("grad scaler state", lambda: ck.get("scaler") and scaler.load_state_dict(ck["scaler"])),
+                       ("RNG state", lambda: set_rng_state(ck["rng"]))):
+        try:
+            load()
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as e:
+            raise ConfigError(f"resume file '{s.cfg.resume}': its {what} cannot be restored "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); the file is "
+                              f"damaged or comes from another setup: resume from another checkpoint, or start "
+                              f"afresh without --resume") from None
     for k in ("epoch", "step_in_epoch", "global_step", "best", "history", "zero_shot",
               "train_time_s", "epoch_loss", "epoch_groups"):
         state[k] = ck[k]

@@ -39,9 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model-config", default=None, metavar="JSON",
                    help="an open_clip model config file to register (its stem is the model name)")
     g.add_argument("--weights", default=None, metavar="FILE",
-                   help="pre-trained weights: a state dict (safetensors or a torch file read with "
-                   "weights_only=True), or a pickled whole module as the task-vector papers released "
-                   "them (read without running code); default: random weights (seeded by --seed)")
+                   help="pre-trained weights: a state dict (safetensors or a torch file), or a pickled whole "
+                   "module as the task-vector papers released them (torch files are read without running "
+                   "code); default: random weights (seeded by --seed)")
     g.add_argument("--head", nargs="+", default=None, metavar="FILE",
                    help="classification heads, one per dataset, in place of zero-shot heads from the text "
                    "tower: the papers' head_<Dataset>.pt or import --heads output (class i = sorted "
@@ -154,7 +154,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except DivergedError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 3
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, MemoryError) as e:
         # Input errors (ConfigError, DataError, files that are not what they should be): one line,
         # no traceback.
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
@@ -166,4 +166,7 @@ def _one_line(e: BaseException) -> str:
     msg = str(e) or type(e).__name__
     if isinstance(e, OSError) and e.filename is not None and e.strerror:
         msg = f"{e.filename}: {e.strerror}"
-    return msg
+    out = ""
+    for part in (p.strip() for p in msg.splitlines() if p.strip()):  # a list in the message: one line
+        out += (" " if not out or out.endswith(":") else "; ") + part
+    return out.strip()

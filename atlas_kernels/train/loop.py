@@ -16,8 +16,8 @@ global batch, and every rank takes the same optimizer step. (This is what DDP wo
 wrapping a module whose frozen blocks take no gradient; evaluation is sharded the same way.)
 
 Resume: checkpoints hold the coefficients, optimizer, scheduler, grad scaler, RNG states, best
-coefficients and history, as tensors and plain Python values, read back with
-``torch.load(weights_only=True)``. The data order and augmentation are functions of
+coefficients and history, as tensors and plain Python values, read back by the library's
+restricted reader (:func:`atlas_kernels.train.state.load_checkpoint`). The data order and augmentation are functions of
 ``(seed, epoch, position)`` (see :mod:`atlas_kernels.train.data`), so a resumed run takes the same
 steps as an uninterrupted one. A checkpoint records a fingerprint of the run (hyper-parameters,
 task vectors, data); resuming with another run's checkpoint is refused before training starts.

@@ -13,14 +13,25 @@ import torch.nn.functional as F
 Template = Union[str, Callable[[str], str]]
 
 
+def _require_file(p: Path, what: str) -> None:
+    """ValueError unless ``p`` is a readable regular file: saying what it is otherwise (missing, a
+    folder, a named pipe, a device such as /dev/zero, a broken link), not only "does not exist"
+    (reading a named pipe blocks until something writes to it)."""
+    from ..checkpoints import check_file
+
+    try:
+        check_file(str(p), what)
+    except FileNotFoundError as e:
+        raise ValueError(str(e)) from None
+
+
 def register_model_config(path) -> str:
     """Register an open_clip model config file (JSON with ``embed_dim``, ``vision_cfg``,
     ``text_cfg``) and return the model name it registers (the file's stem)."""
     import open_clip
 
     p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"model config file '{p}' does not exist")
+    _require_file(p, "model config file")
     try:
         cfg = json.loads(p.read_text())
     except json.JSONDecodeError as e:
@@ -85,14 +96,13 @@ def _check_model_name(name: str) -> None:
 
 
 def load_state_dict_file(path) -> Dict[str, torch.Tensor]:
-    """A state dict (safetensors, or a torch file read with ``weights_only=True``) via
-    :func:`atlas_kernels.load_state_dict_file` (which refuses pickled modules with the command that
-    converts them), with a DataParallel ``module.`` prefix removed."""
+    """A state dict (safetensors, or a torch file: a state dict or a pickled whole module, read
+    without running code) via :func:`atlas_kernels.load_state_dict_file`, with a DataParallel
+    ``module.`` prefix removed."""
     from atlas_kernels import load_state_dict_file as _load
 
     p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"weights file '{p}' does not exist")
+    _require_file(p, "weights file")
     sd = _load(str(p))
     for wrapper in ("module.", "model."):  # DataParallel; the papers' ImageEncoder (model.visual.*)
         if sd and all(k.startswith(wrapper) for k in sd):
@@ -163,8 +173,9 @@ def get_templates(spec: str) -> List[Template]:
     if spec == "photo":
         return ["a photo of a {}."]
     p = Path(spec)
-    if not p.is_file():
+    if not p.exists() and not p.is_symlink():
         raise ValueError(f"--templates: {spec!r} is neither 'openai', 'simple', 'photo' nor a file")
+    _require_file(p, "--templates file")
     lines = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
     bad = [ln for ln in lines if "{}" not in ln]
     if not lines or bad:
@@ -177,8 +188,7 @@ def read_classnames(path, classes: Sequence[str]) -> List[str]:
     """Class names for the sorted class folders ``classes``: a JSON object folder -> name, a JSON
     list, or a text file with one name per line (both in folder order)."""
     p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"class-names file '{p}' does not exist")
+    _require_file(p, "class-names file")
     text = p.read_text()
     try:
         data = json.loads(text)

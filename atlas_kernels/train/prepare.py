@@ -137,9 +137,9 @@ def setup(cfg: TrainConfig) -> Setup:
     get_templates(cfg.templates)  # fail early on a bad templates spec
 
     p = Path(cfg.task_vectors)
-    if not p.is_file():
+    if not p.exists() and not p.is_symlink():
         raise ConfigError(f"task-vector file '{p}' does not exist")
-    tvs = ak.TaskVectors.load(str(p))
+    tvs = ak.TaskVectors.load(str(p))  # says what a path that is not a regular file is
     if cfg.storage is not None and cfg.storage != tvs.storage:
         tvs = tvs.to_storage(cfg.storage)
     fp = fingerprint(cfg, tasks, tvs)
@@ -160,13 +160,7 @@ def setup(cfg: TrainConfig) -> Setup:
             raise ConfigError(str(e)) from None
     model.requires_grad_(False)
     model.to(device)
-    visual_params = dict(model.visual.named_parameters())
-    if not any(b in visual_params for b in tvs.blocks) and \
-            any(str(b).startswith("visual.") for b in tvs.blocks):
-        raise ConfigError(
-            f"task-vector file '{p}' names whole-model blocks (e.g. {tvs.blocks[0]!r}); the image "
-            "tower is patched, so rebuild it with: python -m atlas_kernels.task_vectors build ... "
-            "--prefix visual.")
+    _check_tv_names(p, tvs, model)
     tvs = tvs.to(device)
     blocks = cfg.blocks
     if blocks is not None and len(blocks) == 1 and blocks[0] in ("all", "weights"):
@@ -200,6 +194,35 @@ def setup(cfg: TrainConfig) -> Setup:
             raise ConfigError(f"resume file '{cfg.resume}' holds coefficients of other shapes")
     return Setup(cfg, d, device, precision, model, coefs, tvs, tasks, heads, scale, objective,
                  train_sets, eval_sets, fp, ckpt, log)
+
+
+def _check_tv_names(path: Path, tvs, model) -> None:
+    """ConfigError, in the command line's words, when the task-vector file names blocks that
+    model.visual (the image tower this command adapts) lacks: which prefix the file was built
+    with, and the command that rebuilds it (patch()'s own error speaks of the Python API)."""
+    from .._patch_guards import tv_prefix_hint
+
+    names = {n for n, _ in model.visual.named_parameters(remove_duplicate=False)}
+    names |= {n for n, _ in model.visual.named_buffers()}
+    missing = [b for b in tvs.blocks if b not in names]
+    if not missing:
+        return
+    rebuild = "python -m atlas_kernels.task_vectors build --pretrained P --finetuned F ... --prefix"
+    found = tv_prefix_hint(missing, names)
+    dotted = [b for b in missing if b.startswith(".") and b[1:] in names]
+    if found:
+        pre, fits, whole = found
+        why = (f"{len(fits)} of them are image-tower names behind a {pre!r} prefix"
+               + (" and the others are outside the image tower (whole-model task vectors)" if whole else ""))
+        fix = f"rebuild it with: {rebuild} {pre}"
+    elif dotted:
+        why = f"names such as {dotted[0]!r} start with a dot (built with a prefix lacking its trailing dot)"
+        fix = f"rebuild it with: {rebuild} visual. (with the dot)"
+    else:
+        why = f"model.visual's names look like {sorted(names)[:3]}"
+        fix = "build it from checkpoints of this --model, with --prefix visual. (or import ... --prefix auto)"
+    raise ConfigError(f"task-vector file '{path}' names {len(missing)} block(s) that the image tower (model.visual, "
+                      f"the part this command adapts) lacks, e.g. {missing[:3]}: {why}; {fix}")
 
 
 def make_forward(s: Setup):

@@ -1,5 +1,5 @@
 """What a checkpoint holds and how resuming is checked: fingerprints of a run, RNG states,
-and checkpoint files read with ``torch.load(weights_only=True)``."""
+and checkpoint files read by the library's restricted reader (not torch.load)."""
 
 from __future__ import annotations
 
@@ -92,18 +92,23 @@ def fingerprint_diff(a: Dict[str, Any], b: Dict[str, Any]) -> List[str]:
 
 
 def load_checkpoint(path) -> Dict[str, Any]:
-    """A training checkpoint, read with ``weights_only=True`` (never runs code from the file)."""
+    """A training checkpoint, read by the library's restricted reader (never runs code from the
+    file; bounded against expansion and compression bombs, as every torch file the library reads:
+    torch.load does not see it) and checked for the layout :func:`restore` relies on."""
+    from ..checkpoints import check_file, read_torch_file
+
     p = Path(path)
-    if not p.is_file():
+    if not p.exists() and not p.is_symlink():
         raise ConfigError(f"resume file '{p}' does not exist")
     try:
-        ckpt = torch.load(str(p), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ConfigError(f"resume file '{p}' is not a training checkpoint "
-                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        check_file(str(p), "resume file")
+        ckpt = read_torch_file(str(p), "resume file")
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"{e}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ConfigError(f"resume file '{p}' is not an atlas_kernels.train checkpoint "
                           f"(format {CHECKPOINT_FORMAT})")
+    check_layout(ckpt, p)
     from .faults import check_finite_tensors
 
     coefs = [("coefficients", ckpt.get("coefficients") or {})]
@@ -116,6 +121,74 @@ def load_checkpoint(path) -> Dict[str, Any]:
             raise ConfigError(f"{e}; it was written by a diverged run or corrupted, resume from an "
                               f"earlier checkpoint or start afresh") from None
     return ckpt
+
+
+def _what(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
+    if isinstance(x, (dict, list, tuple)):
+        return f"a {type(x).__name__} of {len(x)} item(s)"
+    return f"{type(x).__name__} {x!r}"[:80]
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_layout(ckpt: Dict[str, Any], path) -> None:
+    """ConfigError naming the first entry of a resume file that :func:`restore` could not use
+    (missing, or another type or shape than the trainer writes): the fingerprint, the
+    coefficients, the optimizer, scheduler and RNG states, the progress counters."""
+    def bad(key: str, want: str, got) -> ConfigError:
+        held = "nothing (the entry is missing)" if got is _MISSING else _what(got)
+        return ConfigError(f"resume file '{path}': {key} should be {want}, but it holds {held}; the file is "
+                           f"damaged or was not written by atlas_kernels.train: resume from another checkpoint, "
+                           f"or start afresh without --resume")
+
+    def get(d, key):
+        return d.get(key, _MISSING) if isinstance(d, dict) else _MISSING
+
+    for key in ("fingerprint", "coefficients", "optimizer", "scheduler", "rng"):
+        if not isinstance(get(ckpt, key), dict) or not ckpt[key]:
+            raise bad(f"'{key}'", "a non-empty dict", get(ckpt, key))
+    for key in ("epoch", "step_in_epoch", "global_step", "epoch_groups"):
+        v = get(ckpt, key)
+        if not _is_int(v) or v < 0:
+            raise bad(f"'{key}'", "a non-negative integer", v)
+    for key in ("train_time_s", "epoch_loss"):
+        if not isinstance(get(ckpt, key), (int, float)) or isinstance(ckpt[key], bool):
+            raise bad(f"'{key}'", "a number", get(ckpt, key))
+    if not isinstance(get(ckpt, "history"), list):
+        raise bad("'history'", "a list", get(ckpt, "history"))
+    for key in ("best", "zero_shot"):
+        if get(ckpt, key) is not None and not isinstance(ckpt[key], dict):
+            raise bad(f"'{key}'", "None or a dict", get(ckpt, key))
+    for k, v in ckpt["coefficients"].items():
+        if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+            raise bad(f"coefficients[{k!r}]", "a floating tensor", v)
+    opt = ckpt["optimizer"]
+    if not isinstance(get(opt, "state"), dict):
+        raise bad("optimizer['state']", "a dict", get(opt, "state"))
+    groups = get(opt, "param_groups")
+    if not isinstance(groups, list) or not groups or not all(
+            isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
+        raise bad("optimizer['param_groups']", "a non-empty list of parameter groups (dicts with 'params')", groups)
+    rng = ckpt["rng"]
+    t = get(rng, "torch")
+    want = torch.get_rng_state()
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.shape != want.shape:
+        raise bad("rng['torch']", f"a uint8 tensor of shape {tuple(want.shape)} (torch's RNG state)", t)
+    py = get(rng, "python")
+    if not (isinstance(py, (list, tuple)) and len(py) == 3 and _is_int(py[0]) and isinstance(py[1], (list, tuple))
+            and len(py[1]) == 625 and all(_is_int(x) and 0 <= x < 2 ** 32 for x in py[1])):
+        raise bad("rng['python']", "Python's RNG state [version, 625 32-bit ints, gauss]", py)
+    npy = get(rng, "numpy")
+    if npy is not None and not (isinstance(npy, dict) and isinstance(npy.get("keys"), torch.Tensor)
+                                and npy["keys"].numel() == 624 and _is_int(npy.get("pos"))):
+        raise bad("rng['numpy']", "None or numpy's RNG state (624 keys and a position)", npy)
+
+
+_MISSING = object()
 
 
 def check_resume(ckpt: Dict[str, Any], fp: Dict[str, Any], path) -> None:
@@ -144,7 +217,9 @@ def get_rng_state() -> Dict[str, Any]:
 
 
 def set_rng_state(st: Dict[str, Any]) -> None:
-    torch.set_rng_state(st["torch"])
+    # a copy: the reader hands out views into one buffer per file, and set_rng_state reads from
+    # the start of a tensor's storage, not from its offset ("Invalid mt19937 state")
+    torch.set_rng_state(st["torch"].clone())
     random.setstate(_py_state_from_plain(st["python"]))
     if st.get("cuda") is not None and torch.cuda.is_available() \
             and len(st["cuda"]) == torch.cuda.device_count():
