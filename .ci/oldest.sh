@@ -11,14 +11,18 @@
 # libraries the main torch already installed, and loads fine without a GPU.
 #
 # The subset (CORE): torch.compile against eager for every block kind (the 2.11 silent-zero-gradient
-# bug), the whole tiny tower through both backends against float64, and the reference/torch ops.
+# bug) and of a ViT-B/32-layout tower in one graph, the whole tiny tower through both backends against
+# float64, the reference/torch ops, the plan's grouped compose (Triton 3.6's interpreter), and
+# Triton's autotune disk cache read back the way triton 3.6 does.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${OLDEST_VENV:-${TMPDIR:-/tmp}/atlas-kernels-oldest}"
 PINS=(torch==2.11.0 triton==3.6.0 torchvision==0.26.0 numpy==2.2.6 open_clip_torch==2.24.0 safetensors==0.4.5)
 CORE=(atlas_kernels_tests/test_compile_gradients.py
       atlas_kernels_tests/test_triton_whole_model.py
-      atlas_kernels_tests/test_reference_and_torch_ops.py)
+      atlas_kernels_tests/test_reference_and_torch_ops.py
+      atlas_kernels_tests/test_grouped_tower.py
+      atlas_kernels_tests/test_autotune_cache.py)
 t0=$(date +%s)
 if ! "$VENV/bin/python" - "${PINS[@]}" 2>/dev/null <<'PY'
 import importlib.metadata as md, sys

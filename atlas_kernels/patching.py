@@ -170,6 +170,12 @@ def patch(module: nn.Module, task_vectors: TaskVectors, *, partitions: int = 1, 
     aliases = _tied_aliases(module)
     tv_name = _resolve_blocks(module, task_vectors, params, aliases, blocks)
     chosen = list(tv_name)
+    small = [(n, params[n].numel()) for n in chosen if params[n].numel() < partitions]
+    if small:
+        n, numel = min(small, key=lambda x: x[1])
+        raise ValueError(f"partitions={partitions} but block {n!r} has only {numel} element(s) ({len(small)} block(s) "
+                         f"are smaller than K): some of its K coefficients would own no element and never train. Use "
+                         f"partitions <= {numel}, or leave such blocks out with blocks=...")
     specs = {name: task_vectors.block_spec(tv_name[name], Partition.for_block(name, partitions, partition_mode, seed))
              for name in chosen}
     requires_grad = {name: p.requires_grad for name, p in params.items()}

@@ -84,7 +84,7 @@ def _check(model, args, backend, partitions, kinds):
                      f"on torch {torch.__version__}: {bad}")
 
 
-@pytest.mark.parametrize("backend,partitions", [("torch", 1), ("torch", 2), ("triton", 1)])
+@pytest.mark.parametrize("backend,partitions", [("auto", 1), ("torch", 1), ("torch", 2), ("triton", 1)])
 def test_compiled_coef_grads_match_eager_every_block_kind(backend, partitions):
     model = _AllKinds().to(DEV)
     tvs_names = {k for k, _ in model.named_parameters()}
@@ -98,3 +98,46 @@ def test_compiled_coef_grads_match_eager_every_block_kind(backend, partitions):
 
 # The whole tiny open_clip tower (class/positional embeddings, ln_pre/ln_post, proj) compiled against
 # eager: test_triton_whole_model.py::test_patched_vit_compiles_fullgraph.
+
+
+def test_a_vit_b32_layout_compiles_to_one_graph_without_recompiles():
+    """The ViT-B/32 image tower's layout (12 layers, 152 blocks: 26 LayerNorms) at width 16, patched
+    with the defaults: ``torch.compile`` without ``fullgraph`` traces one graph, with no graph break
+    and no recompilation (a class per block once made every LayerNorm its own class, and the tower hit
+    dynamo's recompile limit after 8), and matches eager; ``fullgraph=True`` compiles it too."""
+    import warnings
+
+    from torch._dynamo.utils import counters
+
+    open_clip = pytest.importorskip("open_clip")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        vis = open_clip.model._build_vision_tower(
+            16, {"image_size": 64, "layers": 12, "width": 16, "patch_size": 32, "head_width": 8}).train().to(DEV)
+    assert len(list(vis.named_parameters())) == 152
+    g = torch.Generator().manual_seed(3)
+    tvs = ak.TaskVectors({k: torch.randn((2, *p.shape), generator=g) * 0.02 for k, p in vis.named_parameters()})
+    m = ak.patch(vis, tvs.to(DEV))
+    assert len({type(x) for x in m.modules() if isinstance(x, nn.LayerNorm)}) == 1  # one AtlasLayerNorm class
+    coefs = ak.coefficients(m)
+    with torch.no_grad():
+        for c in coefs.values():
+            c.copy_(torch.randn(c.shape, generator=g) * 0.5)
+    x = torch.randn(2, 3, 64, 64, generator=g).to(DEV)
+    y, eager = _grads(m, coefs, x)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        yc, compiled = _grads(torch.compile(m, backend="aot_eager"), coefs, x)
+        stats = dict(counters["stats"])
+        breaks = dict(counters["graph_break"])
+        recompiles = {k: dict(v) for k, v in counters.items() if "recompil" in k}
+        torch._dynamo.reset()
+        yf, _ = _grads(torch.compile(m, fullgraph=True, backend="aot_eager"), coefs, x)
+    finally:
+        torch._dynamo.reset()
+    assert stats.get("unique_graphs") == 1 and not breaks and not any(recompiles.values()), (stats, breaks, recompiles)
+    assert rel_err(yc, y) < 1e-5 and rel_err(yf, y) < 1e-5
+    worst = max(coefs, key=lambda k: rel_err(compiled[k], eager[k]))
+    assert rel_err(compiled[worst], eager[worst]) < 1e-4, worst

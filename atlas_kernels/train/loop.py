@@ -219,7 +219,7 @@ def train(s: Setup) -> Dict[str, Any]:
                     raise DivergedError(diverged_message(
                         step=state["global_step"], epoch=epoch + 1, quantity=bad[0], value=bad[1], lr=cfg.lr,
                         precision=s.precision, resumed_at=resumed_at,
-                        checkpoint=str(ckpt_path) if ckpt_path.is_file() else None))
+                        checkpoint=str(ckpt_path) if ckpt_path.is_file() else None) + _overflow_note(s))
                 state["epoch_loss"] += loss_val
                 state["epoch_groups"] += 1
                 n_log += images_per_step_task * len(s.train_sets)
@@ -276,7 +276,7 @@ def train(s: Setup) -> Dict[str, Any]:
                     raise DivergedError(diverged_message(
                         step=state["global_step"], epoch=epoch + 1, quantity=bad[0], value=bad[1], lr=cfg.lr,
                         precision=s.precision, resumed_at=resumed_at,
-                        checkpoint=str(ckpt_path) if ckpt_path.is_file() else None))
+                        checkpoint=str(ckpt_path) if ckpt_path.is_file() else None) + _overflow_note(s))
             state["epoch_loss"] += loss_val
             state["epoch_groups"] += 1
             n_log += a * images_per_step_task * len(s.train_sets)
@@ -320,6 +320,26 @@ def train(s: Setup) -> Dict[str, Any]:
             state["stopped"] = True
             return state
     return state
+
+
+def _overflow_note(s) -> str:
+    """Where a diverged run's composed weights no longer fit their dtype (an fp16 model, or fp16
+    autocast), name the block: cheap here, once, after the divergence."""
+    import torch
+
+    from .._adapted import overflowing_blocks
+
+    try:
+        dtype = torch.float16 if s.precision == "fp16" else None
+        bad = overflowing_blocks(s.model.visual, dtype)
+    except Exception:  # the note is a help; the error stands without it
+        return ""
+    if not bad:
+        return ""
+    name, big = next(iter(bad.items()))
+    return (f" The composed weight of block {name!r} overflows its dtype (largest magnitude {big:.4g}"
+            + (f"; {len(bad) - 1} more block(s))" if len(bad) > 1 else ")")
+            + ": lower --lr, or train in bf16 or fp32.")
 
 
 def _capture(one_step, flat, params, opt, device, log):
