@@ -4,8 +4,8 @@ Two sources, both counted only while :func:`count` is active (otherwise each che
 read):
 
 - every Triton kernel launch, at the one seam every launcher goes through (:func:`launch`);
-- every ATen operator that does work (not a view, an allocation or a detach) issued inside the
-  library's ops: the grouped compose and its backward, and the per-block ops (marked with
+- every ATen or compiled-extension operator that does work (not a view, an allocation or a
+  detach) issued inside the library's ops: the grouped compose and its backward, and the per-block ops (marked with
   :func:`region`). The plain model's own operators (``F.linear``, ``F.layer_norm``, ...) are not
   the library's and are not counted.
 
@@ -104,8 +104,8 @@ def count():
 
     class _Mode(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if (getattr(_STATE, "depth", 0) > 0 and func.namespace == "aten" and not func.is_view
-                    and func not in free):
+            if (getattr(_STATE, "depth", 0) > 0 and func.namespace in ("aten", "atlas_kernels_ext")
+                    and not func.is_view and func not in free):
                 counts.aten += 1
                 name = func.overloadpacket.__name__
                 counts.by_op[name] = counts.by_op.get(name, 0) + 1

@@ -1,5 +1,5 @@
 """The compiled extension's fused CPU linear (``atlas_kernels_ext::fused_linear`` and
-``fused_linear_backward``, wired in ``ops.cuda_backend.linear`` for CPU tensors) against the float64
+``fused_linear_backward``, wired in ``ops.ext_backend`` ``ExtBackend.linear`` for CPU tensors) against the float64
 reference: every storage, N = 1, 3, 21, K = 1, 3 (contiguous and hash), fp32/bf16/fp16 compute,
 odd shapes cut into many odd chunks (``ATLAS_KERNELS_EXT_FUSED_CHUNK``), NaN-poisoned outputs and
 scratch, gradients bitwise equal over two runs, and the coefficient reduction bitwise equal over 1
@@ -31,14 +31,7 @@ def _poison(monkeypatch):
 
 
 def _cb():
-    return ops._module("cuda")
-
-
-@pytest.fixture(autouse=True)
-def fused_on(monkeypatch):
-    """The fused path (the default on CPU) on for these tests, whatever the environment says."""
-    if EXT_MISSING is None:
-        monkeypatch.setattr(_cb(), "FUSED_LINEAR_CPU", True)
+    return ops.get("ext")
 
 
 def _case(n, k, mode, storage, o=45, i=37, lead=(2, 3), cdtype=torch.float32, seed=0):
@@ -56,8 +49,8 @@ def _case(n, k, mode, storage, o=45, i=37, lead=(2, 3), cdtype=torch.float32, se
 
 def _run(c, dy=None):
     wblock = Block(c["w0"], c["wt"], c["wc"], c["pw"], c["ws"])
-    assert _cb().fused_linear_applies(c["x"], wblock)
-    y = ops.linear(c["x"], wblock, Block(c["b0"], c["bt"], c["bc"], c["pb"], c["bs"]), backend="cuda")
+    assert _cb().fused_applies(c["x"].dtype, wblock, c["x"].device)
+    y = ops.linear(c["x"], wblock, Block(c["b0"], c["bt"], c["bc"], c["pb"], c["bs"]), backend="ext")
     dy = torch.randn_like(y) if dy is None else dy
     return (y, dy) + torch.autograd.grad(y, (c["x"], c["wc"], c["bc"]), dy)
 
@@ -120,7 +113,7 @@ def test_fused_linear_frozen_or_missing_bias_and_plain_x():
     c = _case(3, 1, "contiguous", "float16", lead=(9,))
     x = c["x"].detach()
     for b0, label in ((None, "no bias"), (c["b0"], "frozen bias")):
-        y = ops.linear(x, Block(c["w0"], c["wt"], c["wc"], c["pw"], c["ws"]), Block(b0), backend="cuda")
+        y = ops.linear(x, Block(c["w0"], c["wt"], c["wc"], c["pw"], c["ws"]), Block(b0), backend="ext")
         (dwc,) = torch.autograd.grad(y, c["wc"], torch.ones_like(y))
         w64 = R.compose(c["w0"], R.dequantize(c["wt"], c["ws"]), c["wc"].detach(), c["pw"])
         ref = x.double() @ w64.t() + (0 if b0 is None else b0.double())
@@ -150,29 +143,37 @@ def test_fused_linear_not_taken_where_it_does_not_apply():
     cb = _cb()
     w0, tau, x = torch.randn(5, 4), torch.randn(2, 5, 4), torch.randn(3, 4)
     coef = torch.zeros(2)
-    assert cb.fused_linear_applies(x, Block(w0, tau, coef))
-    assert not cb.fused_linear_applies(x, Block(w0))
-    assert not cb.fused_linear_applies(x.double(), Block(w0, tau, coef))
-    assert not cb.fused_linear_applies(x.to("meta"), Block(w0.to("meta"), tau.to("meta"), coef.to("meta")))
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    assert cb.fused_applies(x.dtype, Block(w0, tau, coef), cpu)
+    assert not cb.fused_applies(x.dtype, Block(w0), cpu)
+    assert not cb.fused_applies(torch.float64, Block(w0, tau, coef), cpu)
+    assert not cb.fused_applies(x.dtype, Block(w0.to("meta"), tau.to("meta"), coef.to("meta")), meta)
 
 
-@pytest.mark.parametrize("value,storage,taken", [(None, "float16", "True"), (None, "int8", "True"),
-                                                 ("0", "int8", "False"), ("0", "float16", "False"),
-                                                 ("1", "float16", "True")])
-def test_fused_linear_switch_by_environment(value, storage, taken):
-    """By default (ATLAS_KERNELS_EXT_FUSED_LINEAR unset) the fused op serves every storage, the
-    measured faster path; =0 turns it off (compose + matmul), =1 on (read at import)."""
-    import os
-    import subprocess
-    import sys
+@pytest.mark.parametrize("fused_linear,storage", [("auto", "float16"), ("auto", "int8"), (True, "float16"),
+                                                  (False, "int8")])
+def test_which_linear_weights_take_the_fused_op(tiny_vit, fused_linear, storage):
+    """patch(fused_linear=...): True puts every dense linear weight on the fused op, False none, and
+    "auto" (the default) the weights of at least FUSED_MIN_NUMEL elements (measured faster there; the
+    small ones read their weight from the grouped compose, where one op call per block would cost
+    more host time than it saves)."""
+    import copy
 
-    code = ("import torch; from atlas_kernels import ops; cb = ops._module('cuda'); "
-            "from atlas_kernels.blocks import Block; "
-            f"b = Block(torch.randn(5, 4), torch.ones(2, 5, 4).to(torch.{storage}), torch.zeros(2)); "
-            "print(cb.fused_linear_applies(torch.randn(3, 4), b))")
-    env = {k: v for k, v in os.environ.items() if k != "ATLAS_KERNELS_EXT_FUSED_LINEAR"}
-    if value is not None:
-        env["ATLAS_KERNELS_EXT_FUSED_LINEAR"] = value
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == taken
+    import atlas_kernels as ak
+    from atlas_kernels.ops.ext_backend import FUSED_MIN_NUMEL
+    from atlas_kernels.plan import plan_of
+
+    vit = copy.deepcopy(tiny_vit).cpu()
+    g = torch.Generator().manual_seed(0)
+    tvs = ak.TaskVectors({k: torch.randn((2, *p.shape), generator=g) * 0.01
+                          for k, p in vit.named_parameters()}).to_storage(storage)
+    m = ak.patch(vit, tvs, backend="ext", fused_linear=fused_linear)
+    own = set(plan_of(m).own)
+    weights = {n: p.numel() for n, p in tiny_vit.named_parameters()
+               if n.endswith(("in_proj_weight", "out_proj.weight", "c_fc.weight", "c_proj.weight"))}
+    want = {n for n, numel in weights.items()
+            if fused_linear is True or (fused_linear == "auto" and numel >= FUSED_MIN_NUMEL)}
+    assert own == want, (own, want)
+    x = torch.randn(2, 3, 32, 32)
+    m(x).sum().backward()
+    assert all(c.grad is not None for c in ak.coefficients(m).values())

@@ -4,9 +4,10 @@ On a GPU the eager step of a patched tower was host-bound (54 ms eager, 25.5 ms 
 the H200): the time went to Python between the kernels. This measures that Python directly, where
 kernels cost almost nothing: a ViT-B/32-shaped open_clip image tower (12 layers, patch 32: the same
 152 blocks) at a tiny width (16), one thread, batch 2. For each backend that runs on this machine,
-a patched step (forward, backward, AdamW on the coefficients) against the plain tower's step
-(forward, backward with weight gradients: the floor), in interleaved rounds (each round times every
-case in turn, so a slow spell of a shared machine falls on all of them), medians.
+a patched step (forward, backward) against the plain tower's step (forward, backward with weight
+gradients: the floor), and the patched step with its optimizer step too (fused AdamW over the
+coefficients; the floor has no optimizer step), in interleaved rounds (each round times every case
+in turn, so a slow spell of a shared machine falls on all of them), medians.
 
 - ``torch`` and ``ext`` (the compiled extension, where it is built) run as they are.
 - ``triton`` runs with its kernel launches replaced by no-ops (``atlas_kernels._launches.set_launcher``,
@@ -89,29 +90,35 @@ def main(argv=None) -> int:
             model(x).float().square().mean().backward()
         return step
 
-    def patched_step(backend):
+    def patched_step(backend, optimizer):
         model = ak.patch(copy.deepcopy(base), tvs, backend=backend)
         coefs = list(ak.coefficients(model).values())
-        opt = torch.optim.AdamW(coefs, lr=1e-3, foreach=True)
+        opt = torch.optim.AdamW(coefs, lr=1e-3, fused=True)
 
         def step():
-            opt.zero_grad(set_to_none=True)
+            if optimizer:
+                opt.zero_grad(set_to_none=True)
+            else:
+                for c in coefs:
+                    c.grad = None
             model(x).float().square().mean().backward()
-            opt.step()
+            if optimizer:
+                opt.step()
         return step, model
 
     cases = {"plain": plain_step()}
     plans, launches = {}, {}
     for b in backends:
-        step, model = patched_step(b)
+        step, model = patched_step(b, False)
         cases[f"atlas:{b}"] = step
         plans[f"atlas:{b}"] = model._atlas_plan_root.summary()
+        cases[f"atlas:{b}+adamw"] = patched_step(b, True)[0]
     old = _launches.set_launcher(_stub_launch) if "triton" in backends else None
     try:
         for name, step in cases.items():
             for _ in range(3):
                 step()
-            if name != "plain":
+            if name != "plain" and not name.endswith("+adamw"):
                 with _launches.count() as c:
                     step()
                 launches[name] = {"total": c.total, "triton": c.triton, "aten": c.aten, "by_op": c.by_op}
@@ -141,7 +148,7 @@ def main(argv=None) -> int:
         ratio = med / plain
         extra = (med - plain) / blocks if name != "plain" else 0.0
         ln = launches.get(name)
-        stub = " (launches stubbed)" if name == "atlas:triton" else ""
+        stub = " (launches stubbed)" if name.startswith("atlas:triton") else ""
         print(f"{name:14s} {med:10.0f} {f'[{min(vals):.0f}, {max(vals):.0f}]':>19s} {ratio:8.2f} "
               f"{extra:10.2f} {'' if ln is None else ln['total']:>14}{stub}")
         rows.append({"date": env.today(), "device": env.device_name(cpu), "torch": torch.__version__,
@@ -149,7 +156,8 @@ def main(argv=None) -> int:
                      "blocks": blocks, "n_task_vectors": args.n, "batch": args.batch, "threads": 1,
                      "rounds": args.rounds, "steps": args.steps, "us_per_step": med, "us_per_step_rounds": vals,
                      "ratio_to_plain": ratio, "extra_us_per_block": extra, "launches": ln,
-                     "plan": plans.get(name), "triton_launches_stubbed": name == "atlas:triton",
+                     "plan": plans.get(name), "triton_launches_stubbed": name.startswith("atlas:triton"),
+                     "optimizer_step": name.endswith("+adamw"),
                      "loadavg_1m": os.getloadavg()[0]})
     for name, summary in plans.items():
         print(f"  {name}: {summary}")

@@ -21,7 +21,7 @@ import torch
 from .._launches import region
 from ..blocks import Block, coef_matrix
 from .backend import Backend, compute_dtype
-from .torch_backend import dense
+from .torch_backend import coef_grad_entry, compose_entry, dense, prepare_entry
 
 try:
     from .. import _C  # noqa: F401  (loading the library registers torch.ops.atlas_kernels_ext)
@@ -41,6 +41,10 @@ _DEVICE_TYPES = frozenset(dt for dt, key in (("cpu", "CPU"), ("cuda", "CUDA"), (
                           if torch._C._dispatch_has_kernel_for_dispatch_key("atlas_kernels_ext::compose", key))
 HAS_FUSED_CPU = torch._C._dispatch_has_kernel_for_dispatch_key("atlas_kernels_ext::fused_linear", "CPU")
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The grouped pass composes blocks of at least this many elements with the extension's op, and smaller
+# ones with the torch backend's (one addmv): an op call of the extension costs about 30 us whatever
+# the block's size, torch's addmv 7 us (measured on this project's CPU, a 16-wide block, N = 21).
+GROUP_MIN_NUMEL = 1 << 14
 # fused_linear="auto" on CPU: linear weights of at least this many elements run the fused op (W and
 # G never allocated: measured faster than compose + matmul at ViT-B/32 sizes,
 # bench/results/2026-12-01-cpu-ext-scratch.txt); smaller ones read their weight from the grouped
@@ -155,6 +159,39 @@ class ExtBackend(Backend):
             y = FusedLinearFunction.apply(x.to(dtype).reshape(-1, in_f), _coef2d(w), w.theta0.contiguous(), w.tau,
                                           w.scale, code, key)
         return y.reshape(*lead, out_f)
+
+    # ------------------------------------------------------------------ the grouped pass
+    def prepare_group(self, group):
+        # per entry: its partition encoding where the extension's op composes it, None where the
+        # torch backend's one addmv does (a small block: see GROUP_MIN_NUMEL)
+        group.launch = []
+        for e in group.entries:
+            prepare_entry(e)
+            group.launch.append(e.partition.encoding() if e.theta0.numel() >= GROUP_MIN_NUMEL else None)
+
+    def compose_group(self, group, dtypes):
+        out = []
+        for e, enc in zip(group.entries, group.launch):
+            if enc is None:
+                out.append(compose_entry(e, dtypes[e.sel]))
+                continue
+            k, code, key = enc
+            coef = e.coef if e.index is None else e.coef.index_select(0, e.index)
+            out.append(_ops.compose(e.theta0, e.tau, coef.view(-1, k), e.scale, code, key, dtypes[e.sel]))
+        return out
+
+    def coef_grad_group(self, group, grads):
+        out = []
+        for e, enc, g in zip(group.entries, group.launch, grads):
+            if enc is None or g is None:
+                out.append(coef_grad_entry(e, g))
+                continue
+            k, code, key = enc
+            v = _ops.coef_grad(g.contiguous(), e.tau, e.scale, k, code, key)
+            if e.index is not None:
+                v = torch.zeros((e.coef.shape[0], k), dtype=v.dtype, device=v.device).index_copy_(0, e.index, v)
+            out.append(v.view(e.coef.shape))
+        return out
 
     def compose_values(self, theta0, tau, coef, partition, out_dtype, scale=None):
         _, code, key = partition.encoding()

@@ -187,44 +187,47 @@ class TorchBackend(Backend):
         return coef_grad_values(grad, tau, k, partition, scale)
 
     def prepare_group(self, group):
-        # The common case (K = 1, unscaled fp32 slabs, fp32 theta0, every task vector held): views
-        # for one addmv (compose) and one mv (gradient) per block, made once.
         for e in group.entries:
-            e.fast = None
-            if (e.partition.k == 1 and e.scale is None and e.index is None
-                    and e.tau.dtype == e.theta0.dtype == e.coef.dtype == torch.float32):
-                t2 = e.tau.view(e.tau.shape[0], -1)
-                e.fast = (e.theta0.view(-1), t2.t(), t2)
+            prepare_entry(e)
 
     def compose_group(self, group, dtypes):
-        # The common case is one addmv per block on the views of prepare_group; the rest takes
-        # compose_values.
-        out = []
-        for e in group.entries:
-            fast = e.fast
-            if fast is not None and dtypes[e.sel] == fast[0].dtype:
-                out.append(torch.addmv(fast[0], fast[1], e.coef).view(e.shape))
-            else:
-                coef = e.coef if e.index is None else e.coef.index_select(0, e.index)
-                out.append(compose_values(e.theta0, e.tau, coef, e.partition, dtypes[e.sel], e.scale))
-        return out
+        return [compose_entry(e, dtypes[e.sel]) for e in group.entries]
 
     def coef_grad_group(self, group, grads):
-        out = []
-        for e, g in zip(group.entries, grads):
-            fast = e.fast
-            if g is not None and fast is not None and g.dtype == fast[0].dtype:
-                out.append(torch.mv(fast[2], g.reshape(-1)))
-            else:
-                out.extend(Backend.coef_grad_group(self, _One(e), (g,)))
-        return out
+        return [coef_grad_entry(e, g) for e, g in zip(group.entries, grads)]
 
 
-class _One:
-    """A one-entry stand-in for a group (the default per-entry loop on a single entry)."""
+def prepare_entry(e) -> None:
+    """The common case (K = 1, unscaled fp32 slabs, fp32 theta0, every task vector held): views
+    for one addmv (compose) and one mv (gradient), made once; ``e.fast`` None otherwise."""
+    e.fast = None
+    if (e.partition.k == 1 and e.scale is None and e.index is None
+            and e.tau.dtype == e.theta0.dtype == e.coef.dtype == torch.float32):
+        t2 = e.tau.view(e.tau.shape[0], -1)
+        e.fast = (e.theta0.view(-1), t2.t(), t2, len(e.shape) != 1)
 
-    def __init__(self, entry):
-        self.entries = (entry,)
+
+def compose_entry(e, dtype):
+    """One grouped block's value in ``dtype`` (no autograd): one addmv in the common case."""
+    fast = e.fast
+    if fast is not None and dtype == fast[0].dtype:
+        w = torch.addmv(fast[0], fast[1], e.coef)
+        return w.view(e.shape) if fast[3] else w
+    coef = e.coef if e.index is None else e.coef.index_select(0, e.index)
+    return compose_values(e.theta0, e.tau, coef, e.partition, dtype, e.scale)
+
+
+def coef_grad_entry(e, g):
+    """One grouped block's coefficient gradient, shaped like its coefficients (None: unused)."""
+    if g is None:
+        return None
+    fast = e.fast
+    if fast is not None and g.dtype == fast[0].dtype:
+        return torch.mv(fast[2], g.reshape(-1) if fast[3] else g)
+    v = coef_grad_values(g, e.tau, e.partition.k, e.partition, e.scale)
+    if e.index is not None:
+        v = torch.zeros((e.coef.shape[0], v.shape[1]), dtype=v.dtype, device=v.device).index_copy_(0, e.index, v)
+    return v.reshape(e.coef.shape).to(e.coef.dtype)
 
 
 BACKEND = TorchBackend()
