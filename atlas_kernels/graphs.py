@@ -1,8 +1,8 @@
 """A training step captured once in a CUDA graph and replayed: :class:`GraphedStep`.
 
-A patched tower's eager step on a GPU spends much of its time in Python (the H200: 54 ms eager, 25.5
-ms for the same step replayed from a graph). Once a step's shapes are static, capturing it takes the
-host out of the way:
+A training step's eager run on a GPU spends part of its time in Python between the kernels (the
+numbers: docs/PERFORMANCE.md, "Launches and host cost"). Once a step's shapes are static, capturing it
+takes the host out of the way:
 
     opt = torch.optim.AdamW(ak.coefficients(model).values(), lr=torch.tensor(1e-3, device="cuda"),
                             capturable=True)       # the optimizer must be capturable (a tensor lr: schedulers fill it)

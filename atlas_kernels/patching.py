@@ -113,9 +113,8 @@ def patch(module: nn.Module, task_vectors: TaskVectors, *, partitions: int = 1, 
             ``True`` builds a random image from the module's config (open_clip, Hugging Face and
             timm image towers). Costs three forwards at batch 1 plus composing every adapted block
             once in plain PyTorch, and one composed copy of the adapted parameters while it runs.
-            Measured on a shared, loaded 2-core CPU, N = 2: a tiny ViT 0.05 s to patch, 0.7 s with
-            verify; ViT-B/32 0.8 s, 30 to 45 s with verify. Hence off by default: turn it on
-            once for a new model family, or in a test.
+            On a CPU that is tens of seconds for a ViT-B/32 (a fraction of a second for a tiny
+            tower). Hence off by default: turn it on once for a new model family, or in a test.
         linearised: the linearised model around theta0 (task vectors in the tangent space):
             ``forward(x)`` returns ``f(x; theta0) + J f(x; theta0) . D(lam)``, primal and tangent
             in one pass (see :mod:`atlas_kernels.linearised`). No grouping; such a module cannot be

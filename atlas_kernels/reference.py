@@ -26,10 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from .partitions import Partition
-from .storage import scale_rows  # the scale layout (re-exported: older imports read it here)
+from .storage import scale_rows
 
 __all__ = [
-    "scale_rows",
     "dequantize",
     "compose",
     "coef_grad",

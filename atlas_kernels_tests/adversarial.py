@@ -127,11 +127,23 @@ def module_api(d: Path):
                 return ok and y.dtype == to and bool(torch.isfinite(y).all())
             case(F, f".to({str(to)[6:]}) with {storage} storage", conv)
 
-    def rg():
+    def rg():  # theta0 is a buffer: requires_grad_(True) makes trainable exactly what parameters() lists
         m, _ = tiny()
         m.requires_grad_(True)
-        m(torch.randn(1, 3, 32, 32))
-    case(F, "requires_grad_(True) then forward", rg, r"theta0.*requires grad")
+        m(torch.randn(1, 3, 32, 32)).sum().backward()
+        coefs = ak.coefficients(m)
+        return ({id(p) for p in m.parameters()} == {id(c) for c in coefs.values()}
+                and all(c.grad is not None for c in coefs.values()))
+    case(F, "requires_grad_(True) then forward", rg)
+
+    def rg_theta0():  # a theta0 made to require grad by hand is refused, not silently left untrained
+        m, _ = tiny()
+        m.conv1._buffers["weight"].requires_grad_(True)
+        from atlas_kernels.plan import plan_of
+
+        plan_of(m).values = None
+        return m.conv1.weight
+    case(F, "theta0 made to require grad by hand", rg_theta0, r"theta0.*requires grad")
 
     def strict_plain():
         m, plain = tiny()
@@ -154,7 +166,7 @@ def module_api(d: Path):
         m, plain = tiny()
         fill(m, 0.5)
         ak.load_plain_state_dict(m, {k: v + 1 for k, v in plain.items()})
-        return bool(torch.equal(m.state_dict()["conv1.parametrizations.weight.original"], plain["conv1.weight"] + 1))
+        return bool(torch.equal(m.state_dict()["conv1.weight"], plain["conv1.weight"] + 1))
     case(F, "load_plain_state_dict", helper)
     case(F, "unpatch NaN coefficients", lambda: (lambda m: (fill(m, float("nan")), ak.unpatch(m)))(tiny()[0]),
          r"NaN or inf")

@@ -76,7 +76,7 @@ TORCH_LIBRARY(atlas_kernels_ext, m) {
   m.def("coef_grad_packed(Tensor grad_flat, Tensor tau_flat, Tensor? scale_flat, Tensor table, "
         "Tensor tile_map, int block, int kmax, int total_cols) -> Tensor");
   // The tile-fused linear (CPU kernels only; CUDA tensors take compose + matmul, see
-  // atlas_kernels/ops/cuda_backend.py): y = x W^T + bias, W composed tile by tile, never stored.
+  // atlas_kernels/ops/ext_backend.py): y = x W^T + bias, W composed tile by tile, never stored.
   m.def("fused_linear(Tensor x, Tensor w0, Tensor tau, Tensor coef, Tensor? scale, int mode, int key, "
         "Tensor? bias) -> Tensor");
   m.def("fused_linear_backward(Tensor grad_out, Tensor x, Tensor w0, Tensor tau, Tensor coef, Tensor? scale, "

@@ -14,11 +14,11 @@ import triton.language as tl
 
 from .._launches import launch
 from ..partitions import Partition
+from ..storage import scale_rows
 from ._common import (
     INTERPRET,
     _part_index,
     launch_block,
-    scale_rows,
     scratch,
 )
 

@@ -25,7 +25,7 @@ import triton.language as tl
 from .._env import is_interpreter
 from ..blocks import coef_matrix
 from ..partitions import Partition
-from ..storage import scale_rows  # noqa: F401  (the scale layout's one definition; used by the launchers)
+from ..storage import scale_rows
 
 INTERPRET = is_interpreter()
 

@@ -10,12 +10,12 @@ import triton.language as tl
 
 from .._launches import launch
 from ..partitions import Partition
+from ..storage import scale_rows
 from ._common import (
     INTERPRET,
     _cast_out,
     _part_index,
     launch_block,
-    scale_rows,
 )
 
 __all__ = ["compose"]

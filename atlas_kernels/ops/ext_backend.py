@@ -42,13 +42,13 @@ _DEVICE_TYPES = frozenset(dt for dt, key in (("cpu", "CPU"), ("cuda", "CUDA"), (
 HAS_FUSED_CPU = torch._C._dispatch_has_kernel_for_dispatch_key("atlas_kernels_ext::fused_linear", "CPU")
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # The grouped pass composes blocks of at least this many elements with the extension's op, and smaller
-# ones with the torch backend's (one addmv): an op call of the extension costs about 30 us whatever
-# the block's size, torch's addmv 7 us (measured on this project's CPU, a 16-wide block, N = 21).
+# ones with the torch backend's one addmv, whose fixed cost per call is several times lower
+# (docs/PERFORMANCE.md, "Which backend auto picks").
 GROUP_MIN_NUMEL = 1 << 14
 # fused_linear="auto" on CPU: linear weights of at least this many elements run the fused op (W and
-# G never allocated: measured faster than compose + matmul at ViT-B/32 sizes,
-# bench/results/2026-12-01-cpu-ext-scratch.txt); smaller ones read their weight from the grouped
-# compose, where the host cost of one op call per block would dominate (docs/PERFORMANCE.md).
+# G never allocated; faster than compose + matmul at ViT-B/32 sizes); smaller ones read their weight
+# from the grouped compose, where one op call per block would cost more host time than the block's
+# work (docs/PERFORMANCE.md).
 FUSED_MIN_NUMEL = 1 << 16
 
 
