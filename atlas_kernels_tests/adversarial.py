@@ -107,6 +107,52 @@ def coefficient_files(d: Path):
                                                     ak.load_coefficients(m, d / "k.safetensors")) and True)
 
 
+def cross_model_coefficients(d: Path):
+    """Coefficients are numbers about one base model and one set of task vectors: loading them into
+    another is a silent wrong answer unless the file says what it was trained on."""
+    F = "cross-model coefficients"
+
+    def tower(width, seed=0):
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Linear(8, width), torch.nn.GELU(), torch.nn.Linear(width, 4))
+
+    def patched(width=16, base_seed=0, tv_seed=1, storage="float32"):
+        m = tower(width, base_seed)
+        g = torch.Generator().manual_seed(tv_seed)
+        tvs = ak.TaskVectors({k: torch.randn((2, *p.shape), generator=g) * 0.01 for k, p in m.named_parameters()},
+                             names=["cars", "dtd"])
+        ak.patch(m, tvs if storage == "float32" else tvs.to_storage(storage), backend="torch")
+        return m
+
+    src = patched()
+    fill(src, [0.3, -0.2])
+    f = d / "c.safetensors"
+    ak.save_coefficients(src, f)
+    case(F, "another architecture (other widths)", lambda: ak.load_coefficients(patched(width=24), f),
+         r"another architecture.*has shape")
+    case(F, "another architecture, strict=False", lambda: ak.load_coefficients(patched(width=24), f, strict=False),
+         r"another architecture")
+    case(F, "other task vectors, same names", lambda: ak.load_coefficients(patched(tv_seed=2), f),
+         r"task vectors differ")
+    case(F, "another base model, same architecture", lambda: ak.load_coefficients(patched(base_seed=5), f),
+         r"pre-trained weights differ")
+
+    def same_in_int8():  # the same task vectors in compact storage are the same task vectors
+        m = patched(storage="int8")
+        ak.load_coefficients(m, f)
+        return all(torch.equal(a, b) for a, b in zip(ak.coefficients(m).values(), ak.coefficients(src).values()))
+    case(F, "the same task vectors stored int8 load", same_in_int8)
+
+    def nothing_loaded_on_refusal():
+        m = patched(tv_seed=2)
+        try:
+            ak.load_coefficients(m, f)
+        except ValueError:
+            pass
+        return all(bool((c == 0).all()) for c in ak.coefficients(m).values())
+    case(F, "a refused load changes nothing", nothing_loaded_on_refusal)
+
+
 def _empty(d: Path) -> Path:
     p = d / "empty.safetensors"
     p.write_bytes(b"")
@@ -819,8 +865,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-train", action="store_true",
                     help="leave out the families that train (training, resume files, disk full: the slowest)")
     args = ap.parse_args(argv)
-    fams = [coefficient_files, module_api, peft_configs, task_vector_files, atomic_writes, bombs, special_files,
-            tampered_files]
+    fams = [coefficient_files, cross_model_coefficients, module_api, peft_configs, task_vector_files, atomic_writes,
+            bombs, special_files, tampered_files]
     if not args.skip_train:
         fams += [training, resume_files, disk_full]
     with tempfile.TemporaryDirectory() as tmp:
