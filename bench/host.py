@@ -141,7 +141,7 @@ def main(argv=None) -> int:
           f"{args.rounds} rounds x {args.steps} steps (medians)")
     if skipped:
         print("not run here: " + "; ".join(skipped))
-    print(f"{'case':14s} {'us/step':>10s} {'range':>19s} {'x plain':>8s} {'+us/block':>10s} {'launches/step':>14s}")
+    print(f"{'case':19s} {'us/step':>10s} {'range':>19s} {'x plain':>8s} {'+us/block':>10s} {'launches/step':>14s}")
     rows = []
     for name, vals in per_round.items():
         med = statistics.median(vals)
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
         extra = (med - plain) / blocks if name != "plain" else 0.0
         ln = launches.get(name)
         stub = " (launches stubbed)" if name.startswith("atlas:triton") else ""
-        print(f"{name:14s} {med:10.0f} {f'[{min(vals):.0f}, {max(vals):.0f}]':>19s} {ratio:8.2f} "
+        print(f"{name:19s} {med:10.0f} {f'[{min(vals):.0f}, {max(vals):.0f}]':>19s} {ratio:8.2f} "
               f"{extra:10.2f} {'' if ln is None else ln['total']:>14}{stub}")
         rows.append({"date": env.today(), "device": env.device_name(cpu), "torch": torch.__version__,
                      "triton": env.triton_version(), "atlas_kernels": env.git_commit(), "case": name,
