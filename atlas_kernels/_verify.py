@@ -1,5 +1,5 @@
 """``patch(..., verify=...)``: one probe forward of the patched module checked against the
-parametrized reference path.
+functional reference path (`torch.func.functional_call` on an unpatched copy).
 
 The reference is the module as it was before patching (a structural copy that shares its tensors,
 so it costs no parameter memory) run through ``torch.func.functional_call`` with every adapted
