@@ -86,36 +86,6 @@ inline Seg block_seg(const at::Tensor& block, int64_t k, int64_t mode, int64_t k
   return s;
 }
 
-inline void check_packed(const char* op, const at::Tensor& flat, const char* fname, const at::Tensor& tau_flat,
-                         const c10::optional<at::Tensor>& scale_flat, const at::Tensor& table,
-                         const at::Tensor& tile_map, int64_t block) {
-  TORCH_CHECK(is_compute_dtype(flat.scalar_type()) && flat.dim() == 1, op, ": ", fname,
-              " must be a 1-D float32/bfloat16/float16 tensor, got ", flat.scalar_type(), " ", flat.sizes());
-  TORCH_CHECK(is_storage_dtype(tau_flat.scalar_type()), op,
-              ": tau_flat must be float32, bfloat16, float16, int8 or float8_e4m3fn, got ", tau_flat.scalar_type());
-  TORCH_CHECK(tau_flat.dim() == 2 && tau_flat.size(1) == flat.numel(), op, ": tau_flat must be [N, ",
-              flat.numel(), "], got ", tau_flat.sizes());
-  TORCH_CHECK(table.scalar_type() == at::kLong && table.dim() == 2 && table.size(1) == kSegColumns, op,
-              ": table must be int64 [S, ", kSegColumns, "], got ", table.scalar_type(), " ", table.sizes());
-  TORCH_CHECK(tile_map.scalar_type() == at::kInt && tile_map.dim() == 1, op,
-              ": tile_map must be int32 [T], got ", tile_map.scalar_type(), " ", tile_map.sizes());
-  TORCH_CHECK(block >= 1, op, ": block must be >= 1, got ", block);
-  for (const at::Tensor* t : {&tau_flat, &table, &tile_map}) {
-    TORCH_CHECK(t->device() == flat.device(), op, ": every tensor must be on ", flat.device(), ", got one on ",
-                t->device());
-  }
-  if (scale_flat.has_value()) {
-    TORCH_CHECK(scale_flat->scalar_type() == at::kFloat && scale_flat->dim() == 2 &&
-                    scale_flat->size(0) == tau_flat.size(0),
-                op, ": scale_flat must be float32 [N, total_rows], got ", scale_flat->scalar_type(), " ",
-                scale_flat->sizes());
-    TORCH_CHECK(scale_flat->device() == flat.device(), op, ": scale_flat is on ", scale_flat->device());
-  } else {
-    TORCH_CHECK(tau_flat.scalar_type() != at::kChar && tau_flat.scalar_type() != at::kFloat8_e4m3fn, op,
-                ": int8 / float8_e4m3fn task vectors need scale_flat, got None");
-  }
-}
-
 // Calls f(T{}) with T the C++ type of a task-vector storage dtype: the one list of storages the
 // CPU and CUDA kernels both dispatch on.
 template <typename F>

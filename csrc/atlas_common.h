@@ -1,4 +1,4 @@
-// Shared definitions of the atlas_kernels extension: the segment description, the partition index
+// Shared definitions of the atlas_kernels extension: the block description, the partition index
 // (bit for bit atlas_kernels/partitions.py), and dtype codes. Host and device.
 #pragma once
 #include <cstdint>
@@ -16,12 +16,8 @@ constexpr int kModeNone = 0;        // k == 1: every element in part 0
 constexpr int kModeContiguous = 1;  // part(e) = (e * K) // numel (int64)
 constexpr int kModeHash = 2;        // part(e) = lowbias32((e ^ key) mod 2**32) mod K
 
-// Columns of the packed table (atlas_kernels/kernels/_compose.py SEG_COLUMNS).
-constexpr int kSegStart = 0, kSegNumel = 1, kSegCol = 2, kSegK = 3, kSegMode = 4, kSegKey = 5,
-              kSegRowOff = 6, kSegRowLen = 7, kSegTile0 = 8, kSegNTiles = 9, kSegColumns = 10;
-
-// One block (a segment of the packed buffers, or a whole block): where its elements, coefficient
-// columns and scale rows start, and how its elements map to parts and scale rows.
+// One block: where its elements, coefficient columns and scale rows start, and how its elements
+// map to parts and scale rows.
 struct Seg {
   int64_t start;    // first element in the flat buffers (theta0/out/grad and every slab row)
   int64_t numel;    // elements of the block
@@ -57,20 +53,6 @@ ATLAS_HD int64_t part_end(int64_t e, const Seg& s) {
   if (s.mode != kModeContiguous) return s.numel;
   const int64_t p = (e * s.k) / s.numel;
   return ((p + 1) * s.numel + s.k - 1) / s.k;
-}
-
-// One row of the packed table as a Seg.
-ATLAS_HD Seg table_seg(const int64_t* row) {
-  Seg s;
-  s.start = row[kSegStart];
-  s.numel = row[kSegNumel];
-  s.col = row[kSegCol];
-  s.k = row[kSegK];
-  s.mode = row[kSegMode];
-  s.key = static_cast<uint32_t>(row[kSegKey] & 0xFFFFFFFFLL);
-  s.row_off = row[kSegRowOff];
-  s.row_len = row[kSegRowLen] > 1 ? row[kSegRowLen] : 1;
-  return s;
 }
 
 }  // namespace atlas_ext

@@ -31,20 +31,6 @@ at::Tensor coef_grad_meta(const at::Tensor& grad, const at::Tensor& tau, const c
   return at::empty_symint({tau.sym_size(0), c10::SymInt(k)}, grad.options().dtype(at::kFloat));
 }
 
-at::Tensor compose_packed_meta(const at::Tensor& theta0_flat, const at::Tensor& tau_flat, const at::Tensor& coef_flat,
-                               const c10::optional<at::Tensor>& scale_flat, const at::Tensor& table,
-                               const at::Tensor& tile_map, int64_t block, int64_t kmax, at::ScalarType out_dtype) {
-  TORCH_CHECK(is_compute_dtype(out_dtype), "compose_packed: out_dtype must be float32, bfloat16 or float16, got ",
-              out_dtype);
-  return at::empty_symint(theta0_flat.sym_sizes(), theta0_flat.options().dtype(out_dtype));
-}
-
-at::Tensor coef_grad_packed_meta(const at::Tensor& grad_flat, const at::Tensor& tau_flat,
-                                 const c10::optional<at::Tensor>& scale_flat, const at::Tensor& table,
-                                 const at::Tensor& tile_map, int64_t block, int64_t kmax, int64_t total_cols) {
-  return at::empty_symint({tau_flat.sym_size(0), c10::SymInt(total_cols)}, grad_flat.options().dtype(at::kFloat));
-}
-
 at::Tensor fused_linear_meta(const at::Tensor& x, const at::Tensor& w0, const at::Tensor& tau, const at::Tensor& coef,
                              const c10::optional<at::Tensor>& scale, int64_t mode, int64_t key,
                              const c10::optional<at::Tensor>& bias) {
@@ -71,10 +57,6 @@ TORCH_LIBRARY(atlas_kernels_ext, m) {
   m.def("compose(Tensor theta0, Tensor tau, Tensor coef, Tensor? scale, int mode, int key, "
         "ScalarType out_dtype) -> Tensor");
   m.def("coef_grad(Tensor grad, Tensor tau, Tensor? scale, int k, int mode, int key) -> Tensor");
-  m.def("compose_packed(Tensor theta0_flat, Tensor tau_flat, Tensor coef_flat, Tensor? scale_flat, "
-        "Tensor table, Tensor tile_map, int block, int kmax, ScalarType out_dtype) -> Tensor");
-  m.def("coef_grad_packed(Tensor grad_flat, Tensor tau_flat, Tensor? scale_flat, Tensor table, "
-        "Tensor tile_map, int block, int kmax, int total_cols) -> Tensor");
   // The tile-fused linear (CPU kernels only; CUDA tensors take compose + matmul, see
   // atlas_kernels/ops/ext_backend.py): y = x W^T + bias, W composed tile by tile, never stored.
   m.def("fused_linear(Tensor x, Tensor w0, Tensor tau, Tensor coef, Tensor? scale, int mode, int key, "
@@ -86,8 +68,6 @@ TORCH_LIBRARY(atlas_kernels_ext, m) {
 TORCH_LIBRARY_IMPL(atlas_kernels_ext, Meta, m) {
   m.impl("compose", &atlas_ext::compose_meta);
   m.impl("coef_grad", &atlas_ext::coef_grad_meta);
-  m.impl("compose_packed", &atlas_ext::compose_packed_meta);
-  m.impl("coef_grad_packed", &atlas_ext::coef_grad_packed_meta);
   m.impl("fused_linear", &atlas_ext::fused_linear_meta);
   m.impl("fused_linear_backward", &atlas_ext::fused_linear_backward_meta);
 }

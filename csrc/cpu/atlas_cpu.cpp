@@ -1,7 +1,7 @@
 // CPU kernels of the atlas_kernels extension.
 //
-// Work is cut into fixed tiles of elements (kChunk for one block; the layout's `block` for the
-// packed ops), independent of the thread count, and spread over threads with at::parallel_for.
+// Work is cut into fixed tiles of kChunk elements, independent of the thread count, and spread over
+// threads with at::parallel_for.
 // Inside a tile, an fp32 accumulator of the tile (kChunk floats: L1-resident) is updated by groups
 // of four task vectors at a time (axpy_slabs / dot_slabs: the accumulator stays in registers across
 // a group; hash partitions one slab at a time): the N slabs are each read once. Compact storage (bf16, fp16, int8, fp8 e4m3) is
@@ -116,7 +116,7 @@ void grad_tile(const Bufs& q, const Seg& s, int64_t a, int64_t b, float* partial
   }
 }
 
-// Tiles of a launch: single block (one segment, tiles of kChunk) or a packed table.
+// Tiles of a launch: one block cut into tiles of kChunk elements.
 struct Tiles {
   std::vector<Seg> segs;
   std::vector<int64_t> tile0;  // first tile of each segment
@@ -136,16 +136,6 @@ struct Tiles {
     return {a, std::min(a + block, s.numel)};
   }
 };
-
-Tiles packed_tiles(const at::Tensor& table, int64_t block) {
-  TORCH_CHECK(block <= kChunk, "compose_packed: block must be <= ", kChunk, " on CPU, got ", block);
-  Tiles tl;
-  tl.block = block;
-  auto tab = table.contiguous();
-  const int64_t* rows = tab.data_ptr<int64_t>();
-  for (int64_t r = 0; r < tab.size(0); ++r) tl.add(table_seg(rows + r * kSegColumns));
-  return tl;
-}
 
 void run_compose(const Bufs& q, at::ScalarType tau_t, const Tiles& tl) {
   dispatch_storage(tau_t, [&](auto tag) {
@@ -235,72 +225,6 @@ at::Tensor coef_grad_cpu(const at::Tensor& grad, const at::Tensor& tau, const c1
   return out;
 }
 
-at::Tensor compose_packed_cpu(const at::Tensor& theta0_flat, const at::Tensor& tau_flat, const at::Tensor& coef_flat,
-                              const c10::optional<at::Tensor>& scale_flat, const at::Tensor& table,
-                              const at::Tensor& tile_map, int64_t block, int64_t kmax, at::ScalarType out_dtype) {
-  check_packed("compose_packed", theta0_flat, "theta0_flat", tau_flat, scale_flat, table, tile_map, block);
-  check_coef("compose_packed", coef_flat, tau_flat.size(0), theta0_flat);
-  TORCH_CHECK(is_compute_dtype(out_dtype), "compose_packed: out_dtype must be float32, bfloat16 or float16, got ",
-              out_dtype);
-  auto th = theta0_flat.contiguous();
-  auto tc = tau_flat.contiguous();
-  auto cc = coef_flat.contiguous();
-  auto sc = contig(scale_flat);
-  auto out = new_output(theta0_flat.sizes(), theta0_flat.options().dtype(out_dtype));
-  Tiles tl = packed_tiles(table, block);
-  TORCH_CHECK(tile_map.numel() == tl.size(), "compose_packed: tile_map has ", tile_map.numel(),
-              " tiles but the table needs ", tl.size());
-  for (const Seg& s : tl.segs) {
-    TORCH_CHECK(s.start >= 0 && s.start + s.numel <= th.numel() && s.col >= 0 && s.col + s.k <= cc.size(1) &&
-                    (!sc.has_value() || s.row_off + (s.numel + s.row_len - 1) / s.row_len <= sc->size(1)),
-                "compose_packed: a table row points outside the packed buffers");
-    TORCH_CHECK(s.k <= kmax, "compose_packed: a block has k = ", s.k, " > kmax = ", kmax);
-  }
-  Bufs q = make_bufs(th, tc, cc.data_ptr<float>(), cc.size(1), sc, sc.has_value() ? sc->size(1) : 0);
-  q.out = out.data_ptr();
-  q.out_t = out_dtype;
-  run_compose(q, tau_flat.scalar_type(), tl);
-  return out;
-}
-
-at::Tensor coef_grad_packed_cpu(const at::Tensor& grad_flat, const at::Tensor& tau_flat,
-                                const c10::optional<at::Tensor>& scale_flat, const at::Tensor& table,
-                                const at::Tensor& tile_map, int64_t block, int64_t kmax, int64_t total_cols) {
-  check_packed("coef_grad_packed", grad_flat, "grad_flat", tau_flat, scale_flat, table, tile_map, block);
-  const int64_t n = tau_flat.size(0);
-  auto gc = grad_flat.contiguous();
-  auto tc = tau_flat.contiguous();
-  auto sc = contig(scale_flat);
-  auto out = at::zeros({n, total_cols}, grad_flat.options().dtype(at::kFloat));
-  Tiles tl = packed_tiles(table, block);
-  TORCH_CHECK(tile_map.numel() == tl.size(), "coef_grad_packed: tile_map has ", tile_map.numel(),
-              " tiles but the table needs ", tl.size());
-  for (const Seg& s : tl.segs) {
-    TORCH_CHECK(s.start >= 0 && s.start + s.numel <= gc.numel() && s.col >= 0 && s.col + s.k <= total_cols &&
-                    (!sc.has_value() || s.row_off + (s.numel + s.row_len - 1) / s.row_len <= sc->size(1)),
-                "coef_grad_packed: a table row points outside the packed buffers");
-    TORCH_CHECK(s.k <= kmax, "coef_grad_packed: a block has k = ", s.k, " > kmax = ", kmax);
-  }
-  if (tl.size() == 0 || n == 0) return out;
-  Bufs q = make_bufs(gc, tc, nullptr, 0, sc, sc.has_value() ? sc->size(1) : 0);
-  std::vector<float> partial(static_cast<size_t>(tl.size() * n * kmax), poison() ? NAN : 0.f);
-  run_grad(q, tau_flat.scalar_type(), tl, partial.data(), kmax);
-  float* o = out.data_ptr<float>();
-  at::parallel_for(0, static_cast<int64_t>(tl.segs.size()), 8, [&](int64_t s0, int64_t s1) {
-    for (int64_t si = s0; si < s1; ++si) {
-      const Seg& s = tl.segs[si];
-      const int64_t nt = (s.numel + block - 1) / block;
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t kk = 0; kk < s.k; ++kk) {
-          double acc = 0.0;  // the segment's tiles, in tile order
-          for (int64_t t = tl.tile0[si]; t < tl.tile0[si] + nt; ++t) acc += partial[(t * n + i) * kmax + kk];
-          o[i * total_cols + s.col + kk] = static_cast<float>(acc);
-        }
-    }
-  });
-  return out;
-}
-
 }  // namespace
 }  // namespace cpu
 }  // namespace atlas_ext
@@ -308,6 +232,4 @@ at::Tensor coef_grad_packed_cpu(const at::Tensor& grad_flat, const at::Tensor& t
 TORCH_LIBRARY_IMPL(atlas_kernels_ext, CPU, m) {
   m.impl("compose", &atlas_ext::cpu::compose_cpu);
   m.impl("coef_grad", &atlas_ext::cpu::coef_grad_cpu);
-  m.impl("compose_packed", &atlas_ext::cpu::compose_packed_cpu);
-  m.impl("coef_grad_packed", &atlas_ext::cpu::coef_grad_packed_cpu);
 }

@@ -6,8 +6,6 @@
 // coef_grad: each CUDA block reduces a fixed tile of elements to N x K partial sums (a warp
 // butterfly with __shfl_xor_sync, then the warps in index order through shared memory); a second
 // kernel sums the tiles in tile order. Fixed order everywhere, no atomics: bitwise reproducible.
-// The packed variants walk the same table as the Triton kernels (one CUDA block per tile of
-// `block` elements of one segment).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -76,30 +74,17 @@ __device__ __forceinline__ Pack<T, VEC> load_pack(const T* ti, int cnt, bool vec
   return pk;
 }
 
-__device__ __forceinline__ Seg load_seg(const int64_t* table, int64_t seg) { return table_seg(table + seg * kSegColumns); }
-
-// The tile of this CUDA block: its segment and block-local element range [a, b).
-template <bool PACKED>
-__device__ __forceinline__ void tile_of(const Seg& single, const int64_t* table, const int32_t* tile_map,
-                                        int64_t tile_elems, Seg& s, int64_t& a, int64_t& b) {
-  if (PACKED) {
-    const int64_t seg = tile_map[blockIdx.x];
-    s = load_seg(table, seg);
-    a = (static_cast<int64_t>(blockIdx.x) - table[seg * kSegColumns + kSegTile0]) * tile_elems;
-  } else {
-    s = single;
-    a = static_cast<int64_t>(blockIdx.x) * tile_elems;
-  }
+// Elements [a, b) of the block: this CUDA block's tile.
+__device__ __forceinline__ void tile_range(const Seg& s, int64_t tile_elems, int64_t& a, int64_t& b) {
+  a = static_cast<int64_t>(blockIdx.x) * tile_elems;
   b = min(a + tile_elems, s.numel);
 }
 
-template <typename T, bool PACKED>
-__global__ void __launch_bounds__(kThreads) compose_kernel(Bufs q, Seg single, const int64_t* table,
-                                                           const int32_t* tile_map, int64_t tile_elems, bool rows_aligned) {
+template <typename T>
+__global__ void __launch_bounds__(kThreads) compose_kernel(Bufs q, Seg s, int64_t tile_elems, bool rows_aligned) {
   constexpr int VEC = 16 / sizeof(T);
-  Seg s;
   int64_t a, b;
-  tile_of<PACKED>(single, table, tile_map, tile_elems, s, a, b);
+  tile_range(s, tile_elems, a, b);
   const bool vec_ok = rows_aligned && ((s.start * static_cast<int64_t>(sizeof(T))) % 16 == 0);
   const T* tau = static_cast<const T*>(q.tau) + s.start;
   for (int64_t e0 = a + static_cast<int64_t>(threadIdx.x) * VEC; e0 < b; e0 += static_cast<int64_t>(blockDim.x) * VEC) {
@@ -146,15 +131,13 @@ __device__ __forceinline__ float block_sum(float v, float* shared) {
 }
 
 // partial[tile, i, kstride]: the tile's sums of grad * tau_i over each part. KR parts per pass.
-template <typename T, bool PACKED, int KR>
-__global__ void __launch_bounds__(kThreads) grad_partial_kernel(Bufs q, Seg single, const int64_t* table,
-                                                                const int32_t* tile_map, int64_t tile_elems,
-                                                                bool rows_aligned, float* partial, int64_t kstride) {
+template <typename T, int KR>
+__global__ void __launch_bounds__(kThreads) grad_partial_kernel(Bufs q, Seg s, int64_t tile_elems, bool rows_aligned,
+                                                                float* partial, int64_t kstride) {
   constexpr int VEC = 16 / sizeof(T);
   __shared__ float shared[32];
-  Seg s;
   int64_t a, b;
-  tile_of<PACKED>(single, table, tile_map, tile_elems, s, a, b);
+  tile_range(s, tile_elems, a, b);
   const bool vec_ok = rows_aligned && ((s.start * static_cast<int64_t>(sizeof(T))) % 16 == 0);
   const T* tau = static_cast<const T*>(q.tau) + s.start;
   float* out = partial + static_cast<int64_t>(blockIdx.x) * q.n * kstride;
@@ -194,25 +177,12 @@ __global__ void __launch_bounds__(kThreads) grad_partial_kernel(Bufs q, Seg sing
   }
 }
 
-// Tiles summed in tile order. Single block: out[n, k] from partial[tiles, n, k]. Packed: CUDA block
-// = segment, out[i, col + kk] from the segment's tiles of partial[tiles, n, kmax].
-template <bool PACKED>
-__global__ void grad_reduce_kernel(const float* partial, float* out, const int64_t* table, int64_t n,
-                                   int64_t kstride, int64_t ntiles_single, int64_t total_cols) {
-  int64_t tile0 = 0, ntiles = ntiles_single, col = 0, k = kstride;
-  if (PACKED) {
-    const int64_t* row = table + static_cast<int64_t>(blockIdx.x) * kSegColumns;
-    tile0 = row[kSegTile0];
-    ntiles = row[kSegNTiles];
-    col = row[kSegCol];
-    k = row[kSegK];
-  }
-  for (int64_t c = threadIdx.x; c < n * kstride; c += blockDim.x) {
-    const int64_t i = c / kstride, kk = c % kstride;
-    if (kk >= k) continue;
+// out[n, k] = the tiles of partial[tiles, n, k] summed in tile order (one CUDA block).
+__global__ void grad_reduce_kernel(const float* partial, float* out, int64_t nk, int64_t ntiles) {
+  for (int64_t c = threadIdx.x; c < nk; c += blockDim.x) {
     float acc = 0.f;
-    for (int64_t t = tile0; t < tile0 + ntiles; ++t) acc += partial[t * n * kstride + c];
-    out[i * total_cols + col + kk] = acc;
+    for (int64_t t = 0; t < ntiles; ++t) acc += partial[t * nk + c];
+    out[c] = acc;
   }
 }
 
@@ -267,7 +237,7 @@ at::Tensor compose_cuda(const at::Tensor& theta0, const at::Tensor& tau, const a
   auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_storage(tau.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    compose_kernel<T, false><<<grid, kThreads, 0, stream>>>(q, s, nullptr, nullptr, tile, rows_aligned(tc, P));
+    compose_kernel<T><<<grid, kThreads, 0, stream>>>(q, s, tile, rows_aligned(tc, P));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -292,83 +262,14 @@ at::Tensor coef_grad_cuda(const at::Tensor& grad, const at::Tensor& tau, const c
   dispatch_storage(tau.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     if (k == 1)
-      grad_partial_kernel<T, false, 1><<<tiles, kThreads, 0, stream>>>(q, s, nullptr, nullptr, tile, rows_aligned(tc, P),
-                                                                       partial.data_ptr<float>(), k);
+      grad_partial_kernel<T, 1><<<tiles, kThreads, 0, stream>>>(q, s, tile, rows_aligned(tc, P),
+                                                                partial.data_ptr<float>(), k);
     else
-      grad_partial_kernel<T, false, 8><<<tiles, kThreads, 0, stream>>>(q, s, nullptr, nullptr, tile, rows_aligned(tc, P),
-                                                                       partial.data_ptr<float>(), k);
+      grad_partial_kernel<T, 8><<<tiles, kThreads, 0, stream>>>(q, s, tile, rows_aligned(tc, P),
+                                                                partial.data_ptr<float>(), k);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  grad_reduce_kernel<false><<<1, kThreads, 0, stream>>>(partial.data_ptr<float>(), out.data_ptr<float>(), nullptr, n, k,
-                                                        tiles, k);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
-}
-
-at::Tensor compose_packed_cuda(const at::Tensor& theta0_flat, const at::Tensor& tau_flat, const at::Tensor& coef_flat,
-                               const c10::optional<at::Tensor>& scale_flat, const at::Tensor& table,
-                               const at::Tensor& tile_map, int64_t block, int64_t kmax, at::ScalarType out_dtype) {
-  check_packed("compose_packed", theta0_flat, "theta0_flat", tau_flat, scale_flat, table, tile_map, block);
-  check_coef("compose_packed", coef_flat, tau_flat.size(0), theta0_flat);
-  TORCH_CHECK(is_compute_dtype(out_dtype), "compose_packed: out_dtype must be float32, bfloat16 or float16, got ",
-              out_dtype);
-  const c10::cuda::CUDAGuard guard(theta0_flat.device());
-  auto th = theta0_flat.contiguous();
-  auto tc = tau_flat.contiguous();
-  auto cc = coef_flat.contiguous();
-  auto sc = contig(scale_flat);
-  auto tab = table.contiguous();
-  auto tmap = tile_map.contiguous();
-  auto out = new_output(theta0_flat.sizes(), theta0_flat.options().dtype(out_dtype));
-  const int64_t T = tmap.numel();
-  if (T == 0) return out;
-  Bufs q = make_bufs(th, tc, cc.data_ptr<float>(), cc.size(1), sc, sc.has_value() ? sc->size(1) : 0);
-  q.out = out.data_ptr();
-  q.out_t = code_of(out_dtype);
-  Seg none{};
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_storage(tau_flat.scalar_type(), [&](auto tag) {
-    using Ty = decltype(tag);
-    compose_kernel<Ty, true><<<T, kThreads, 0, stream>>>(q, none, tab.data_ptr<int64_t>(), tmap.data_ptr<int32_t>(),
-                                                          block, rows_aligned(tc, th.numel()));
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
-}
-
-at::Tensor coef_grad_packed_cuda(const at::Tensor& grad_flat, const at::Tensor& tau_flat,
-                                 const c10::optional<at::Tensor>& scale_flat, const at::Tensor& table,
-                                 const at::Tensor& tile_map, int64_t block, int64_t kmax, int64_t total_cols) {
-  check_packed("coef_grad_packed", grad_flat, "grad_flat", tau_flat, scale_flat, table, tile_map, block);
-  TORCH_CHECK(kmax >= 1, "coef_grad_packed: kmax must be >= 1, got ", kmax);
-  const c10::cuda::CUDAGuard guard(grad_flat.device());
-  const int64_t n = tau_flat.size(0);
-  auto out = at::zeros({n, total_cols}, grad_flat.options().dtype(at::kFloat));
-  auto tmap = tile_map.contiguous();
-  const int64_t T = tmap.numel();
-  if (T == 0 || n == 0) return out;
-  auto gc = grad_flat.contiguous();
-  auto tc = tau_flat.contiguous();
-  auto sc = contig(scale_flat);
-  auto tab = table.contiguous();
-  Bufs q = make_bufs(gc, tc, nullptr, 0, sc, sc.has_value() ? sc->size(1) : 0);
-  auto partial = new_output({T, n, kmax}, grad_flat.options().dtype(at::kFloat));
-  Seg none{};
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_storage(tau_flat.scalar_type(), [&](auto tag) {
-    using Ty = decltype(tag);
-    if (kmax == 1)
-      grad_partial_kernel<Ty, true, 1><<<T, kThreads, 0, stream>>>(q, none, tab.data_ptr<int64_t>(), tmap.data_ptr<int32_t>(),
-                                                                    block, rows_aligned(tc, gc.numel()),
-                                                                    partial.data_ptr<float>(), kmax);
-    else
-      grad_partial_kernel<Ty, true, 8><<<T, kThreads, 0, stream>>>(q, none, tab.data_ptr<int64_t>(), tmap.data_ptr<int32_t>(),
-                                                                    block, rows_aligned(tc, gc.numel()),
-                                                                    partial.data_ptr<float>(), kmax);
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  grad_reduce_kernel<true><<<tab.size(0), kThreads, 0, stream>>>(partial.data_ptr<float>(), out.data_ptr<float>(),
-                                                                 tab.data_ptr<int64_t>(), n, kmax, 0, total_cols);
+  grad_reduce_kernel<<<1, kThreads, 0, stream>>>(partial.data_ptr<float>(), out.data_ptr<float>(), n * k, tiles);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
@@ -380,6 +281,4 @@ at::Tensor coef_grad_packed_cuda(const at::Tensor& grad_flat, const at::Tensor& 
 TORCH_LIBRARY_IMPL(atlas_kernels_ext, CUDA, m) {
   m.impl("compose", &atlas_ext::cuda::compose_cuda);
   m.impl("coef_grad", &atlas_ext::cuda::coef_grad_cuda);
-  m.impl("compose_packed", &atlas_ext::cuda::compose_packed_cuda);
-  m.impl("coef_grad_packed", &atlas_ext::cuda::coef_grad_packed_cuda);
 }
