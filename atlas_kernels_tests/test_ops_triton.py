@@ -178,7 +178,7 @@ def test_dispatch_threshold(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------
-# compose / compose_packed
+# compose
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("coef_shape,mode", [("vec", "contiguous"), ("k3", "contiguous"), ("k3", "hash")])
 @pytest.mark.parametrize("int8", [False, True], ids=["bf16", "int8"])
