@@ -180,6 +180,7 @@ def train(s: Setup) -> Dict[str, Any]:
             save_checkpoint(ckpt_path, s, state, opt, sched, scaler)
 
     images_per_step_task = B
+    rate = "seq/s" if s.objective.name == "lm" else "img/s"
     t_log, n_log = time.perf_counter(), 0
     start_epoch = state["epoch"]
     for epoch in range(start_epoch, cfg.epochs):
@@ -228,7 +229,7 @@ def train(s: Setup) -> Dict[str, Any]:
                     dt = max(1e-9, time.perf_counter() - t_log)
                     log(f"epoch {epoch + 1}/{cfg.epochs} step {step}/{M} | opt step {g}/{total} | "
                         f"loss {loss_val:.4f} | grad norm {gnorm:.3g} | lr {float(sched.get_last_lr()[0]):.3g}"
-                        f" | {n_log / dt:.1f} img/s")
+                        f" | {n_log / dt:.1f} {rate}")
                     t_log, n_log = time.perf_counter(), 0
                 stop = cfg.stop_after_steps is not None and g >= cfg.stop_after_steps
                 if step < M and (stop or (cfg.save_every and g % cfg.save_every == 0)):
@@ -285,7 +286,7 @@ def train(s: Setup) -> Dict[str, Any]:
                 dt = max(1e-9, time.perf_counter() - t_log)
                 log(f"epoch {epoch + 1}/{cfg.epochs} step {step}/{M} | opt step {g}/{total} | "
                     f"loss {loss_val:.4f} | grad norm {gnorm:.3g} | lr {sched.get_last_lr()[0]:.3g}"
-                    f" | {n_log / dt:.1f} img/s")
+                    f" | {n_log / dt:.1f} {rate}")
                 t_log, n_log = time.perf_counter(), 0
             stop = cfg.stop_after_steps is not None and g >= cfg.stop_after_steps
             if step < M and (stop or (cfg.save_every and g % cfg.save_every == 0)):
@@ -331,7 +332,7 @@ def _overflow_note(s) -> str:
 
     try:
         dtype = torch.float16 if s.precision == "fp16" else None
-        bad = overflowing_blocks(s.model.visual, dtype)
+        bad = overflowing_blocks(s.tower, dtype)
     except Exception:  # the note is a help; the error stands without it
         return ""
     if not bad:
