@@ -10,7 +10,9 @@ Every piece is an importable function; :func:`run` strings them together and is 
 Distributed: under ``torchrun`` (``WORLD_SIZE`` > 1) every process builds the same model and
 heads, takes a contiguous slice of each *global* batch (``--batch-size`` is global), and the
 coefficient gradients (the only trainable parameters) are summed with one ``all_reduce`` per
-optimizer step before unscaling, clipping and stepping. Every loss is a sum over the local samples
+optimizer step before unscaling, clipping and stepping. With ``--fsdp`` the module is sharded
+(:mod:`atlas_kernels.sharding`): its backward sums the coefficient gradients over the processes
+itself, so only the loss is all-reduced here. Every loss is a sum over the local samples
 divided by the global batch size, so the sum of the ranks' gradients is exactly the gradient of the
 global batch, and every rank takes the same optimizer step. (This is what DDP would do, without
 wrapping a module whose frozen blocks take no gradient; evaluation is sharded the same way.)
@@ -251,7 +253,7 @@ def train(s: Setup) -> Dict[str, Any]:
                 scaler.scale(loss).backward()
                 loss_sum += loss.detach().double()
             step += a
-            loss_t = sum_gradients(params, loss_sum, d) if d.world > 1 else loss_sum
+            loss_t = sum_gradients(params, loss_sum, d, summed=s.sharded) if d.world > 1 else loss_sum
             scaler.unscale_(opt)
             if cfg.clip_grad > 0:
                 gnorm_t = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)

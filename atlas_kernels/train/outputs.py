@@ -58,6 +58,8 @@ def write_outputs(s: Setup, state: Dict[str, Any]) -> Dict[str, Any]:
         if rep and s.dist.main:
             print(f"[atlas_kernels.train] {rep['warning']}", file=sys.stderr, flush=True)
     if not s.dist.main:
+        if cfg.export_merged and s.sharded:
+            export_merged(s, None)  # unpatching a sharded module is a collective: every process merges its rows
         return result
     out.mkdir(parents=True, exist_ok=True)
     ak.save_coefficients(s.tower, str(out / "coefficients.safetensors"))
@@ -76,7 +78,8 @@ def write_outputs(s: Setup, state: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def export_merged(s: Setup, path) -> None:
-    """Merge the coefficients into plain weights and write the whole model's state dict."""
+    """Merge the coefficients into plain weights and write the whole model's state dict (``path``
+    None: merge only, on a process that writes nothing)."""
     import atlas_kernels as ak
 
     if ak.is_patched(s.tower) and ak.PatchConfig.of(s.tower).linearised:
@@ -85,6 +88,8 @@ def export_merged(s: Setup, path) -> None:
         ak.export_linearised(s.tower, path)
         return
     ak.unpatch(s.tower)  # in place (sharded: every process merges its rows, then they are all-gathered)
+    if path is None:  # a process that is not the main one, under --fsdp: it only took part in the merge
+        return
     sd, seen = {}, {}
     for k, v in s.model.state_dict().items():
         v = v.detach().cpu().contiguous()

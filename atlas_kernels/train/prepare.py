@@ -134,8 +134,9 @@ def setup(cfg: TrainConfig) -> Setup:
     if cfg.batch_size % d.world:
         raise ConfigError(f"--batch-size {cfg.batch_size} (the global batch) is not divisible by "
                           f"the {d.world} processes")
-    if cfg.fsdp and not hasattr(__import__("atlas_kernels"), "shard"):
-        raise ConfigError("--fsdp needs atlas_kernels.shard, which this version does not have yet")
+    if cfg.fsdp and d.world == 1:
+        raise ConfigError("--fsdp shards over the processes of torchrun (torchrun --nproc-per-node W -m "
+                          "atlas_kernels.train --fsdp ...); this is one process: drop --fsdp")
     if cfg.fsdp and cfg.storage is not None:
         raise ConfigError("--storage re-stores the task vectors after loading, which --fsdp cannot do on the "
                           "shards (a 1-D block's int8/fp8 scale spans every process's rows): convert the file once "
@@ -186,7 +187,7 @@ def setup(cfg: TrainConfig) -> Setup:
     model.visual = ak.patch(model.visual, tvs, partitions=cfg.partitions,
                             partition_mode=cfg.partition_mode, seed=cfg.seed,
                             backend=cfg.backend, blocks=blocks, linearised=cfg.linearised)
-    _shard_if_asked(model.visual, cfg, d)
+    _log_shards(model.visual, tvs, cfg, log)
     coefs = ak.coefficients(model.visual)
     if not coefs:
         raise ConfigError("patching adapted no block: nothing to train (check --blocks)")
@@ -224,14 +225,18 @@ def _load_task_vectors(p: Path, cfg: TrainConfig):
     return ak.TaskVectors.load(str(p))  # says what a path that is not a regular file is
 
 
-def _shard_if_asked(module, cfg: TrainConfig, d: Dist) -> None:
-    """``--fsdp``: the patched module sharded over the processes (its task vectors were loaded as
-    shards). Without torchrun (one process) this is a plain run with the same results."""
+def _log_shards(module, tvs, cfg: TrainConfig, log: Logger) -> None:
+    """``--fsdp``: patching with the loaded rows sharded the module; say what this process holds."""
     if not cfg.fsdp:
         return
-    import atlas_kernels as ak
+    from ..plan import plan_of
+    from ..sharding import local_bytes
 
-    ak.shard(module)
+    plan = plan_of(module)
+    held = local_bytes(module)
+    log(f"sharded over {plan.world} processes ({plan.summary()}): this process holds "
+        f"{held['slabs'] + held['scales'] + held['lora_a'] + held['lora_b']:,} bytes of the task vectors' "
+        f"{tvs.whole_nbytes:,} and {held['theta0']:,} bytes of theta0's adapted blocks")
 
 
 def _setup_lm(cfg: TrainConfig, d: Dist, log: Logger, device: torch.device, precision: str) -> Setup:
@@ -279,7 +284,7 @@ def _setup_lm(cfg: TrainConfig, d: Dist, log: Logger, device: torch.device, prec
         blocks = blocks[0]
     ak.patch(model, tvs, partitions=cfg.partitions, partition_mode=cfg.partition_mode, seed=cfg.seed,
              backend=cfg.backend, blocks=blocks)
-    _shard_if_asked(model, cfg, d)
+    _log_shards(model, tvs, cfg, log)
     coefs = ak.coefficients(model)
     if not coefs:
         raise ConfigError("patching adapted no block: nothing to train (check --blocks)")
