@@ -17,13 +17,13 @@ by default every element of a ``ModuleList`` that holds adapted blocks, as one c
    changed).
 
 In backward, each unit's gathered-block gradients ``G`` are reduce-scattered in float32 (float64
-for float64 blocks), so each rank holds the sum over ranks of its rows of ``G``; each rank reduces
-``<G_rows, tau_rows>`` for every coefficient (the backend's ``coef_grad_group``), and the
-coefficient gradients (N x K numbers per block) are summed over the ranks with one all-reduce per
-unit. Each rank's batch is its own (data parallel): the summed coefficient gradient is the
-gradient of the sum of the ranks' losses, as a single process on the whole batch computes it.
-:class:`ShardedCompose` is that autograd function; :class:`ShardedPlan` is "one more kind of
-plan" (:class:`atlas_kernels.plan.Plan`).
+for float64 blocks; a few blocks at a time, :data:`RS_CHUNK` elements), so each rank holds the sum
+over ranks of its rows of ``G``; each rank reduces ``<G_rows, tau_rows>`` for every coefficient
+(the backend's ``coef_grad_group``), and the coefficient gradients (N x K numbers per block) are
+summed over the ranks with one all-reduce per unit. Each rank's batch is its own (data parallel):
+the summed coefficient gradient is the gradient of the sum of the ranks' losses, as a single
+process on the whole batch computes it. :class:`ShardedCompose` is that autograd function;
+:class:`ShardedPlan` is "one more kind of plan" (:class:`atlas_kernels.plan.Plan`).
 
 Why a helper of our own rather than FSDP2's ``fully_shard`` on the patched module (the design
 decision of issue 23): FSDP2 shards ``nn.Parameter`` s and all-gathers them as they are stored. A
@@ -81,6 +81,9 @@ from .plan import PLAN_ATTR, Plan, plan_of
 __all__ = ["shard", "ShardedPlan", "ShardedCompose", "Rows", "rows_of", "resolve_group", "is_sharded"]
 
 UNEVEN = ("pad", "error")
+# Elements of whole blocks reduce-scattered at once in backward (float32: 256 MiB of send buffer),
+# unless one block is larger.
+RS_CHUNK = 1 << 26
 
 
 # ----------------------------------------------------------------------------------------- groups
@@ -440,6 +443,17 @@ class _Unit:
         self.lora_idx = [i for i, e in enumerate(entries) if e.lora]
         self.coefs = [e.coef for e in entries]
         self.acc = torch.float64 if any(e.dtype == torch.float64 for e in entries) else torch.float32
+        # backward reduce-scatters the blocks' gradients a few blocks at a time: at most RS_CHUNK
+        # elements of the whole blocks (or one block larger than that) in one send buffer
+        self.chunks: List[List[int]] = []
+        size = 0
+        for i, e in enumerate(entries):
+            whole = e.local_numel * plan.world
+            if not self.chunks or size + whole > RS_CHUNK:
+                self.chunks.append([])
+                size = 0
+            self.chunks[-1].append(i)
+            size += whole
         self.bwd: Optional[Tuple[tuple, list]] = None  # values gathered again in backward
         self.hooks = []
 
@@ -500,26 +514,30 @@ class _Unit:
         unused here, zeros), summed over the ranks."""
         plan, world = self.plan, self.plan.world
         dev = self.entries[0].coef.device
-        total = sum(e.local_numel for e in self.entries)
-        send = torch.zeros(world, total, dtype=self.acc, device=dev)
-        off = 0
-        for e, g in zip(self.entries, grads):
-            if g is not None:
-                dst = send[:, off:off + e.local_numel].view(world, e.rows.per, -1)
-                g2 = g.reshape(e.rows.total, -1)
-                for q in range(world):
-                    lo = q * e.rows.per
-                    hi = min(lo + e.rows.per, e.rows.total)
-                    if hi > lo:
-                        dst[q, :hi - lo].copy_(g2[lo:hi])
-            off += e.local_numel
-        local = torch.empty(total, dtype=self.acc, device=dev)
-        _reduce_scatter(local, send.view(-1), plan.group)
-        del send
-        shards, off = [], 0
-        for e in self.entries:
-            shards.append(local[off:off + e.local_numel].view(e.rows.per, *e.rest))
-            off += e.local_numel
+        shards: List[Optional[torch.Tensor]] = [None] * len(self.entries)
+        for chunk in self.chunks:  # the float32 send buffer holds at most RS_CHUNK elements (or one block)
+            total = sum(self.entries[i].local_numel for i in chunk)
+            send = torch.zeros(world, total, dtype=self.acc, device=dev)
+            off = 0
+            for i in chunk:
+                e, g = self.entries[i], grads[i]
+                if g is not None:
+                    dst = send[:, off:off + e.local_numel].view(world, e.rows.per, -1)
+                    g2 = g.reshape(e.rows.total, -1)
+                    for q in range(world):
+                        lo = q * e.rows.per
+                        hi = min(lo + e.rows.per, e.rows.total)
+                        if hi > lo:
+                            dst[q, :hi - lo].copy_(g2[lo:hi])
+                off += e.local_numel
+            local = torch.empty(total, dtype=self.acc, device=dev)
+            _reduce_scatter(local, send.view(-1), plan.group)
+            del send
+            off = 0
+            for i in chunk:
+                e = self.entries[i]
+                shards[i] = local[off:off + e.local_numel].view(e.rows.per, *e.rest)
+                off += e.local_numel
         out: List[Optional[torch.Tensor]] = [None] * len(self.entries)
         for group, idx in self.groups:
             for i, cg in zip(idx, group.backend.coef_grad_group(group, [shards[i] for i in idx])):

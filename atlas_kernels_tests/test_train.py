@@ -346,6 +346,10 @@ def test_torchrun_fsdp_matches_one_and_resumes_exactly(demo, tmp_path):
         cmd = base + _cli_args(demo, out, "--epochs", "1", "--batch-size", "8", "--shots", "8", "--lr", "0.05",
                                "--device", "cpu", "--quiet", "--select", "last", *extra)
         r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+        if r.returncode and "terminate called without an active exception" in r.stderr and "--resume" not in extra:
+            # gloo's teardown abort (see atlas_kernels.train.loop.run), seen here in 1 of 18 launches on a
+            # loaded 2-core machine, never with a wrong result: the run is repeated once from the start
+            r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
     launch(tmp_path / "fsdp")
