@@ -234,7 +234,7 @@ def _log_shards(module, tvs, cfg: TrainConfig, log: Logger) -> None:
 
     plan = plan_of(module)
     held = local_bytes(module)
-    log(f"sharded over {plan.world} processes ({plan.summary()}): this process holds "
+    log(f"{plan.summary()}: this process holds "
         f"{held['slabs'] + held['scales'] + held['lora_a'] + held['lora_b']:,} bytes of the task vectors' "
         f"{tvs.whole_nbytes:,} and {held['theta0']:,} bytes of theta0's adapted blocks")
 
