@@ -25,6 +25,7 @@ _EXPORTS = {
     "convert_checkpoint": "checkpoints", "load_state_dict_file": "checkpoints", "load_head": "checkpoints",
     "Head": "checkpoints",
     "patch": "patching", "unpatch": "patching", "is_patched": "patching", "coefficients": "patching",
+    "shard": "sharding",
     "overflowing_blocks": "_adapted",
     "save_coefficients": "coefficient_files", "load_coefficients": "coefficient_files", "PatchConfig": "patch_config",
     "AtlasLinear": "modules", "AtlasMultiheadAttention": "modules", "AtlasParameter": "modules",

@@ -53,8 +53,12 @@ def fingerprint(module: nn.Module) -> dict:
     docstring): one read of theta0 and of each task vector, one block at a time."""
     from ._adapted import join
     from .modules import _BlockHolder
+    from .plan import plan_of
     from .storage import scale_rows
 
+    plan = plan_of(unwrap(module))
+    if getattr(plan, "sharded", False):
+        return plan.fingerprint  # of the whole blocks, reduced over the ranks when the module was sharded
     shapes, t_norms, tv_norms = {}, {}, {}
     for path, m in unwrap(module).named_modules():
         if not isinstance(m, _BlockHolder):

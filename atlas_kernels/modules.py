@@ -182,6 +182,9 @@ class _BlockHolder:
     def _atlas_merged(self, name: str) -> torch.Tensor:
         """``theta0 + sum_i lam_i tau_i`` computed in float32 (float64 for float64 blocks), in theta0's
         dtype; refuses non-finite coefficients."""
+        override = self.__dict__.get("_atlas_merged_override")
+        if override is not None and name in override:  # a sharded block, merged and all-gathered by its plan
+            return override.pop(name)
         theta0 = self._buffers[name]
         if name not in self._atlas_parts:
             return theta0.detach().clone()
@@ -452,7 +455,7 @@ class AtlasParameter(_BlockHolder):
                 owner._parameters.pop(f"{name}_{s}", None)
         owner.__class__ = owner.__dict__.pop("_atlas_orig_class")
         for k in ("_atlas_parts", "_atlas_backend_name", "_atlas_backend", "_atlas_plan", "_atlas_slots", "_atlas_own",
-                  "_atlas_fused_max_m", "_atlas_alias"):
+                  "_atlas_fused_max_m", "_atlas_alias", "_atlas_shard", "_atlas_merged_override"):
             owner.__dict__.pop(k, None)
         return owner.__dict__.pop("_atlas_orig_params")
 

@@ -158,6 +158,9 @@ def patch(module: nn.Module, task_vectors: TaskVectors, *, partitions: int = 1, 
     if linearised and verify is not False and verify is not None:
         raise ValueError("verify= checks the standard composition theta0 + sum lam tau against functional_call; "
                          "it does not apply to linearised=True (the linearised tests compare against torch.func.jvp)")
+    if task_vectors.sharding is not None and verify is not False and verify is not None:
+        raise ValueError("verify= composes every block whole in one process; it does not apply to task vectors "
+                         "loaded as one process's rows (TaskVectors.load_shard): verify a single-process patch")
     if verify is not False and verify is not None:
         from . import _verify
 
@@ -177,6 +180,15 @@ def patch(module: nn.Module, task_vectors: TaskVectors, *, partitions: int = 1, 
                          f"partitions <= {numel}, or leave such blocks out with blocks=...")
     specs = {name: task_vectors.block_spec(tv_name[name], Partition.for_block(name, partitions, partition_mode, seed))
              for name in chosen}
+    if task_vectors.sharding is not None:  # refused now, before anything is swapped
+        from .sharding import check_shardable, resolve_group
+
+        _, rank, world = resolve_group(task_vectors.sharding.group)
+        check_shardable({n: tuple(params[n].shape) for n in chosen}, partitions=partitions, linearised=linearised,
+                        world=world, rank=rank, uneven="pad", tv_layout=task_vectors.sharding)
+        from .sharding import _check_no_wrappers
+
+        _check_no_wrappers(module)
     requires_grad = {name: p.requires_grad for name, p in params.items()}
     _swap(module, *_specs_by_owner(module, specs, aliases), backend,
           {id(spec): tuple(name.rpartition(".")[::2]) for name, spec in specs.items()})
@@ -195,8 +207,16 @@ def patch(module: nn.Module, task_vectors: TaskVectors, *, partitions: int = 1, 
         names=task_vectors.names, blocks=chosen, partitions=partitions, partition_mode=partition_mode, seed=seed,
         backend=backend, grouped=grouped, fused_linear=fused_linear, fused_max_m=fused_max_m, batchnorm=batchnorm,
         linearised=linearised))
-    Plan(module, backend=backend, grouped=grouped, fused_linear=fused_linear, fused_max_m=fused_max_m,
-         linearised=linearised).build().attach()
+    layout = task_vectors.sharding
+    if layout is not None:  # this process's rows (TaskVectors.load_shard): a sharded plan
+        from .sharding import _shard_patched, resolve_group
+
+        group, rank, world = resolve_group(layout.group)
+        _shard_patched(module, getattr(module, CONFIG_ATTR), group, rank, world, units="auto", reshard=True,
+                       uneven="pad", sliced=True, tv_layout=layout)
+    else:
+        Plan(module, backend=backend, grouped=grouped, fused_linear=fused_linear, fused_max_m=fused_max_m,
+             linearised=linearised).build().attach()
     setattr(module, RESTORE_ATTR, {"requires_grad": requires_grad, "frozen_bn": frozen_bn})
     if reference is not None:
         from . import _verify
@@ -365,6 +385,8 @@ def unpatch(module: nn.Module) -> nn.Module:
         if not all_finite(c):
             raise ValueError(f"coefficients of block {name!r} hold NaN or inf; refusing to merge them")
     plan = plan_of(module)
+    if getattr(plan, "sharded", False):
+        plan.prepare_unpatch()  # every block merged from the local rows and all-gathered (a collective)
     if plan is not None:
         plan.detach()
     atlas = [(p, m) for p, m in module.named_modules() if isinstance(m, AtlasModule)]

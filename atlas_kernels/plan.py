@@ -58,7 +58,10 @@ def _version(t: torch.Tensor) -> Optional[int]:
 class Plan:
     """The plan of one patched root (see the module docstring). ``groups``, ``backends`` (device ->
     backend name) and ``own`` (blocks composed or multiplied by their own module) describe it;
-    :meth:`summary` says it in words."""
+    :meth:`summary` says it in words. A sharded tower has a
+    :class:`~atlas_kernels.sharding.ShardedPlan` (``sharded`` True)."""
+
+    sharded = False
 
     def __init__(self, root: nn.Module, *, backend: str = "auto", grouped: bool = True, fused_linear="auto",
                  fused_max_m: Optional[int] = None, linearised: bool = False):

@@ -54,6 +54,37 @@ term, in bytes:
     The float32 image batch the caller holds, when autocast keeps a separate cast copy (with
     fp32 the convolution keeps the batch itself, already counted in ``activations``).
 
+Sharded (``world=W`` > 1, :mod:`atlas_kernels.sharding`), per process, with ``batch`` the
+process's own batch:
+
+``theta0``
+    Each adapted block's ``ceil(R / W)`` rows (R: its dim 0; the last processes' padded with
+    zeros), every other parameter and buffer whole.
+``task_vectors``
+    The same rows of every slab, of the int8/fp8 per-row scales (a 1-D block's one scale per task
+    vector whole) and of LoRA's ``B``; LoRA's ``A`` whole.
+``composed`` (the gathered blocks)
+    The root unit's blocks (those outside the tower's layers: embeddings, the last norm, the head)
+    gathered whole in the dtype they are read in (kept from the forward to the backward), their
+    gradient ``G`` (kept through the backward until the last of them is ready), and, for the
+    largest layer unit, the most of: twice its blocks (the all-gather buffer and the blocks copied
+    out of it) in the forward; its blocks gathered again, their gradient and the float32
+    reduce-scatter buffers (``4 + 4 / W`` bytes per element of at most
+    :data:`atlas_kernels.sharding.RS_CHUNK` elements, or of the unit's largest block) in the
+    backward.
+``transient``
+    As above without ``G`` (counted with the gathered blocks): the compose temporaries of the
+    largest block's local rows, and the largest activation gradient in flight.
+
+Causal LMs (Hugging Face Llama, Qwen2, Mistral: ``model.model.layers``), ``tokens`` per sequence,
+``precision`` the model's dtype (``"fp32"`` or ``"bf16"``: weights and compute in that dtype, no
+autocast), activations per token, measured with ``saved_tensors_hooks`` on the CPU (SDPA) and
+exact there: per layer ``32 H + 8 kv + 4 h + 16 I + 8`` bytes in float32, ``20 H + 4 kv + 4 h +
+8 I + 8`` in bfloat16 (``H`` hidden size, ``kv`` key/value width, ``h`` heads, ``I`` MLP width);
+outside the layers ``12 H + 4 d`` (float32) or ``8 H + 2 d`` (bfloat16) with ``d`` the head width,
+plus the next-token loss: ``4 V (T - 1) / T`` bytes of float32 log-probabilities and ``24`` bytes
+of token ids and masks.
+
 Not counted: the text tower (pass ``model.visual``; given a whole CLIP, its ``.visual`` is used and
 the text tower's parameters are left out), the classifier head and loss, the CUDA context and
 library workspaces (cuBLAS, cuDNN: tens to hundreds of MiB), and allocator fragmentation.
@@ -102,6 +133,8 @@ class MemoryEstimate:
     storage: Optional[str]
     blocks: int
     detail: Dict[str, int] = field(default_factory=dict)
+    world: int = 1
+    kind: str = "ViT"
 
     TERMS = ("theta0", "task_vectors", "composed", "activations", "transient", "coefficients", "inputs")
 
@@ -117,13 +150,16 @@ class MemoryEstimate:
     def __str__(self) -> str:
         c = "float32" if self.precision == "fp32" else f"{self.precision} autocast"
         tv = f"N={self.n} {self.storage}" if self.n else "no task vectors"
-        head = (f"Memory estimate: ViT {self.layers} x {self.width} (MLP {self.mlp_width}, {self.heads} heads), "
-                f"batch {self.batch} x {self.tokens} tokens, {c} on {self.device}, {tv}, K={self.partitions}, "
-                f"{self.blocks} adapted blocks{', recompute' if self.recompute else ''}")
+        c = c if self.kind == "ViT" else self.precision
+        per = f", per process of {self.world} (sharded)" if self.world > 1 else ""
+        head = (f"Memory estimate: {self.kind} {self.layers} x {self.width} (MLP {self.mlp_width}, "
+                f"{self.heads} heads), batch {self.batch} x {self.tokens} tokens, {c} on {self.device}, {tv}, "
+                f"K={self.partitions}, {self.blocks} adapted blocks{', recompute' if self.recompute else ''}{per}")
         labels = {
             "theta0": "theta0 (frozen weights)",
             "task_vectors": "task vectors (S)",
-            "composed": "composed weights" + (" (one block, recompute)" if self.recompute else " kept for backward"),
+            "composed": ("gathered blocks (root + one layer unit)" if self.world > 1 else
+                         "composed weights" + (" (one block, recompute)" if self.recompute else " kept for backward")),
             "activations": "activations saved for backward",
             "transient": "transient (G, compose temps, dX)",
             "coefficients": "coefficients + grads + AdamW",
@@ -253,7 +289,7 @@ def _chunk_elems() -> int:
 # ------------------------------------------------------------------------------------------ estimate
 def estimate_memory(model: nn.Module, task_vectors, batch: int, *, precision: str = "bf16", partitions: int = 1,
                     recompute: bool = False, image_size: Union[int, Tuple[int, int], None] = None,
-                    tokens: Optional[int] = None, device: str = "cuda") -> MemoryEstimate:
+                    tokens: Optional[int] = None, device: str = "cuda", world: int = 1) -> MemoryEstimate:
     """Predict the peak memory of one training step of ``model`` patched with ``task_vectors``.
 
     Args:
@@ -271,6 +307,12 @@ def estimate_memory(model: nn.Module, task_vectors, batch: int, *, precision: st
         tokens: tokens per image; default from ``image_size`` and the patch size when given, else
             from the positional embedding's shape.
         device: ``"cuda"`` (LayerNorm autocasts its input to float32) or ``"cpu"`` (it does not).
+        world: processes the task vectors are sharded over (:func:`atlas_kernels.shard`); the
+            estimate is then per process, ``batch`` being each process's own batch.
+
+    A Hugging Face causal LM (``model.model.layers``: Llama, Qwen2, Mistral) is planned too: pass
+    the ``*ForCausalLM`` model (built on the ``meta`` device from its config: no weights needed),
+    ``batch`` sequences of ``tokens`` tokens, ``precision`` its dtype (``"fp32"`` or ``"bf16"``).
 
     Returns:
         a :class:`MemoryEstimate` (bytes per term; ``.total``; ``print()`` shows a table in GiB).
@@ -278,6 +320,11 @@ def estimate_memory(model: nn.Module, task_vectors, batch: int, *, precision: st
     """
     from .patching import is_patched
 
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise ValueError(f"world must be a positive int (processes the task vectors are sharded over), got {world!r}")
+    if _is_causal_lm(model):
+        return _estimate_lm(model, task_vectors, batch, precision=precision, partitions=partitions, tokens=tokens,
+                            device=device, world=world)
     tower = _tower(model)
     if is_patched(tower) or any(type(m).__module__.startswith("atlas_kernels") for m in tower.modules()):
         raise ValueError("estimate_memory reads the plain tower: call it before patch() (or after unpatch())")
@@ -361,16 +408,199 @@ def estimate_memory(model: nn.Module, task_vectors, batch: int, *, precision: st
 
     coefficients = 4 * 4 * n * partitions * len(names)
     inputs = B * 3 * hw[0] * hw[1] * 4 if autocast else 0
+    sharded = {}
+    if world > 1:
+        # what the sharded plan gathers: linear and attention blocks in the compute dtype, the rest in theta0's
+        read = {k: (c if isinstance(_owner(tower, k)[0], (nn.Linear, nn.MultiheadAttention))
+                    else params[k].element_size()) for k in names}
+        sharded = _sharded_terms(tower, params, names, task_vectors, n, storage, world, read, c, partitions)
+        theta0 = theta0 - sum(params[k].numel() * params[k].element_size() for k in names) + sharded["theta0"]
+        s_bytes, composed = sharded["task_vectors"], sharded["gathered"]
+        transient = sharded["compose_tmp"] + dx
 
     detail = {
         "activations_per_resblock": act_blocks // len(blocks), "activations_resblocks": act_blocks,
         "activations_stem": act_stem, "activations_head": act_head,
         "transient_G": g_bytes, "transient_compose": compose_tmp, "transient_dx": dx,
         "largest_block_numel": big,
+        **{f"sharded_{k}": v for k, v in sharded.items()},
     }
     return MemoryEstimate(
         theta0=int(theta0), task_vectors=int(s_bytes), composed=int(composed), activations=int(activations),
         transient=int(transient), coefficients=int(coefficients), inputs=int(inputs),
         batch=B, tokens=T, width=W, layers=len(blocks), heads=heads, mlp_width=F, precision=prec, device=device,
         recompute=bool(recompute), partitions=partitions, n=n, storage=storage, blocks=len(names), detail=detail,
+        world=world,
     )
+
+
+# ------------------------------------------------------------------------------------------ sharded
+def _layer_units(model: nn.Module) -> Dict[str, str]:
+    """Parameter name -> the unit a sharded plan gathers it with (as ``units="auto"``: each element
+    of a ModuleList is a unit; "" for the root)."""
+    lists = []
+    for path, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and not any(path.startswith(p + ".") for p in lists):
+            lists.append(path)
+    out = {}
+    for name, _ in model.named_parameters():
+        unit = ""
+        for p in lists:
+            if name.startswith(p + "."):
+                idx = name[len(p) + 1:].split(".", 1)[0]
+                unit = f"{p}.{idx}"
+        out[name] = unit
+    return out
+
+
+def _rows(shape) -> int:
+    return int(shape[0]) if len(shape) else 1
+
+
+def _sharded_terms(model, params, names, task_vectors, n, storage, world, read, c, partitions) -> Dict[str, int]:
+    """Per-process bytes of a sharded tower (see the module docstring): theta0 rows, task-vector
+    rows, the gathered blocks with their gradients and reduce-scatter buffers, compose temporaries."""
+    from .task_vectors import TaskVectors
+
+    if partitions > 1:
+        raise ValueError("estimate_memory(world > 1): partitions are not sharded (atlas_kernels.shard refuses them)")
+    units = _layer_units(model)
+    theta0 = tv = 0
+    from .sharding import RS_CHUNK
+
+    unit_vals: Dict[str, int] = {}
+    unit_numel: Dict[str, int] = {}
+    unit_big: Dict[str, int] = {}
+    for k in names:
+        p = params[k]
+        rows = _rows(p.shape)
+        per = -(-rows // world)
+        row_numel = p.numel() // max(1, rows)
+        theta0 += per * row_numel * p.element_size()
+        if isinstance(task_vectors, TaskVectors):
+            if task_vectors.is_lora(k):
+                a, b = task_vectors.lora(k)
+                held = a.shape[0]
+                tv += a.numel() * a.element_size() + held * per * b.shape[2] * b.element_size()
+            else:
+                slab = task_vectors[k]
+                held = slab.shape[0]
+                tv += held * per * row_numel * slab.element_size()
+                sc = task_vectors.scale(k)
+                if sc is not None:
+                    tv += held * (per if p.dim() >= 2 else 1) * 4
+        else:
+            tv += n * per * row_numel * BYTES_PER_ELEMENT[storage]
+            if storage in SCALED:
+                tv += n * (per if p.dim() >= 2 else 1) * 4
+        u = units.get(k, "")
+        unit_vals[u] = unit_vals.get(u, 0) + p.numel() * read[k]
+        unit_numel[u] = unit_numel.get(u, 0) + p.numel()
+        unit_big[u] = max(unit_big.get(u, 0), per * row_numel * world)
+
+    def chunk(u):  # elements reduce-scattered at once (sharding.RS_CHUNK, or the unit's largest block)
+        return max(min(unit_numel.get(u, 0), RS_CHUNK), unit_big.get(u, 0))
+
+    rs = 4 + 4 / world  # float32 reduce-scatter: the send buffer (whole blocks) and this process's rows
+    root_vals, root_rs = unit_vals.pop("", 0), chunk("") * rs
+    unit_numel.pop("", 0)
+    big = max(unit_vals, key=unit_vals.get, default=None)
+    u_vals = unit_vals.get(big, 0)
+    layer_peak = max(2 * u_vals, 2 * u_vals + chunk(big) * rs)  # forward: buffer + copy-out; backward: values, G, rs
+    # root: values kept, G kept until its last block's gradient; its reduce-scatter when no layer unit is live
+    gathered = root_vals + root_vals + max(layer_peak, int(root_rs))
+    largest = max((params[k].numel() for k in names), default=0)
+    per_largest = max(((-(-_rows(params[k].shape) // world)) * (params[k].numel() // max(1, _rows(params[k].shape)))
+                       for k in names if params[k].numel() == largest), default=0)
+    widen = 0
+    if storage is not None and storage != "float32" and per_largest:
+        chunk = min(per_largest, max(1, _chunk_elems() // max(1, n)))
+        widen = n * chunk * 4 * (3 if storage in SCALED else 1)
+    return {"theta0": int(theta0), "task_vectors": int(tv), "gathered": int(gathered),
+            "compose_tmp": int(per_largest * 4 + widen), "root_values": int(root_vals),
+            "layer_unit_values": int(u_vals), "layer_unit_peak": int(layer_peak)}
+
+
+# --------------------------------------------------------------------------------------- causal LMs
+def _is_causal_lm(model) -> bool:
+    inner = getattr(model, "model", None)
+    return (isinstance(model, nn.Module) and hasattr(model, "config") and inner is not None
+            and isinstance(getattr(inner, "layers", None), nn.ModuleList)
+            and hasattr(model.config, "num_hidden_layers") and hasattr(model.config, "intermediate_size"))
+
+
+# bytes per token per layer: coefficients of (H, kv width, heads, I, 1); outside the layers: (H, head width)
+_LM_LAYER = {"fp32": (32, 8, 4, 16, 8), "bf16": (20, 4, 4, 8, 8), "fp16": (20, 4, 4, 8, 8)}
+_LM_HEAD = {"fp32": (12, 4), "bf16": (8, 2), "fp16": (8, 2)}
+
+
+def _estimate_lm(model, task_vectors, batch, *, precision, partitions, tokens, device, world) -> MemoryEstimate:
+    from .patching import is_patched
+
+    if is_patched(model):
+        raise ValueError("estimate_memory reads the plain model: call it before patch() (or after unpatch())")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive int, got {batch!r}")
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise ValueError(f"a causal LM needs tokens= (tokens per sequence, a positive int), got {tokens!r}")
+    if isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 1:
+        raise ValueError(f"partitions must be an int >= 1, got {partitions!r}")
+    prec = _precision(precision)
+    cfg = model.config
+    H, I, L = int(cfg.hidden_size), int(cfg.intermediate_size), int(cfg.num_hidden_layers)
+    h = int(cfg.num_attention_heads)
+    d = int(getattr(cfg, "head_dim", None) or H // h)
+    kv = int(getattr(cfg, "num_key_value_heads", None) or h) * d
+    V = int(cfg.vocab_size)
+    B, T = batch, tokens
+    c = 4 if prec == "fp32" else 2
+    lay = _LM_LAYER[prec]
+    per_layer = lay[0] * H + lay[1] * kv + lay[2] * h + lay[3] * I + lay[4]
+    hd = _LM_HEAD[prec]
+    head = hd[0] * H + hd[1] * d + 4 * V * (T - 1) / T + 24
+    activations = int(B * T * (L * per_layer + head))
+    params = dict(model.named_parameters())
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - set(params)
+    names, n, storage, s_bytes = _adapted_lm(model, task_vectors, params)
+    theta0 = sum(p.numel() * p.element_size() for p in model.parameters())
+    theta0 += sum(b.numel() * b.element_size() for b in model.buffers())
+    # every adapted matrix and norm is read in the model's dtype (no autocast): kept for backward whole
+    composed = sum(params[k].numel() * c for k in names)
+    big = max((params[k].numel() for k in names if params[k].dim() >= 2), default=0)
+    g_bytes = big * c + (big * 4 if c != 4 else 0)
+    widen = 0
+    if storage is not None and storage != "float32" and big:
+        chunk = min(big, max(1, _chunk_elems() // max(1, n)))
+        widen = n * chunk * 4 * (3 if storage in SCALED else 1)
+    dx = B * T * max(I, V) * 4
+    transient = g_bytes + big * 4 + widen + dx
+    sharded = {}
+    if world > 1:
+        sharded = _sharded_terms(model, params, names, task_vectors, n, storage, world, {k: c for k in names}, c,
+                                 partitions)
+        theta0 = theta0 - sum(params[k].numel() * params[k].element_size() for k in names) + sharded["theta0"]
+        s_bytes, composed = sharded["task_vectors"], sharded["gathered"]
+        transient = sharded["compose_tmp"] + dx
+    coefficients = 4 * 4 * n * partitions * len(names)
+    detail = {"activations_per_layer": int(B * T * per_layer), "activations_outside_layers": int(B * T * head),
+              "tied_names": len(tied), **{f"sharded_{k}": v for k, v in sharded.items()}}
+    return MemoryEstimate(
+        theta0=int(theta0), task_vectors=int(s_bytes), composed=int(composed), activations=activations,
+        transient=int(transient), coefficients=int(coefficients), inputs=int(B * T * 8),
+        batch=B, tokens=T, width=H, layers=L, heads=h, mlp_width=I, precision=prec, device=device, recompute=False,
+        partitions=partitions, n=n, storage=storage, blocks=len(names), detail=detail, world=world,
+        kind=type(model).__name__)
+
+
+def _adapted_lm(model, task_vectors, params):
+    from .task_vectors import TaskVectors
+
+    if task_vectors is None:
+        return [], 0, None, 0
+    if isinstance(task_vectors, TaskVectors):
+        missing = [b for b in task_vectors.blocks if b not in params]
+        if missing:
+            raise ValueError(f"task vectors name block(s) {missing[:3]}, which the model does not have (or only "
+                             f"as a tied alias: name the first, e.g. {list(params)[:1]})")
+        return list(task_vectors.blocks), len(task_vectors), task_vectors.storage, int(task_vectors.nbytes)
+    return _adapted(model, task_vectors, params)

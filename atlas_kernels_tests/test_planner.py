@@ -203,3 +203,103 @@ def test_refusals():
     ak.patch(tower, _tvs(tower))
     with pytest.raises(ValueError, match="before patch"):
         estimate_memory(tower, None, 2)
+
+
+# ------------------------------------------------------------------------------------------- sharded
+def _rank0_bytes(tvs, tower, world):
+    """Rank 0's theta0 and task-vector bytes, from the tensors atlas_kernels.sharding cuts."""
+    from atlas_kernels.sharding import rows_of, take_rows
+
+    theta0 = slabs = 0
+    params = dict(tower.named_parameters())
+    for b in tvs.blocks:
+        rows = rows_of(params[b].shape[0], 0, world)
+        theta0 += take_rows(params[b].detach(), 0, rows).nbytes
+        if tvs.is_lora(b):
+            a, bb = tvs.lora(b)
+            slabs += a.nbytes + take_rows(bb, 1, rows).nbytes
+            continue
+        slabs += take_rows(tvs[b], 1, rows).nbytes
+        sc = tvs.scale(b)
+        if sc is not None:
+            slabs += (take_rows(sc, 1, rows, fill=1.0) if params[b].dim() >= 2 else sc).nbytes
+    return theta0, slabs
+
+
+@pytest.mark.parametrize("storage", ["float32", "int8"])
+@pytest.mark.parametrize("world", [2, 4])
+def test_sharded_theta0_and_task_vectors_per_rank(storage, world):
+    tower = _tiny()
+    tvs = _tvs(tower, n=3, storage=storage)
+    est = estimate_memory(tower, tvs, 5, precision="fp32", device="cpu", world=world)
+    whole = estimate_memory(tower, tvs, 5, precision="fp32", device="cpu")
+    theta0, slabs = _rank0_bytes(tvs, tower, world)
+    assert est.task_vectors == slabs
+    assert est.theta0 == theta0 + sum(b.nbytes for b in tower.buffers())
+    assert est.activations == whole.activations and est.world == world
+    assert est.task_vectors < whole.task_vectors / world * 1.05
+    assert "per process of" in str(est) and "gathered blocks" in str(est)
+    assert est.detail["sharded_layer_unit_values"] > 0 and est.detail["sharded_root_values"] > 0
+    with pytest.raises(ValueError, match="world must be a positive int"):
+        estimate_memory(tower, tvs, 5, world=0)
+
+
+def _llama(dtype=torch.float32, **kw):
+    transformers = pytest.importorskip("transformers")
+    cfg = dict(vocab_size=40, hidden_size=24, intermediate_size=40, num_hidden_layers=3, num_attention_heads=6,
+               num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=True,
+               attn_implementation="sdpa")
+    cfg.update(kw)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).to(dtype)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_causal_lm_activations_match_saved_tensors(precision):
+    """A Llama (another shape than the ones the formula was measured on) with the next-token loss:
+    the planner's activations equal the bytes autograd saves (unique storages, weights excluded)."""
+    from atlas_kernels.train.objectives import next_token_losses
+
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    model = _llama(dtype)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    B, T = 3, 7
+    ids = torch.randint(0, 40, (B, T))
+    own = {p.untyped_storage()._cdata for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s._cdata not in own:
+            seen[s._cdata] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = model(input_ids=ids, use_cache=False).logits
+        next_token_losses(logits.float(), ids, torch.full((B,), T)).sum()
+    est = estimate_memory(model, (2, "float32"), B, tokens=T, precision=precision, device="cpu")
+    # exact but for the loss's bookkeeping of token ids and masks (modelled as 24 bytes per token)
+    assert abs(est.activations - sum(seen.values())) <= 16 * B * T, (est.activations, sum(seen.values()))
+    assert est.layers == 3 and est.kind == "LlamaForCausalLM"
+
+
+def test_readme_configs_on_meta():
+    """The README's per-process numbers, from configs on the meta device: ViT-bigG/14 with N = 21 and
+    Llama-3-8B with N = 8, bf16 task vectors, on 8 processes."""
+    import open_clip
+    from open_clip.model import CLIPVisionCfg, _build_vision_tower
+
+    transformers = pytest.importorskip("transformers")
+    cfg = open_clip.get_model_config("ViT-bigG-14")
+    with torch.device("meta"):
+        big_g = _build_vision_tower(cfg["embed_dim"], CLIPVisionCfg(**cfg["vision_cfg"]))
+        llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+            num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)).to(torch.bfloat16)
+    for model, kw in ((big_g, dict(task_vectors=(21, "bfloat16"), batch=16)),
+                      (llama, dict(task_vectors=(8, "bfloat16"), batch=1, tokens=2048))):
+        one = estimate_memory(model, precision="bf16", **kw)
+        eight = estimate_memory(model, precision="bf16", world=8, **kw)
+        assert eight.task_vectors <= one.task_vectors / 8 * 1.01
+        assert eight.theta0 < one.theta0 / 4 and eight.total < one.total / 2

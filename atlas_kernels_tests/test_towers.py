@@ -102,8 +102,22 @@ def _hf_gpt2():
     return _Logits(transformers.GPT2LMHeadModel(cfg)), None
 
 
+def _hf_causal_lm(family, tied):
+    """A Hugging Face causal LM of the Llama/Qwen/Mistral families (grouped-query attention: 4 heads,
+    2 key/value heads; RMSNorm, rotary embeddings, SwiGLU MLP), 2 layers of width 16."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install .[test])")
+    cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+           "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM)}[family]
+    cfg = cls[0](vocab_size=11, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=16, tie_word_embeddings=tied)
+    return _Logits(cls[1](cfg)), None
+
+
 FAMILIES = {"open_clip_vit": _open_clip_vit, "open_clip_rn50": _rn50, "convnext": _convnext,
-            "timm_vit": _timm_vit, "hf_clip_vision": _hf_clip_vision, "tied": _tied, "hf_gpt2_tied": _hf_gpt2}
+            "timm_vit": _timm_vit, "hf_clip_vision": _hf_clip_vision, "tied": _tied, "hf_gpt2_tied": _hf_gpt2,
+            "hf_llama": lambda: _hf_causal_lm("llama", False), "hf_qwen2_tied": lambda: _hf_causal_lm("qwen2", True),
+            "hf_mistral": lambda: _hf_causal_lm("mistral", False)}
 
 
 def _input(shape, g):
@@ -164,7 +178,7 @@ def _run(family, *, partitions=1, blocks=None, compile_backend=None, batchnorm="
 
 
 @pytest.mark.parametrize("family", ["open_clip_vit", "open_clip_rn50", "convnext", "timm_vit", "hf_clip_vision",
-                                    "tied", "hf_gpt2_tied"])
+                                    "tied", "hf_gpt2_tied", "hf_llama", "hf_qwen2_tied", "hf_mistral"])
 def test_tower_composes_and_unpatches_exactly(family):
     model, reference, params, slabs, lam, keys, x = _run(family)
     theta = _theta(params, slabs, lam, 1)

@@ -328,3 +328,41 @@ def test_storage_option_restores_the_task_vectors(demo, tmp_path):
     res = run(_cfg(demo, tmp_path / "int8", storage="int8", epochs=1))
     _outputs_ok(tmp_path / "int8")
     assert res["history"] and all(math.isfinite(h["train_loss"]) for h in res["history"])
+
+
+def test_torchrun_fsdp_matches_one_and_resumes_exactly(demo, tmp_path):
+    """--fsdp under torchrun (2 gloo processes, each holding half the rows of theta0 and of every task
+    vector, read lazily from the file): the coefficients of one process on the whole batch, a
+    coefficient file of the same format, and a stop and resume that ends bitwise where the
+    uninterrupted sharded run ends."""
+    from safetensors import safe_open
+
+    kw = dict(epochs=1, batch_size=8, shots=8, select="last")
+    run(_cfg(demo, tmp_path / "one", **kw))
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+            "-m", "atlas_kernels.train", "--objective", "fewshot", "--fsdp"]
+
+    def launch(out, *extra):
+        cmd = base + _cli_args(demo, out, "--epochs", "1", "--batch-size", "8", "--shots", "8", "--lr", "0.05",
+                               "--device", "cpu", "--quiet", "--select", "last", *extra)
+        r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+        if r.returncode and "terminate called without an active exception" in r.stderr and "--resume" not in extra:
+            # gloo's teardown abort (see atlas_kernels.train.loop.run), seen here in 1 of 18 launches on a
+            # loaded 2-core machine, never with a wrong result: the run is repeated once from the start
+            r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+    launch(tmp_path / "fsdp")
+    assert _outputs_ok(tmp_path / "fsdp")["world_size"] == 2
+    a, b = _coefs(tmp_path / "one" / "coefficients.safetensors"), _coefs(tmp_path / "fsdp" / "coefficients.safetensors")
+    assert max(v.abs().max() for v in a.values()) > 0.01  # it trained
+    for k in a:  # measured: equal to ~3e-8
+        torch.testing.assert_close(b[k], a[k], atol=2e-6, rtol=1e-5)
+    meta = [safe_open(str(tmp_path / d / "coefficients.safetensors"), "pt").metadata() for d in ("one", "fsdp")]
+    assert sorted(meta[0]) == sorted(meta[1])
+    assert all(meta[0][k] == meta[1][k] for k in meta[0] if k not in ("theta0_norms", "tv_norms"))
+    launch(tmp_path / "part", "--stop-after-steps", "2")
+    launch(tmp_path / "part", "--resume", str(tmp_path / "part" / "checkpoint.pt"))
+    c = _coefs(tmp_path / "part" / "coefficients.safetensors")
+    for k in b:
+        assert torch.equal(c[k], b[k]), k

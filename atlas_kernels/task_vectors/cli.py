@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build task-vector files from checkpoints (state dicts, or the pickled "
         "whole-module checkpoints of the task-vector papers, read without running code).",
     )
-    sub = p.add_subparsers(dest="command", metavar="{import,build,convert,info}")
+    sub = p.add_subparsers(dest="command", metavar="{import,build,peft,convert,info}")
     sub.required = True
 
     m = sub.add_parser(
@@ -85,6 +85,23 @@ def build_parser() -> argparse.ArgumentParser:
                    "'auto' to find the image tower (default: every key)")
     b.add_argument("--names", nargs="+", default=None, metavar="NAME",
                    help="one name per fine-tuned checkpoint (default: derived from file names)")
+
+    f = sub.add_parser(
+        "peft",
+        help="PEFT LoRA adapter folders -> one task-vector file (LoRA factors, never densified)",
+        description="Write one task-vector file of LoRA task vectors, one per PEFT adapter folder "
+        "(adapter_config.json + adapter_model.safetensors), with PEFT's lora_alpha / r folded into B. "
+        "Block names are the base model's parameter names (base_model.model. is stripped).",
+    )
+    f.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR")
+    f.add_argument("--out", required=True, metavar="OUT", help="output file (.safetensors)")
+    f.add_argument("--module-prefix", default=None,
+                   help="keep only modules under this prefix and strip it (e.g. 'visual.' for an adapter trained "
+                   "on a whole CLIP, to patch model.visual)")
+    f.add_argument("--storage", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="dtype the LoRA factors are stored in (default float32)")
+    f.add_argument("--names", nargs="+", default=None, metavar="NAME",
+                   help="one name per adapter (default: the folder names)")
 
     c = sub.add_parser(
         "convert",
@@ -133,6 +150,20 @@ def _cmd_build(args, out) -> int:
     return 0
 
 
+def _cmd_peft(args, out) -> int:
+    from .core import TaskVectors
+
+    _check_out("--out", args.out)
+    if args.names is not None and len(args.names) != len(args.adapters):
+        raise ValueError(f"--names has {len(args.names)} names for {len(args.adapters)} adapters")
+    tvs = TaskVectors.from_peft(list(args.adapters), names=args.names, module_prefix=args.module_prefix,
+                                storage=args.storage)
+    tvs.save(args.out)
+    print(f"wrote {args.out}: {len(tvs)} LoRA task vectors ({', '.join(map(str, tvs.names))}), "
+          f"{len(tvs.blocks)} blocks, {_fmt_bytes(int(tvs.nbytes))}", file=out)
+    return 0
+
+
 def _cmd_convert(args, out) -> int:
     from ..checkpoints import convert_checkpoint
 
@@ -167,7 +198,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 2 input error). ``argv`` excludes the program."""
     parser = build_parser()
     args = parser.parse_args(None if argv is None else list(argv))
-    cmd = {"build": _cmd_build, "convert": _cmd_convert, "info": _cmd_info, "import": _cmd_import}[args.command]
+    cmd = {"build": _cmd_build, "peft": _cmd_peft, "convert": _cmd_convert, "info": _cmd_info,
+           "import": _cmd_import}[args.command]
     try:
         return cmd(args, sys.stdout)
     except (ValueError, TypeError, OSError, MemoryError) as e:

@@ -44,6 +44,8 @@ class TaskVectors:
         self._names: List[str] = c.names
         self._n = c.n
         self._storage = c.storage
+        # TaskVectors.load_shard: this process's rows of every block (see atlas_kernels.sharding)
+        self._sharding: Optional[TVSharding] = None
 
     def _device_of(self, block):
         return self._slabs[block].device if block in self._slabs else self._lora[block][0].device
@@ -88,8 +90,14 @@ class TaskVectors:
         return self._index.get(block)
 
     def __repr__(self) -> str:
-        return (f"TaskVectors(n={len(self)}, blocks={len(self._slabs)}, storage={self._storage!r}, "
-                f"elements={self.numel:,}, nbytes={self.nbytes:,}, device={self.device})")
+        where = "" if self._sharding is None else f", rows of shard {self._sharding.rank} of {self._sharding.world}"
+        return (f"TaskVectors(n={len(self)}, blocks={len(self._order)}, storage={self._storage!r}, "
+                f"elements={self.numel:,}, nbytes={self.nbytes:,}, device={self.device}{where})")
+
+    @property
+    def sharding(self) -> Optional["TVSharding"]:
+        """For task vectors read with :meth:`load_shard`: which process's rows they hold (None: whole)."""
+        return self._sharding
 
     @property
     def names(self) -> List[str]:
@@ -115,13 +123,22 @@ class TaskVectors:
         return sum(self.shape(b).numel() for b in self._order)
 
     @property
+    def whole_nbytes(self) -> int:
+        """Bytes of the whole set (:attr:`nbytes` unless these are one process's rows)."""
+        return self.nbytes if self._sharding is None else self._sharding.whole_nbytes
+
+    @property
     def nbytes(self) -> int:
-        """Bytes held: slabs, scales and LoRA factors."""
+        """Bytes held (measured from the tensors; for :meth:`load_shard` rows, this process's): slabs,
+        scales and LoRA factors."""
         tensors = list(self._slabs.values()) + list(self._scales.values())
         tensors += [t for ab in self._lora.values() for t in ab]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def shape(self, block: str) -> torch.Size:
+        """The block's shape (the whole block's, also for :meth:`load_shard` rows)."""
+        if self._sharding is not None and block in self._sharding.shapes:
+            return torch.Size(self._sharding.shapes[block])
         if block in self._lora:
             a, b = self._lora[block]
             return torch.Size((b.shape[1], a.shape[2]))
@@ -154,6 +171,7 @@ class TaskVectors:
                          index=self._index if index is None else index, n=self._n)
         keep = [b for b in (order or self._order) if b in slabs or b in lora]
         tv._order = keep
+        tv._sharding = self._sharding
         return tv
 
     def to(self, device) -> "TaskVectors":
@@ -173,6 +191,10 @@ class TaskVectors:
         storage = storage_name(storage)
         if storage == self._storage:
             return self
+        if self._sharding is not None:
+            raise ValueError("to_storage on one process's rows (TaskVectors.load_shard): a 1-D block's int8/fp8 "
+                             "scale spans every process's rows; convert the whole set once "
+                             "(TaskVectors.load(path).to_storage(...).save(new_path)) and load_shard the new file")
         slabs, scales = {}, {}
         for b, slab in self._slabs.items():
             parts = [quantize(dequantize_one(slab[i], self._scales[b][i] if b in self._scales else None), storage,
@@ -245,3 +267,17 @@ class TaskVectors:
     # ------------------------------------------------------------------ files
     save = files.save
     load = classmethod(files.load)
+    load_shard = classmethod(files.load_shard)
+
+
+class TVSharding:
+    """Which rows of every block a :meth:`TaskVectors.load_shard` set holds: this ``rank`` of
+    ``world`` processes, ``ceil(R / world)`` rows of each block of ``R`` rows (see
+    :mod:`atlas_kernels.sharding`); ``shapes``: the whole blocks' shapes; ``whole_nbytes``: the
+    whole set's bytes (from the file's header); ``group``: the process group they were read for."""
+
+    def __init__(self, rank: int, world: int, shapes: Dict[str, tuple], whole_nbytes: int, group=None):
+        self.rank, self.world, self.shapes, self.whole_nbytes, self.group = rank, world, shapes, whole_nbytes, group
+
+    def __repr__(self) -> str:
+        return f"TVSharding(rank={self.rank}, world={self.world}, blocks={len(self.shapes)})"

@@ -1,4 +1,4 @@
-"""``python -m atlas_kernels.train``: learn aTLAS coefficients for an open_clip model."""
+"""``python -m atlas_kernels.train``: learn aTLAS coefficients for an open_clip model or a Hugging Face causal LM."""
 from __future__ import annotations
 
 import argparse
@@ -20,10 +20,15 @@ objectives and their data:
                                              lower accuracy on T, keep C within
                                              --control-threshold of its zero-shot accuracy
   addition  --train A B ... --val AV BV ...  one set of coefficients for all datasets
+  lm        --hf-model DIR --train T.txt --val V.txt
+                                             next-token cross-entropy of a causal LM (Llama, Qwen,
+                                             Mistral, ...): one example per line of UTF-8 text
 
 Data folders use the ImageFolder layout DIR/<class>/<image>; class names for the prompts are the
-folder names with '_' as spaces (or --classnames). Under torchrun the same command runs
-data-parallel (--batch-size is the global batch).
+folder names with '_' as spaces (or --classnames). For lm, each non-empty line of a text file
+is one example, tokenised by the tokenizer in --hf-model (else its UTF-8 bytes are the token ids)
+and cut to --seq-len tokens. Under torchrun the same command runs data-parallel (--batch-size is
+the global batch); add --fsdp to hold 1/W of theta0 and of every task vector per process.
 
 outputs in --out: coefficients.safetensors, metrics.json, coefficients.png, checkpoint.pt
 """
@@ -42,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pre-trained weights: a state dict (safetensors or a torch file), or a pickled whole "
                    "module as the task-vector papers released them (torch files are read without running "
                    "code); default: random weights (seeded by --seed)")
+    g.add_argument("--hf-model", default=None, metavar="DIR",
+                   help="objective lm: a Hugging Face causal LM folder (config.json; model.safetensors = theta0, "
+                   "else random weights seeded by --seed; a tokenizer, else UTF-8 bytes as token ids). Task-vector "
+                   "block names are the model's parameter names (model.layers.0.self_attn.q_proj.weight, ...)")
     g.add_argument("--head", nargs="+", default=None, metavar="FILE",
                    help="classification heads, one per dataset, in place of zero-shot heads from the text "
                    "tower: the papers' head_<Dataset>.pt or import --heads output (class i = sorted "
@@ -88,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="k images per class of each training set, drawn with --seed")
     g.add_argument("--augment", action="store_true",
                    help="random resized crops and flips for labelled training images")
+    g.add_argument("--seq-len", type=int, default=d.seq_len, metavar="L",
+                   help="objective lm: tokens per example (longer lines are cut; default 128)")
     g.add_argument("--tta-loss", choices=TTA_LOSSES, default=d.tta_loss,
                    help="tta: confident pseudo-labels from a weak view for a strong view, or "
                    "entropy minimisation (default pseudo)")
@@ -133,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--export-merged", default=None, metavar="FILE",
                    help="also write the merged plain model's state dict (safetensors)")
     g.add_argument("--quiet", action="store_true", help="no progress lines")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard theta0 and the task vectors over the processes (each holds 1/W of "
+                   "every adapted block, read lazily from the file; blocks are composed from the local rows and "
+                   "all-gathered for the forward); the coefficients stay whole. Same results and files as one "
+                   "process")
     return p
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-OBJECTIVES = ("fewshot", "tta", "negation", "addition")
+OBJECTIVES = ("fewshot", "tta", "negation", "addition", "lm")
 TTA_LOSSES = ("pseudo", "entropy")
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -33,6 +33,8 @@ class TrainConfig:
     classnames: Optional[List[str]] = None
     model: Optional[str] = None
     model_config: Optional[str] = None
+    hf_model: Optional[str] = None  # --objective lm: a Hugging Face causal LM folder (config.json, weights)
+    seq_len: int = 128
     weights: Optional[str] = None
     head: Optional[List[str]] = None
     templates: str = "openai"
@@ -68,13 +70,14 @@ class TrainConfig:
     log_every: int = 10
     export_merged: Optional[str] = None
     quiet: bool = False
+    fsdp: bool = False  # under torchrun: each process holds 1/W of theta0 and of every task vector (ak.shard)
 
 
 # fields that may differ between a run and its resumption (they do not change the result)
 _NOT_FINGERPRINTED = {"out", "resume", "save_every", "stop_after_steps", "log_every",
                       "export_merged", "workers", "device", "eval_batch_size", "quiet", "backend", "cuda_graph",
                       "train", "val", "control_train", "control_val", "weights", "task_vectors",
-                      "model_config"}
+                      "model_config", "hf_model", "fsdp"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,11 +93,17 @@ def validate_config(cfg: TrainConfig) -> None:
         bad(f"unknown objective {cfg.objective!r}; choose one of {', '.join(OBJECTIVES)}")
     if not cfg.task_vectors:
         bad("--task-vectors is required")
-    if not cfg.model and not cfg.model_config:
+    if cfg.objective == "lm":
+        _validate_lm(cfg, bad)
+    elif cfg.hf_model:
+        bad("--hf-model (a Hugging Face causal LM) is for --objective lm; the image objectives take an open_clip "
+            "--model or --model-config")
+    elif not cfg.model and not cfg.model_config:
         bad("give an open_clip model name with --model (or a config file with --model-config)")
     nt, nv = len(cfg.train), len(cfg.val)
-    if cfg.objective in ("fewshot", "tta", "negation") and (nt != 1 or nv != 1):
-        bad(f"objective {cfg.objective!r} takes one --train and one --val folder "
+    if cfg.objective in ("fewshot", "tta", "negation", "lm") and (nt != 1 or nv != 1):
+        bad(f"objective {cfg.objective!r} takes one --train and one --val "
+            f"{'text file' if cfg.objective == 'lm' else 'folder'} "
             f"(got {nt} and {nv})")
     if cfg.objective == "addition" and (nt < 1 or nv != nt):
         bad(f"objective 'addition' takes one --val folder per --train folder (got {nt} --train, "
@@ -114,7 +123,7 @@ def validate_config(cfg: TrainConfig) -> None:
         bad(f"--head has {len(cfg.head)} files for {n_tasks} dataset(s) (one per dataset)")
     if cfg.classnames is not None and len(cfg.classnames) != n_tasks:
         bad(f"--classnames has {len(cfg.classnames)} files for {n_tasks} dataset(s)")
-    for k in ("epochs", "batch_size", "accum_steps", "partitions", "log_every"):
+    for k in ("epochs", "batch_size", "accum_steps", "partitions", "log_every", "seq_len"):
         if int(getattr(cfg, k)) < 1:
             bad(f"--{k.replace('_', '-')} must be at least 1 (got {getattr(cfg, k)})")
     if cfg.eval_batch_size is not None and cfg.eval_batch_size < 1:
@@ -148,3 +157,20 @@ def validate_config(cfg: TrainConfig) -> None:
         bad("--confidence must be in (0, 1]")
     if not 0.0 <= cfg.control_threshold <= 1.0:
         bad("--control-threshold must be in [0, 1] (a fraction of the zero-shot accuracy)")
+
+
+def _validate_lm(cfg: TrainConfig, bad) -> None:
+    """--objective lm: a Hugging Face causal LM folder, and none of the image-only options."""
+    if not cfg.hf_model:
+        bad("objective 'lm' needs --hf-model DIR: a Hugging Face causal LM folder holding config.json (and "
+            "model.safetensors with the pre-trained weights; a tokenizer, else UTF-8 bytes are the tokens)")
+    image_only = {"model": "--model", "model_config": "--model-config", "head": "--head",
+                  "classnames": "--classnames", "shots": "--shots", "weights": "--weights"}
+    given = [flag for k, flag in image_only.items() if getattr(cfg, k)]
+    if cfg.augment:
+        given.append("--augment")
+    if cfg.linearised:
+        given.append("--linearised")
+    if given:
+        bad(f"objective 'lm' takes its model and weights from --hf-model; {', '.join(given)} "
+            f"{'is' if len(given) == 1 else 'are'} for the image objectives")

@@ -300,3 +300,107 @@ def eval_loader(ds: ImageDataset, batch_size: int, rank: int, world: int, worker
     sub = torch.utils.data.Subset(ds, list(range(lo, hi)))
     return DataLoader(sub, batch_size=batch_size, shuffle=False, num_workers=workers,
                       pin_memory=pin, persistent_workers=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# text (objective lm)
+
+
+class ByteTokenizer:
+    """The fallback tokenizer of ``--objective lm`` when the model folder holds none: the UTF-8
+    bytes of a line are its token ids (0..255; the model's vocabulary must have at least 256 ids)."""
+
+    vocab_size = 256
+
+    def __call__(self, text: str) -> List[int]:
+        return list(text.encode("utf-8"))
+
+    def __repr__(self) -> str:
+        return "ByteTokenizer(UTF-8 bytes as token ids)"
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer read from the model folder (``local_files_only``: nothing is
+    downloaded); its special tokens (a BOS) are added as the model expects."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.vocab_size = len(tok)
+
+    def __call__(self, text: str) -> List[int]:
+        return list(self.tok(text)["input_ids"])
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({type(self.tok).__name__}, {self.vocab_size} tokens)"
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+
+
+def load_tokenizer(model_dir, vocab_size: int):
+    """The tokenizer of a model folder (any of :data:`_TOKENIZER_FILES`), else :class:`ByteTokenizer`.
+    A tokenizer with more ids than the model's vocabulary is refused."""
+    d = Path(model_dir)
+    if any((d / f).is_file() for f in _TOKENIZER_FILES):
+        from transformers import AutoTokenizer
+
+        try:
+            tok = HFTokenizer(AutoTokenizer.from_pretrained(str(d), local_files_only=True))
+        except Exception as e:  # a broken or unsupported tokenizer file: say which folder
+            raise DataError(f"--hf-model '{d}': its tokenizer files could not be read ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}); remove them to use UTF-8 bytes as "
+                            f"tokens") from None
+    else:
+        tok = ByteTokenizer()
+    if tok.vocab_size > vocab_size:
+        raise DataError(f"--hf-model '{d}': the {tok!r} has {tok.vocab_size} token ids, the model's vocabulary "
+                        f"only {vocab_size} (config.json vocab_size)")
+    return tok
+
+
+def read_text_examples(path, role: str, tokenizer, seq_len: int) -> List[List[int]]:
+    """The examples of a text file for ``--objective lm``: one per non-empty line (UTF-8), tokenised
+    and cut to ``seq_len`` tokens. A missing or empty file, a line that is not UTF-8, and a line of
+    fewer than 2 tokens (nothing to predict) raise :class:`DataError` naming the file and line."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{role} file '{p}' does not exist")
+    if not p.is_file():
+        raise DataError(f"{role} path '{p}' is not a text file (objective lm reads one example per line)")
+    raw = p.read_bytes()
+    out = []
+    for i, line in enumerate(raw.split(b"\n"), start=1):
+        try:
+            text = line.decode("utf-8").rstrip("\r")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{role} file '{p}', line {i}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        if not text.strip():
+            continue
+        ids = tokenizer(text)[:seq_len]
+        if len(ids) < 2:
+            raise DataError(f"{role} file '{p}', line {i}: {len(ids)} token(s); an example needs at least 2 (one "
+                            f"to predict the next)")
+        out.append(ids)
+    if not out:
+        raise DataError(f"{role} file '{p}' holds no example (objective lm reads one example per non-empty line)")
+    return out
+
+
+class TextDataset(Dataset):
+    """Token sequences, each returned as ``(ids, length)``: ``ids`` padded with 0 to ``seq_len``
+    (padding comes after the text, so a causal model never attends to it; the loss masks it).
+    Item keys are as :class:`ImageDataset`'s (a seed is accepted and unused: no augmentation)."""
+
+    def __init__(self, examples: Sequence[Sequence[int]], seq_len: int):
+        self.examples = [list(e) for e in examples]
+        self.seq_len = seq_len
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, key):
+        idx = key[0] if isinstance(key, tuple) else key
+        e = self.examples[idx]
+        ids = torch.zeros(self.seq_len, dtype=torch.long)
+        ids[:len(e)] = torch.tensor(e, dtype=torch.long)
+        return ids, len(e)

@@ -47,10 +47,13 @@ def _all_reduce(t: torch.Tensor, d: Dist) -> torch.Tensor:
     return t
 
 
-def sum_gradients(params, loss_sum: torch.Tensor, d: Dist) -> torch.Tensor:
+def sum_gradients(params, loss_sum: torch.Tensor, d: Dist, *, summed: bool = False) -> torch.Tensor:
     """Sum the coefficient gradients (a missing one counts as zeros) and the local loss over the
     processes with one ``all_reduce`` of one flat buffer; sets every ``p.grad`` to the sum and
-    returns the summed loss (float32)."""
+    returns the summed loss (float32). ``summed``: the gradients are sums over the processes
+    already (a sharded module reduces them in backward): only the loss is summed."""
+    if summed:
+        return _all_reduce(loss_sum.float().reshape(1), d)[0]
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
                       for p in params] + [loss_sum.float().reshape(1)])
     _all_reduce(flat, d)

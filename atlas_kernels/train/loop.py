@@ -10,7 +10,9 @@ Every piece is an importable function; :func:`run` strings them together and is 
 Distributed: under ``torchrun`` (``WORLD_SIZE`` > 1) every process builds the same model and
 heads, takes a contiguous slice of each *global* batch (``--batch-size`` is global), and the
 coefficient gradients (the only trainable parameters) are summed with one ``all_reduce`` per
-optimizer step before unscaling, clipping and stepping. Every loss is a sum over the local samples
+optimizer step before unscaling, clipping and stepping. With ``--fsdp`` the module is sharded
+(:mod:`atlas_kernels.sharding`): its backward sums the coefficient gradients over the processes
+itself, so only the loss is all-reduced here. Every loss is a sum over the local samples
 divided by the global batch size, so the sum of the ranks' gradients is exactly the gradient of the
 global batch, and every rank takes the same optimizer step. (This is what DDP would do, without
 wrapping a module whose frozen blocks take no gradient; evaluation is sharded the same way.)
@@ -180,6 +182,7 @@ def train(s: Setup) -> Dict[str, Any]:
             save_checkpoint(ckpt_path, s, state, opt, sched, scaler)
 
     images_per_step_task = B
+    rate = "seq/s" if s.objective.name == "lm" else "img/s"
     t_log, n_log = time.perf_counter(), 0
     start_epoch = state["epoch"]
     for epoch in range(start_epoch, cfg.epochs):
@@ -228,7 +231,7 @@ def train(s: Setup) -> Dict[str, Any]:
                     dt = max(1e-9, time.perf_counter() - t_log)
                     log(f"epoch {epoch + 1}/{cfg.epochs} step {step}/{M} | opt step {g}/{total} | "
                         f"loss {loss_val:.4f} | grad norm {gnorm:.3g} | lr {float(sched.get_last_lr()[0]):.3g}"
-                        f" | {n_log / dt:.1f} img/s")
+                        f" | {n_log / dt:.1f} {rate}")
                     t_log, n_log = time.perf_counter(), 0
                 stop = cfg.stop_after_steps is not None and g >= cfg.stop_after_steps
                 if step < M and (stop or (cfg.save_every and g % cfg.save_every == 0)):
@@ -250,7 +253,7 @@ def train(s: Setup) -> Dict[str, Any]:
                 scaler.scale(loss).backward()
                 loss_sum += loss.detach().double()
             step += a
-            loss_t = sum_gradients(params, loss_sum, d) if d.world > 1 else loss_sum
+            loss_t = sum_gradients(params, loss_sum, d, summed=s.sharded) if d.world > 1 else loss_sum
             scaler.unscale_(opt)
             if cfg.clip_grad > 0:
                 gnorm_t = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
@@ -285,7 +288,7 @@ def train(s: Setup) -> Dict[str, Any]:
                 dt = max(1e-9, time.perf_counter() - t_log)
                 log(f"epoch {epoch + 1}/{cfg.epochs} step {step}/{M} | opt step {g}/{total} | "
                     f"loss {loss_val:.4f} | grad norm {gnorm:.3g} | lr {sched.get_last_lr()[0]:.3g}"
-                    f" | {n_log / dt:.1f} img/s")
+                    f" | {n_log / dt:.1f} {rate}")
                 t_log, n_log = time.perf_counter(), 0
             stop = cfg.stop_after_steps is not None and g >= cfg.stop_after_steps
             if step < M and (stop or (cfg.save_every and g % cfg.save_every == 0)):
@@ -331,7 +334,7 @@ def _overflow_note(s) -> str:
 
     try:
         dtype = torch.float16 if s.precision == "fp16" else None
-        bad = overflowing_blocks(s.model.visual, dtype)
+        bad = overflowing_blocks(s.tower, dtype)
     except Exception:  # the note is a help; the error stands without it
         return ""
     if not bad:

@@ -1,4 +1,5 @@
-"""open_clip model, weights, tokenizer and zero-shot classification heads."""
+"""open_clip model, weights, tokenizer and zero-shot classification heads; Hugging Face causal
+LMs for ``--objective lm`` (:func:`build_hf_model`)."""
 from __future__ import annotations
 
 import difflib
@@ -258,3 +259,49 @@ def head_logits(head, feats: torch.Tensor, scale: float) -> torch.Tensor:
         return scale * F.normalize(feats, dim=-1) @ head
     x = F.normalize(feats, dim=-1) if head.normalize else feats
     return x @ head.weight.T + head.bias
+
+
+_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+_HF_PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def build_hf_model(path, *, seed: int = 0):
+    """A Hugging Face causal LM (Llama, Qwen, Mistral, ... any ``AutoModelForCausalLM`` family the
+    installed transformers knows) from a local folder, offline: ``config.json``, and
+    ``model.safetensors`` (or a sharded ``model.safetensors.index.json``) for the pre-trained
+    weights theta0; without weights, random weights seeded by ``seed``. Pickled weights
+    (``pytorch_model.bin``) are refused (loading them runs code from the file), and so is a config
+    that needs code from the folder (``trust_remote_code``). In eval mode."""
+    d = Path(path)
+    if not d.is_dir():
+        raise ValueError(f"--hf-model '{d}' is not a folder (a Hugging Face model folder holding config.json)")
+    _require_file(d / "config.json", "Hugging Face model config (config.json)")
+    has_weights = any((d / f).is_file() for f in _HF_WEIGHTS)
+    if not has_weights and any((d / f).is_file() for f in _HF_PICKLES):
+        raise ValueError(f"--hf-model '{d}' holds pickled weights (pytorch_model.bin), which load by running code "
+                         f"from the file: save them as safetensors (model.save_pretrained(dir, "
+                         f"safe_serialization=True))")
+    import transformers
+
+    level = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" on stderr, for a tiny model too
+    try:
+        cfg = transformers.AutoConfig.from_pretrained(str(d), local_files_only=True)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            if has_weights:
+                model = transformers.AutoModelForCausalLM.from_pretrained(str(d), local_files_only=True,
+                                                                          use_safetensors=True)
+            else:
+                model = transformers.AutoModelForCausalLM.from_config(cfg)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--hf-model '{d}': transformers could not build a causal LM from it ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    finally:
+        logging.disable(level)
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+    model.eval()
+    return model

@@ -42,6 +42,54 @@ class Objective:
     def score(self, metrics: Metrics, zero_shot: Metrics) -> Tuple[bool, float]:
         raise NotImplementedError
 
+    def eval_terms(self, forward: Forward, x: torch.Tensor, y: torch.Tensor, task: int) -> torch.Tensor:
+        """``[correct, loss sum, count]`` (float64) of one validation batch: accuracy and mean
+        cross-entropy are their ratios. Default: classification (one label per sample)."""
+        logits = forward(x, task)
+        return torch.stack([(logits.argmax(-1) == y).sum().double(),
+                            F.cross_entropy(logits, y, reduction="sum").double(),
+                            torch.tensor(float(y.numel()), dtype=torch.float64, device=logits.device)])
+
+
+def next_token_losses(logits: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor,
+                      reduction: str = "mean") -> torch.Tensor:
+    """Per-example next-token cross-entropy of a causal LM: position ``t`` predicts ``ids[t + 1]``
+    for ``t + 1 < length``. ``reduction="mean"``: each example's mean over its predicted tokens;
+    ``"none"``: the per-position losses ``[B, L - 1]`` with masked positions 0. Also returns nothing
+    else: see :meth:`LanguageModel.eval_terms` for the token counts."""
+    pred = logits[:, :-1].float()
+    target = ids[:, 1:]
+    mask = torch.arange(target.shape[1], device=ids.device)[None, :] < (lengths.to(ids.device)[:, None] - 1)
+    ce = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="none").reshape(target.shape)
+    ce = ce * mask
+    if reduction == "none":
+        return ce
+    return ce.sum(1) / mask.sum(1).clamp_min(1)
+
+
+class LanguageModel(Objective):
+    """Next-token cross-entropy of a causal LM on one text file (one example per line): each
+    example's loss is its mean over its predicted tokens, and the step's loss is the mean over the
+    global batch (so every example counts the same, whatever its length). Evaluation reports the
+    token-level accuracy and mean cross-entropy (and its exponential, the perplexity); the best
+    epoch is the one with the lowest validation loss."""
+
+    name = "lm"
+
+    def losses(self, forward, batches):
+        ids, lengths = batches[0]
+        return [(1.0, next_token_losses(forward(ids, 0), ids, lengths))]
+
+    def score(self, metrics, zero_shot):
+        return True, -sum(m["loss"] for m in metrics.values()) / max(1, len(metrics))
+
+    def eval_terms(self, forward, x, y, task):
+        logits = forward(x, task)
+        ce = next_token_losses(logits, x, y, reduction="none")
+        mask = torch.arange(x.shape[1] - 1, device=x.device)[None, :] < (y.to(x.device)[:, None] - 1)
+        correct = ((logits[:, :-1].argmax(-1) == x[:, 1:]) & mask).sum()
+        return torch.stack([correct.double(), ce.sum().double(), mask.sum().double()])
+
 
 class FewShot(Objective):
     """Cross-entropy against the zero-shot head, on (k-shot) labelled images."""
@@ -153,4 +201,6 @@ def make_objective(name: str, *, n_tasks: int = 1, augment: bool = False, tta_lo
         return Negation(control_threshold, control_weight)
     if name == "addition":
         return Addition(n_tasks)
+    if name == "lm":
+        return LanguageModel()
     raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")

@@ -48,7 +48,7 @@ def write_outputs(s: Setup, state: Dict[str, Any]) -> Dict[str, Any]:
     try:  # the backend that ran (config.backend is what was asked for, often "auto")
         from ..patch_config import PatchConfig
 
-        result["backend_ran"] = PatchConfig.of(s.model.visual).resolved_backend
+        result["backend_ran"] = PatchConfig.of(s.tower).resolved_backend
     except Exception:  # a model without an open_clip image tower attribute
         pass
     if s.precision == "fp16":
@@ -58,9 +58,11 @@ def write_outputs(s: Setup, state: Dict[str, Any]) -> Dict[str, Any]:
         if rep and s.dist.main:
             print(f"[atlas_kernels.train] {rep['warning']}", file=sys.stderr, flush=True)
     if not s.dist.main:
+        if cfg.export_merged and s.sharded:
+            export_merged(s, None)  # unpatching a sharded module is a collective: every process merges its rows
         return result
     out.mkdir(parents=True, exist_ok=True)
-    ak.save_coefficients(s.model.visual, str(out / "coefficients.safetensors"))
+    ak.save_coefficients(s.tower, str(out / "coefficients.safetensors"))
     result["outputs"] = {"coefficients": str(out / "coefficients.safetensors"),
                          "checkpoint": str(out / "checkpoint.pt")}
     png = save_heatmap(s.coefs, out / "coefficients.png", names=[str(n) for n in s.tvs.names],
@@ -76,15 +78,18 @@ def write_outputs(s: Setup, state: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def export_merged(s: Setup, path) -> None:
-    """Merge the coefficients into plain weights and write the whole model's state dict."""
+    """Merge the coefficients into plain weights and write the whole model's state dict (``path``
+    None: merge only, on a process that writes nothing)."""
     import atlas_kernels as ak
 
-    if ak.is_patched(s.model.visual) and ak.PatchConfig.of(s.model.visual).linearised:
+    if ak.is_patched(s.tower) and ak.PatchConfig.of(s.tower).linearised:
         # no plain model equals a linearised one: theta0 plus D per block (atlas_kernels.load_linearised)
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        ak.export_linearised(s.model.visual, path)
+        ak.export_linearised(s.tower, path)
         return
-    s.model.visual = ak.unpatch(s.model.visual)
+    ak.unpatch(s.tower)  # in place (sharded: every process merges its rows, then they are all-gathered)
+    if path is None:  # a process that is not the main one, under --fsdp: it only took part in the merge
+        return
     sd, seen = {}, {}
     for k, v in s.model.state_dict().items():
         v = v.detach().cpu().contiguous()

@@ -1,7 +1,12 @@
 """Everything a training run builds before its first step: the datasets (scanned and checked),
-the task vectors, the model and its patched image tower, the heads, the objective and the data
-sets, gathered in one :class:`Setup`; and the forward pass the loop and the evaluation share.
-Every input error is raised here, before the first training step."""
+the task vectors, the model and its patched image tower (or, for ``--objective lm``, the patched
+Hugging Face causal LM), the heads, the objective and the data sets, gathered in one
+:class:`Setup`; and the forward pass the loop and the evaluation share. Every input error is
+raised here, before the first training step.
+
+``--fsdp``: every process reads only its rows of each task-vector slab from the file
+(:meth:`atlas_kernels.TaskVectors.load_shard`), so the whole set is never in one process's memory,
+and the patched module is sharded (:func:`atlas_kernels.shard`)."""
 from __future__ import annotations
 
 import sys
@@ -107,6 +112,8 @@ class Setup:
     fingerprint: Dict[str, Any]
     ckpt: Optional[Dict[str, Any]]
     log: Logger
+    tower: Any = None  # the patched module: model.visual (open_clip), or the causal LM itself
+    sharded: bool = False  # --fsdp: forwards are collectives (every process runs as many)
 
 
 def setup(cfg: TrainConfig) -> Setup:
@@ -127,6 +134,18 @@ def setup(cfg: TrainConfig) -> Setup:
     if cfg.batch_size % d.world:
         raise ConfigError(f"--batch-size {cfg.batch_size} (the global batch) is not divisible by "
                           f"the {d.world} processes")
+    if cfg.fsdp and d.world == 1:
+        raise ConfigError("--fsdp shards over the processes of torchrun (torchrun --nproc-per-node W -m "
+                          "atlas_kernels.train --fsdp ...); this is one process: drop --fsdp")
+    if cfg.fsdp and cfg.storage is not None:
+        raise ConfigError("--storage re-stores the task vectors after loading, which --fsdp cannot do on the "
+                          "shards (a 1-D block's int8/fp8 scale spans every process's rows): convert the file once "
+                          "(atlas_kernels.TaskVectors.load(path).to_storage(...).save(new)) and pass the new file")
+    if cfg.fsdp and cfg.linearised:
+        raise ConfigError("--fsdp does not shard the linearised model (forward-mode tangents are not sharded); "
+                          "drop --fsdp or --linearised")
+    if cfg.objective == "lm":
+        return _setup_lm(cfg, d, log, device, precision)
 
     tasks = load_tasks(cfg)
     ckpt = load_checkpoint(cfg.resume) if cfg.resume else None
@@ -139,7 +158,7 @@ def setup(cfg: TrainConfig) -> Setup:
     p = Path(cfg.task_vectors)
     if not p.exists() and not p.is_symlink():
         raise ConfigError(f"task-vector file '{p}' does not exist")
-    tvs = ak.TaskVectors.load(str(p))  # says what a path that is not a regular file is
+    tvs = _load_task_vectors(p, cfg)
     if cfg.storage is not None and cfg.storage != tvs.storage:
         tvs = tvs.to_storage(cfg.storage)
     fp = fingerprint(cfg, tasks, tvs)
@@ -168,6 +187,7 @@ def setup(cfg: TrainConfig) -> Setup:
     model.visual = ak.patch(model.visual, tvs, partitions=cfg.partitions,
                             partition_mode=cfg.partition_mode, seed=cfg.seed,
                             backend=cfg.backend, blocks=blocks, linearised=cfg.linearised)
+    _log_shards(model.visual, tvs, cfg, log)
     coefs = ak.coefficients(model.visual)
     if not coefs:
         raise ConfigError("patching adapted no block: nothing to train (check --blocks)")
@@ -193,7 +213,94 @@ def setup(cfg: TrainConfig) -> Setup:
                 ckpt["coefficients"][k].shape != coefs[k].shape for k in names):
             raise ConfigError(f"resume file '{cfg.resume}' holds coefficients of other shapes")
     return Setup(cfg, d, device, precision, model, coefs, tvs, tasks, heads, scale, objective,
-                 train_sets, eval_sets, fp, ckpt, log)
+                 train_sets, eval_sets, fp, ckpt, log, tower=model.visual, sharded=cfg.fsdp)
+
+
+def _load_task_vectors(p: Path, cfg: TrainConfig):
+    """The task-vector file: whole, or (``--fsdp``) this process's rows of every block only."""
+    import atlas_kernels as ak
+
+    if cfg.fsdp:
+        return ak.TaskVectors.load_shard(str(p))
+    return ak.TaskVectors.load(str(p))  # says what a path that is not a regular file is
+
+
+def _log_shards(module, tvs, cfg: TrainConfig, log: Logger) -> None:
+    """``--fsdp``: patching with the loaded rows sharded the module; say what this process holds."""
+    if not cfg.fsdp:
+        return
+    from ..plan import plan_of
+    from ..sharding import local_bytes
+
+    plan = plan_of(module)
+    held = local_bytes(module)
+    log(f"{plan.summary()}: this process holds "
+        f"{held['slabs'] + held['scales'] + held['lora_a'] + held['lora_b']:,} bytes of the task vectors' "
+        f"{tvs.whole_nbytes:,} and {held['theta0']:,} bytes of theta0's adapted blocks")
+
+
+def _setup_lm(cfg: TrainConfig, d: Dist, log: Logger, device: torch.device, precision: str) -> Setup:
+    """:func:`setup` for ``--objective lm``: a Hugging Face causal LM from ``--hf-model``, patched as
+    a whole (task-vector blocks are its parameter names), one text file to train on and one to
+    validate on (one example per line)."""
+    import atlas_kernels as ak
+
+    from .model import build_hf_model
+    from .objectives import LanguageModel
+    from .state import file_digest
+
+    model = build_hf_model(cfg.hf_model, seed=cfg.seed)
+    vocab = int(getattr(model.config, "vocab_size", 0) or model.get_input_embeddings().num_embeddings)
+    tok = D.load_tokenizer(cfg.hf_model, vocab)
+    train = D.read_text_examples(cfg.train[0], "train (--train)", tok, cfg.seq_len)
+    val = D.read_text_examples(cfg.val[0], "validation (--val)", tok, cfg.seq_len)
+    name = cfg.names[0] if cfg.names else _default_name(str(Path(cfg.train[0]).with_suffix("")))
+
+    def samples(examples):  # what the run's fingerprint hashes: the token ids, not the file's path
+        import hashlib
+
+        return [(f"{i}:{hashlib.sha1(str(e).encode()).hexdigest()[:12]}", -1) for i, e in enumerate(examples)]
+
+    tasks = [TaskData(name, [], [], samples(train), samples(val), str(cfg.train[0]), str(cfg.val[0]))]
+    ckpt = load_checkpoint(cfg.resume) if cfg.resume else None
+    p = Path(cfg.task_vectors)
+    if not p.exists() and not p.is_symlink():
+        raise ConfigError(f"task-vector file '{p}' does not exist")
+    tvs = _load_task_vectors(p, cfg)
+    if cfg.storage is not None and cfg.storage != tvs.storage:
+        tvs = tvs.to_storage(cfg.storage)
+    fp = fingerprint(cfg, tasks, tvs)
+    folder = Path(cfg.hf_model)
+    fp["model"] = {f: file_digest(folder / f) for f in ("config.json", "model.safetensors")
+                   if (folder / f).is_file()}
+    fp["tokenizer"] = repr(tok)
+    if ckpt is not None:
+        check_resume(ckpt, fp, cfg.resume)
+    model.requires_grad_(False)
+    model.to(device)
+    tvs = tvs.to(device)
+    blocks = cfg.blocks
+    if blocks is not None and len(blocks) == 1 and blocks[0] in ("all", "weights"):
+        blocks = blocks[0]
+    ak.patch(model, tvs, partitions=cfg.partitions, partition_mode=cfg.partition_mode, seed=cfg.seed,
+             backend=cfg.backend, blocks=blocks)
+    _log_shards(model, tvs, cfg, log)
+    coefs = ak.coefficients(model)
+    if not coefs:
+        raise ConfigError("patching adapted no block: nothing to train (check --blocks)")
+    for prm in coefs.values():
+        prm.requires_grad_(True)
+    model.eval()
+    if ckpt is not None:
+        names = list(coefs)
+        if list(ckpt["coefficients"]) != names or any(
+                ckpt["coefficients"][k].shape != coefs[k].shape for k in names):
+            raise ConfigError(f"resume file '{cfg.resume}' holds coefficients of other shapes")
+    log(f"language model {type(model).__name__} from {cfg.hf_model}: {len(train)} training and {len(val)} validation "
+        f"examples of up to {cfg.seq_len} tokens ({tok!r})")
+    return Setup(cfg, d, device, precision, model, coefs, tvs, tasks, [], 1.0, LanguageModel(),
+                 [D.TextDataset(train, cfg.seq_len)], [D.TextDataset(val, cfg.seq_len)], fp, ckpt, log,
+                 tower=model, sharded=cfg.fsdp)
 
 
 def _check_tv_names(path: Path, tvs, model) -> None:
@@ -227,8 +334,15 @@ def _check_tv_names(path: Path, tvs, model) -> None:
 
 def make_forward(s: Setup):
     """``forward(images, task) -> logits`` (float32): the patched image tower under autocast,
-    normalised features against the task's head (zero-shot, or a --head file)."""
+    normalised features against the task's head (zero-shot, or a --head file). For
+    ``--objective lm``: ``forward(token ids, task) -> next-token logits [B, L, V]`` (float32)."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(s.precision)
+    if s.objective.name == "lm":
+        def forward_lm(ids: torch.Tensor, task: int) -> torch.Tensor:
+            with torch.autocast(s.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                logits = s.model(input_ids=ids, use_cache=False).logits
+            return logits.float()
+        return forward_lm
 
     def forward(images: torch.Tensor, task: int) -> torch.Tensor:
         with torch.autocast(s.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
