@@ -67,7 +67,7 @@ def _writers(tmp_path):
             for c in ak.coefficients(mm).values():
                 c.fill_(float(v))
         export_merged(types.SimpleNamespace(model=types.SimpleNamespace(visual=mm, state_dict=mm.state_dict),
-                                            fingerprint={"model": "tiny"}), tmp_path / "merged.safetensors")
+                                            tower=mm, fingerprint={"model": "tiny"}), tmp_path / "merged.safetensors")
 
     def peft(v):
         f = {"fc.weight": (torch.full((2, 3), float(v)), torch.ones(4, 2))}

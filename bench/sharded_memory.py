@@ -40,8 +40,10 @@ def _rss(field: str) -> int:
 
 
 def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")  # the peak resident set size (VmHWM) := the current one
+    from bench.measure import reset_peak_rss  # VmHWM := the current RSS
+
+    if not reset_peak_rss():
+        raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs): Linux only")
 
 
 def _tower(name: str, device: str = "cpu"):
@@ -107,8 +109,9 @@ def _worker(rank: int, world: int, port: int, args: dict, path: str, out: str) -
         everyone = [None] * world
         dist.all_gather_object(everyone, res)
         if rank == 0:
-            with open(out, "w") as fh:
-                json.dump(everyone, fh)
+            from atlas_kernels._io import atomic_write_json
+
+            atomic_write_json(out, everyone)
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -178,8 +181,9 @@ def main(argv=None) -> int:
               "predicted_step": predicted_step, "measured": rows, "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d")}
     if a.out:
-        with open(a.out, "w") as fh:
-            json.dump(result, fh, indent=1)
+        from atlas_kernels._io import atomic_write_json
+
+        atomic_write_json(a.out, result, indent=1)
     return 0
 
 

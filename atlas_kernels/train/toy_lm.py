@@ -26,6 +26,8 @@ from typing import Dict, List
 
 import torch
 
+from atlas_kernels._io import atomic_write_text
+
 TASKS = ("count", "spell")
 CONFIG = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, rms_norm_eps=1e-5)
@@ -60,7 +62,7 @@ def write_texts(data_dir, train_n: int = 48, val_n: int = 16, seed: int = 0) -> 
         out[t] = {}
         for split, n, s in (("train", train_n, 2 * k), ("val", val_n, 2 * k + 1)):
             p = d / f"{split}.txt"
-            p.write_text("\n".join(task_lines(t, n, seed * 1000 + s)) + "\n", encoding="utf-8")
+            atomic_write_text(p, "\n".join(task_lines(t, n, seed * 1000 + s)) + "\n")
             out[t][split] = p
     return out
 
