@@ -540,7 +540,9 @@ class _Unit:
                 off += e.local_numel
         out: List[Optional[torch.Tensor]] = [None] * len(self.entries)
         for group, idx in self.groups:
-            for i, cg in zip(idx, group.backend.coef_grad_group(group, [shards[i] for i in idx])):
+            # cast=False: a float64 model's partial sums are all-reduced before they round to the
+            # float32 coefficients (rounded first, cancelling partials lost up to 1e-6 relative)
+            for i, cg in zip(idx, group.backend.coef_grad_group(group, [shards[i] for i in idx], cast=False)):
                 out[i] = cg
         for i in self.lora_idx:
             out[i] = _lora_coef_grad(self.entries[i], shards[i])

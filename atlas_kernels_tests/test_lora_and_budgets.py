@@ -90,6 +90,14 @@ def test_lora_matches_densified(m_rows, partitions):
     assert_close(ya64, yb64, rtol=1e-10, atol=1e-10)
     for k in LORA_BLOCKS:
         assert_close(ga64[k], gb64[k], rtol=1e-9, atol=1e-9, what=k)
+    # a float64 model with the factors stored float32: theta0 and the block's gradient stay float64
+    # (composing in the factors' float32 rounded theta0 to float32: ~1e-8, and the sharded path,
+    # which reduces in float64, disagreed with one process by 1e-6)
+    a32 = ak.patch(copy.deepcopy(net).double(), lora_tvs, partitions=partitions, partition_mode="hash")
+    ya32, ga32 = _run(a32, x.double(), values)
+    assert_close(ya32, yb64, rtol=1e-10, atol=1e-10)
+    for k in LORA_BLOCKS:
+        assert_close(ga32[k], gb64[k], rtol=1e-6, atol=1e-6, what=k)  # coefficient grads are float32
 
 
 def test_lora_unpatch_merges_and_files_round_trip(tmp_path):

@@ -5,10 +5,11 @@ A patched open_clip ViT tower and a tiny Llama, each with N = 3 task vectors in 
 float; LoRA on the projections with dense blocks beside them; dense int8 with per-row scales), read
 per process with TaskVectors.load_shard (lazily: each process's rows only) and patched: the
 coefficient gradients of one step, and the coefficients after 5 AdamW steps, equal a single process
-on the whole batch within 1e-6 relative (float64 models: what is left is the float32 rounding of
-the coefficients; a float32 model is checked too). Per-process bytes are measured from the tensors.
-Plus what is refused: DDP around a sharded module, fully_shard over its coefficients, a world size
-that does not divide a block with uneven="error", shards read for another rank, a corrupted file."""
+on the whole batch within 2.5e-7 relative (float64 models: what is left is one float32 rounding of
+each coefficient gradient; a float32 model is checked too, within 5e-6). Per-process bytes are
+measured from the tensors. Plus what is refused: DDP around a sharded module, fully_shard over its
+coefficients, a world size that does not divide a block with uneven="error", shards read for
+another rank, a corrupted file."""
 import copy
 import json
 import os
@@ -201,7 +202,10 @@ def test_sharded_matches_one_process(tmp_path, world):
     took = time.perf_counter() - t0
     results = json.loads((tmp_path / f"results_{world}.json").read_text())
     for r in results:
-        tol = 1e-6 if r["dtype"] == "float64" else 5e-6
+        # float64: the sums round once, to the float32 coefficients (two float32 ulps allowed for a
+        # sum that lands on a rounding boundary); rounding each process's partial sum first lost up
+        # to 1.2e-6 where partials cancel (CI, 2026-12-04). float32: measured under 1e-6
+        tol = 2.5e-7 if r["dtype"] == "float64" else 5e-6
         what = f"{r['model']} {r['kind']} {r['dtype']} W={world}"
         assert r["grad_err"] < tol, (what, r["grad_err"])
         assert r["coef_err"] < tol, (what, r["coef_err"])

@@ -29,6 +29,7 @@ from .. import ops
 from ..blocks import Block
 from ..modules import AtlasLinear, AtlasMultiheadAttention, AtlasParameter, _merge_masks
 from ..ops.lora import lora_delta
+from ..ops.torch_backend import acc_dtype
 from . import ops as LO
 
 __all__ = ["LinearisedAtlasLinear", "LinearisedAtlasMultiheadAttention", "LinearisedAtlasParameter",
@@ -69,7 +70,8 @@ def block_delta(owner, name: str, dtype, backend):
     block = owner._atlas_block(name)
     if block.lora is not None:
         with torch.autocast(block.lora[0].device.type, enabled=False):
-            return lora_delta(*block.lora, block.coef, block.partition).to(dtype)
+            acc = acc_dtype(block.lora[0].dtype, block.coef.dtype, dtype)
+            return lora_delta(*block.lora, block.coef, block.partition, acc).to(dtype)
     return LO.delta(block, dtype, backend)
 
 

@@ -72,10 +72,13 @@ class Backend:
             out.append(self.compose_values(e.theta0, e.tau, coef, e.partition, dtypes[e.sel], e.scale))
         return out
 
-    def coef_grad_group(self, group, grads: Sequence[Optional[torch.Tensor]]) -> List[Optional[torch.Tensor]]:
+    def coef_grad_group(self, group, grads: Sequence[Optional[torch.Tensor]],
+                        cast: bool = True) -> List[Optional[torch.Tensor]]:
         """Each entry's coefficient gradient (shaped like its ``coef``) from the gradient of its
-        composed value (None: unused, no gradient), no autograd. Default: one
-        :meth:`coef_grad_values` per entry."""
+        composed value (None: unused, no gradient), no autograd. ``cast=False`` keeps the
+        accumulation dtype (float32; float64 for float64 blocks) instead of rounding to the
+        coefficient's dtype: for a caller that sums partial gradients of several processes first,
+        so that a float64 model's sum rounds once. Default: one :meth:`coef_grad_values` per entry."""
         out = []
         for e, g in zip(group.entries, grads):
             if g is None:
@@ -85,7 +88,8 @@ class Backend:
             if e.index is not None:
                 v = torch.zeros((e.coef.shape[0], v.shape[1]), dtype=v.dtype, device=v.device).index_copy_(
                     0, e.index, v)
-            out.append(v.reshape(e.coef.shape).to(e.coef.dtype))
+            v = v.reshape(e.coef.shape)
+            out.append(v.to(e.coef.dtype) if cast else v)
         return out
 
     def __repr__(self) -> str:

@@ -180,11 +180,11 @@ class ExtBackend(Backend):
             out.append(_ops.compose(e.theta0, e.tau, coef.view(-1, k), e.scale, code, key, dtypes[e.sel]))
         return out
 
-    def coef_grad_group(self, group, grads):
+    def coef_grad_group(self, group, grads, cast=True):
         out = []
         for e, enc, g in zip(group.entries, group.launch, grads):
             if enc is None or g is None:
-                out.append(coef_grad_entry(e, g))
+                out.append(coef_grad_entry(e, g, cast))
                 continue
             k, code, key = enc
             v = _ops.coef_grad(g.contiguous(), e.tau, e.scale, k, code, key)

@@ -28,9 +28,10 @@ def _cat(a: torch.Tensor, b: torch.Tensor, dtype):
     return a.reshape(n * r, inn).to(dtype), b.permute(1, 0, 2).reshape(out, n * r).to(dtype), r
 
 
-def lora_delta(a, b, coef, partition=None) -> torch.Tensor:
-    """``sum_i coef[i, part(e)] (B_i A_i)[e]`` in fp32, differentiable in ``coef``."""
-    acc = acc_dtype(a.dtype, coef.dtype)
+def lora_delta(a, b, coef, partition=None, acc=None) -> torch.Tensor:
+    """``sum_i coef[i, part(e)] (B_i A_i)[e]`` in ``acc`` (default fp32, float64 for float64
+    factors), differentiable in ``coef``."""
+    acc = acc or acc_dtype(a.dtype, coef.dtype)
     a_cat, b_cat, r = _cat(a, b, acc)
     c = coef_matrix(coef, a.shape[0]).to(acc)
     k = c.shape[1]
@@ -45,8 +46,11 @@ def lora_delta(a, b, coef, partition=None) -> torch.Tensor:
 def lora_compose(block: Block, out_dtype) -> torch.Tensor:
     """The composed block ``theta0 + B_cat diag(lam) A_cat`` in ``out_dtype`` (``block.lora = (A, B)``)."""
     theta0 = block.theta0
+    # float64 when theta0 or the output is float64: float32 factors of a float64 model must not
+    # round theta0 (nor, in backward, the block's gradient) to float32
+    acc = acc_dtype(block.lora[0].dtype, block.coef.dtype, theta0.dtype, out_dtype)
     with torch.autocast(theta0.device.type, enabled=False):
-        delta = lora_delta(*block.lora, block.coef, block.partition)
+        delta = lora_delta(*block.lora, block.coef, block.partition, acc)
         return (theta0.to(delta.dtype) + delta).to(out_dtype)
 
 

@@ -193,8 +193,8 @@ class TorchBackend(Backend):
     def compose_group(self, group, dtypes):
         return [compose_entry(e, dtypes[e.sel]) for e in group.entries]
 
-    def coef_grad_group(self, group, grads):
-        return [coef_grad_entry(e, g) for e, g in zip(group.entries, grads)]
+    def coef_grad_group(self, group, grads, cast=True):
+        return [coef_grad_entry(e, g, cast) for e, g in zip(group.entries, grads)]
 
 
 def prepare_entry(e) -> None:
@@ -217,8 +217,9 @@ def compose_entry(e, dtype):
     return compose_values(e.theta0, e.tau, coef, e.partition, dtype, e.scale)
 
 
-def coef_grad_entry(e, g):
-    """One grouped block's coefficient gradient, shaped like its coefficients (None: unused)."""
+def coef_grad_entry(e, g, cast=True):
+    """One grouped block's coefficient gradient, shaped like its coefficients (None: unused), in
+    the coefficients' dtype (``cast=False``: the accumulation dtype)."""
     if g is None:
         return None
     fast = e.fast
@@ -227,7 +228,8 @@ def coef_grad_entry(e, g):
     v = coef_grad_values(g, e.tau, e.partition.k, e.partition, e.scale)
     if e.index is not None:
         v = torch.zeros((e.coef.shape[0], v.shape[1]), dtype=v.dtype, device=v.device).index_copy_(0, e.index, v)
-    return v.reshape(e.coef.shape).to(e.coef.dtype)
+    v = v.reshape(e.coef.shape)
+    return v.to(e.coef.dtype) if cast else v
 
 
 BACKEND = TorchBackend()

@@ -223,7 +223,8 @@ class TritonBackend(Backend):
                 views.extend(torch._utils._unflatten_dense_tensors(outs[sel], group.shape_refs[sel]))
         return views
 
-    def coef_grad_group(self, group, grads):
+    def coef_grad_group(self, group, grads, cast=True):
+        # float32 either way (no float64 block reaches Triton, and coefficients are float32).
         # The blocks' gradients laid out as compose_group's outputs: one cat per output dtype.
         n0 = len(group.shape_refs[0])
         refs = group.shape_refs[0] + group.shape_refs[1]
