@@ -232,6 +232,10 @@ def shard(module: nn.Module, mesh=None, *, units="auto", reshard_after_forward: 
     """Shard a patched module's theta0 and task vectors over the processes of ``mesh`` (see the
     module docstring); returns ``module``. Every rank calls it, with the same arguments.
 
+    The coefficient gradients are summed over the processes (the gradient of the sum of their
+    losses), not averaged as DDP and ``fully_shard`` do: divide each process's loss by the world
+    size (or sum its samples and divide by the global batch) for the global batch's mean.
+
     Args:
         module: a module patched by :func:`atlas_kernels.patch` with whole task vectors (every
             rank then keeps its rows and frees the rest). To never hold the whole set, load each
